@@ -1,0 +1,47 @@
+# The two commands that matter: `make dev` runs the whole system, `make test` runs the tests.
+# Both create the virtual environment and install everything on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: dev test test-slow lint install migrate-up migrate-down migrate-create clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the API, scheduler and workers (and PostgreSQL / NATS unless DATABASE_URL / NATS_URL are set).
+dev: $(STAMP)
+	$(BIN)/orchestrix dev
+
+## Run the test suite against real servers (TEST_DATABASE_URL / TEST_NATS_URL, or embedded ones).
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+## Soak and benchmark runs, on demand.
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+migrate-up: $(STAMP)
+	$(BIN)/orchestrix migrate up
+
+migrate-down: $(STAMP)
+	$(BIN)/orchestrix migrate down
+
+migrate-create: $(STAMP)
+	@test -n "$(name)" || { echo "usage: make migrate-create name=add_priority_column"; exit 2; }
+	$(BIN)/orchestrix migrate create $(name)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

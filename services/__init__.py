@@ -1,0 +1,1 @@
+"""The Orchestrix processes: the REST API, the scheduler and the worker."""

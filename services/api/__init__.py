@@ -1,0 +1,1 @@
+"""The REST API: validates requests, writes jobs to PostgreSQL, reads them back."""

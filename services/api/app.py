@@ -1,0 +1,81 @@
+"""Builds the API application from settings and runs it until a signal stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from orchestrix.db.pool import connect_with_backoff
+from orchestrix.metrics import ApiMetrics
+from orchestrix.settings import Settings
+
+from services.api import health, jobs
+from services.api.errors import MAX_BODY, error_middleware
+from services.api.keys import LIFECYCLE, METRICS, POOL, Lifecycle
+
+log = logging.getLogger("api")
+
+
+def _metrics_middleware(metrics: ApiMetrics) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await handler(request)
+        # The route template, never the raw path: job ids must not become labels.
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.http_requests.labels(request.method, route, str(response.status)).inc()
+        metrics.http_duration.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    return middleware
+
+
+def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) -> web.Application:
+    metrics = metrics or ApiMetrics()
+    # The error middleware sits inside the metrics one, so errors are counted
+    # with the status the client received.
+    app = web.Application(
+        client_max_size=settings.api.max_body_bytes,
+        middlewares=[_metrics_middleware(metrics), error_middleware],
+    )
+    app[POOL] = pool
+    app[METRICS] = metrics
+    app[MAX_BODY] = settings.api.max_body_bytes
+    app[LIFECYCLE] = Lifecycle()
+    app.add_routes(jobs.routes)
+    app.add_routes(health.routes)
+    return app
+
+
+async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None:
+    """Run the API until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    pool = await connect_with_backoff(settings.database, stop)
+    if pool is None:
+        return
+    app = build_app(settings, pool)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)
+    await site.start()
+    log.info("api listening", extra={"host": settings.api.host, "port": settings.api.port})
+    try:
+        await stop.wait()
+    finally:
+        log.info("api stopping: no new connections, finishing requests in flight")
+        app[LIFECYCLE].draining = True
+        await runner.cleanup()
+        await pool.close()
+        log.info("api stopped")

@@ -1,0 +1,46 @@
+"""Liveness, readiness and metrics endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+
+from services.api.errors import json_response
+from services.api.keys import LIFECYCLE, METRICS, POOL
+
+routes = web.RouteTableDef()
+READY_TIMEOUT_S = 2.0
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """The process is up and serving; says nothing about its dependencies."""
+    return json_response({"status": "ok"})
+
+
+@routes.get("/ready")
+async def ready(request: web.Request) -> web.Response:
+    """200 only while this process can do its work: dependencies answer, not draining."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), READY_TIMEOUT_S)
+        checks["postgres"] = "ok"
+    except Exception as exc:  # any failure means not ready; the reason is reported
+        checks["postgres"] = f"unavailable: {exc!r}"
+    if request.app[LIFECYCLE].draining:
+        checks["shutdown"] = "draining"
+    failing = {name: state for name, state in checks.items() if state != "ok"}
+    if failing:
+        reason = "; ".join(f"{name} {state}" for name, state in failing.items())
+        return json_response(
+            {"status": "unavailable", "error": reason, "checks": checks}, status=503
+        )
+    return json_response({"status": "ready", "checks": checks})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = expose(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,81 @@
+"""Routes for ``/api/v1/jobs`` and ``/api/v1/stats``."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from orchestrix import ids
+from orchestrix.db import jobs as db
+from orchestrix.models import Job
+from orchestrix.states import TERMINAL, JobState
+
+from services.api.errors import ApiError, json_response
+from services.api.keys import METRICS, POOL
+from services.api.parsing import parse_list_query, parse_new_job, read_json_object
+
+log = logging.getLogger("api")
+routes = web.RouteTableDef()
+
+
+@routes.post("/api/v1/jobs")
+async def create_job(request: web.Request) -> web.Response:
+    new = parse_new_job(await read_json_object(request))
+    job, created = await db.insert(request.app[POOL], new)
+    if not created:
+        return json_response(job.to_json(), status=200)
+    request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
+    log.info("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
+    return json_response(job.to_json(), status=201)
+
+
+@routes.get("/api/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    where, limit, cursor = parse_list_query(request.query)
+    page = await db.list_page(request.app[POOL], where, limit=limit, before=cursor)
+    return json_response(
+        {"jobs": [job.to_json() for job in page.jobs], "next_cursor": page.next_cursor}
+    )
+
+
+@routes.get("/api/v1/jobs/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    return json_response((await _existing(request)).to_json())
+
+
+@routes.delete("/api/v1/jobs/{id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    cancelled = await db.cancel(request.app[POOL], job_id) if ids.is_valid(job_id) else None
+    if cancelled is not None:
+        log.info("job cancelled", extra={"job_id": job_id, "type": cancelled.type})
+        return json_response(cancelled.to_json())
+    # Not cancelled: say why, from the state the job is in now.
+    job = await _existing(request)
+    if job.state in TERMINAL:
+        raise ApiError(
+            409, f"job {job.id} is already {job.state}; only unfinished jobs can be cancelled"
+        )
+    if job.state is JobState.RUNNING:
+        raise ApiError(409, f"job {job.id} is RUNNING; a job that has started cannot be cancelled")
+    # It moved between our update and our read (e.g. RETRYING -> SCHEDULED): try once more.
+    cancelled = await db.cancel(request.app[POOL], job_id)
+    if cancelled is None:
+        raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
+    return json_response(cancelled.to_json())
+
+
+@routes.get("/api/v1/stats")
+async def stats(request: web.Request) -> web.Response:
+    counts = await db.count_by_state(request.app[POOL])
+    return json_response(
+        {"jobs": {state.value: n for state, n in counts.items()}, "total": sum(counts.values())}
+    )
+
+
+async def _existing(request: web.Request) -> Job:
+    job_id = request.match_info["id"]
+    job = await db.get(request.app[POOL], job_id) if ids.is_valid(job_id) else None
+    if job is None:
+        raise ApiError(404, f"job {job_id} not found")
+    return job

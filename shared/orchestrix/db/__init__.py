@@ -1,0 +1,1 @@
+"""Database access: the connection pool and one module of named queries per table."""

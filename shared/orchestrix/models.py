@@ -1,0 +1,105 @@
+"""Jobs as typed values: what the API asks to create, and what a row holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from orchestrix.states import JobState
+
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated request to create a job. ``run_at`` None means now."""
+
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    run_at: datetime | None = None
+    timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    type: str
+    queue: str
+    payload: Mapping[str, Any]
+    state: JobState
+    priority: int
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    timeout_seconds: int
+    idempotency_key: str | None
+    last_error: str | None
+    errors: list[Mapping[str, Any]]
+    result: Any
+    created_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        return cls(
+            id=row["id"],
+            type=row["type"],
+            queue=row["queue"],
+            payload=row["payload"],
+            state=JobState(row["state"]),
+            priority=row["priority"],
+            attempt=row["attempt"],
+            max_attempts=row["max_attempts"],
+            run_at=row["run_at"],
+            timeout_seconds=row["timeout_seconds"],
+            idempotency_key=row["idempotency_key"],
+            last_error=row["last_error"],
+            errors=row["errors"],
+            result=row["result"],
+            created_at=row["created_at"],
+            scheduled_at=row["scheduled_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as the REST API shows it: RFC 3339 UTC timestamps."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "queue": self.queue,
+            "state": self.state.value,
+            "payload": self.payload,
+            "priority": self.priority,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "timeout_seconds": self.timeout_seconds,
+            "idempotency_key": self.idempotency_key,
+            "run_at": rfc3339(self.run_at),
+            "result": self.result,
+            "last_error": self.last_error,
+            "errors": self.errors,
+            "created_at": rfc3339(self.created_at),
+            "scheduled_at": rfc3339(self.scheduled_at),
+            "started_at": rfc3339(self.started_at),
+            "completed_at": rfc3339(self.completed_at),
+            "updated_at": rfc3339(self.updated_at),
+        }
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

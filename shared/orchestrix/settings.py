@@ -1,0 +1,216 @@
+"""Typed configuration: the only module that reads the environment.
+
+Each concern is a frozen dataclass built by ``from_env(env)``; a service asks for
+the ones it needs. A bad value raises :class:`SettingsError` at start with one
+line naming the variable and what is wrong with it, so a misconfigured container
+dies at once instead of misbehaving later.
+
+Durations accept plain seconds (``1.5``) or a unit suffix (``500ms``, ``2s``,
+``5m``, ``1h``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value the process cannot run with."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class _Reader:
+    """Typed getters over an environment mapping; every error names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise SettingsError(name, f"must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise SettingsError(name, f"must be between {low} and {high}, got {number}")
+        return number
+
+    def seconds(self, name: str, default: float, *, low: float, high: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        match = _DURATION.match(value)
+        if match is None:
+            raise SettingsError(
+                name, f"must be a duration such as 1.5, 500ms, 2s, 5m or 1h, got {value!r}"
+            )
+        number = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if not low <= number <= high:
+            raise SettingsError(name, f"must be between {low:g}s and {high:g}s, got {value!r}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if not value.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+            wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+            raise SettingsError(name, f"must start with {wanted}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where PostgreSQL is. ``DATABASE_URL`` wins over the ``DB_*`` parts."""
+
+    url: str
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
+        read = _Reader(env)
+        url = read.raw("DATABASE_URL")
+        if url is not None:
+            url = read.url("DATABASE_URL", "", ("postgresql", "postgres"))
+        else:
+            host = read.text("DB_HOST", "localhost")
+            port = read.integer("DB_PORT", 5432, low=1, high=65535)
+            user = read.text("DB_USER", "orchestrix")
+            password = read.raw("DB_PASSWORD")
+            name = read.text("DB_NAME", "orchestrix")
+            sslmode = read.choice("DB_SSLMODE", "disable", SSL_MODES)
+            auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+            url = f"postgresql://{auth}@{host}:{port}/{quote(name, safe='')}?sslmode={sslmode}"
+        pool_max = read.integer("DB_POOL_MAX_SIZE", 10, low=1, high=1000)
+        pool_min = read.integer("DB_POOL_MIN_SIZE", min(1, pool_max), low=0, high=pool_max)
+        return cls(url=url, pool_min_size=pool_min, pool_max_size=pool_max)
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    """Where NATS (with JetStream) is."""
+
+    url: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
+        read = _Reader(env)
+        return cls(url=read.url("NATS_URL", "nats://127.0.0.1:4222", ("nats", "tls")))
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The REST API's listener and request limits."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ApiSettings:
+        read = _Reader(env)
+        return cls(
+            host=read.text("API_HOST", cls.host),
+            port=read.integer("API_PORT", cls.port, low=1, high=65535),
+            max_body_bytes=read.integer(
+                "API_MAX_BODY_BYTES", cls.max_body_bytes, low=1024, high=64 * 1024 * 1024
+            ),
+        )
+
+
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """One line per event: readable text, or JSON for log shippers."""
+
+    format: LogFormat = "text"
+    level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LogSettings:
+        read = _Reader(env)
+        fmt = read.choice("LOG_FORMAT", cls.format, ("text", "json"))
+        level = read.choice("LOG_LEVEL", cls.level.lower(), ("debug", "info", "warning", "error"))
+        return cls(format="json" if fmt == "json" else "text", level=level.upper())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process may need; each service reads the parts it uses."""
+
+    database: DatabaseSettings
+    nats: NatsSettings
+    api: ApiSettings
+    log: LogSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            database=DatabaseSettings.from_env(env),
+            nats=NatsSettings.from_env(env),
+            api=ApiSettings.from_env(env),
+            log=LogSettings.from_env(env),
+        )
+
+
+# (variable, default, meaning): the table that `--help` texts and the README show.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("DATABASE_URL", "", "PostgreSQL URL; overrides the DB_* parts when set"),
+    ("DB_HOST", "localhost", "PostgreSQL host"),
+    ("DB_PORT", "5432", "PostgreSQL port"),
+    ("DB_USER", "orchestrix", "PostgreSQL user"),
+    ("DB_PASSWORD", "", "PostgreSQL password"),
+    ("DB_NAME", "orchestrix", "PostgreSQL database"),
+    ("DB_SSLMODE", "disable", "libpq sslmode: " + ", ".join(SSL_MODES)),
+    ("DB_POOL_MIN_SIZE", "1", "connections each process keeps open"),
+    ("DB_POOL_MAX_SIZE", "10", "most connections each process opens"),
+    ("NATS_URL", "nats://127.0.0.1:4222", "NATS server with JetStream"),
+    ("API_HOST", "0.0.0.0", "address the API listens on"),
+    ("API_PORT", "8080", "port the API listens on"),
+    ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
+    ("LOG_FORMAT", "text", "text or json (the container image sets json)"),
+    ("LOG_LEVEL", "info", "debug, info, warning or error"),
+)
+
+
+def describe(names: tuple[str, ...]) -> str:
+    """The lines of the variable table for ``names``, for a ``--help`` epilog."""
+    rows = [row for row in VARIABLES if row[0] in names]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [
+        f"  {name:<{width}}  {meaning}" + (f" (default {default})" if default else "")
+        for name, default, meaning in rows
+    ]
+    return "environment variables:\n" + "\n".join(lines)

