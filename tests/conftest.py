@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import nats
 import orjson
 import pytest
 from aiohttp import web
@@ -138,8 +139,11 @@ class Api:
 async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     """The API application served over real HTTP on a free port."""
     from services.api.app import build_app
+    from services.api.keys import LIFECYCLE
 
     app = build_app(settings, pool)
+    nc = await nats.connect(settings.nats.url)
+    app[LIFECYCLE].nats = nc
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -148,3 +152,4 @@ async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     async with aiohttp.ClientSession() as http:
         yield Api(url=f"http://127.0.0.1:{port}", http=http, app=app)
     await runner.cleanup()
+    await nc.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
 from orchestrix.metrics import ApiMetrics
 from orchestrix.settings import Settings
@@ -64,6 +65,13 @@ async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None
     if pool is None:
         return
     app = build_app(settings, pool)
+    lifecycle = app[LIFECYCLE]
+
+    async def connect_nats() -> None:
+        lifecycle.nats = await broker.connect_with_backoff(settings.nats, "orchestrix-api", stop)
+
+    # The API serves without NATS; /ready says whether it is there.
+    nats_task = asyncio.create_task(connect_nats())
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
     )
@@ -75,7 +83,10 @@ async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None
         await stop.wait()
     finally:
         log.info("api stopping: no new connections, finishing requests in flight")
-        app[LIFECYCLE].draining = True
+        lifecycle.draining = True
         await runner.cleanup()
+        nats_task.cancel()
+        if lifecycle.nats is not None:
+            await lifecycle.nats.close()
         await pool.close()
         log.info("api stopped")

@@ -5,25 +5,15 @@ Every error leaves as JSON ``{"error": "..."}`` with the status that fits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from orchestrix.db import pool as db_pool
 
 log = logging.getLogger("api")
-
-# The database is away or saturated: the client may retry, nothing was written.
-_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.TooManyConnectionsError,
-)
 
 
 class ApiError(Exception):
@@ -75,7 +65,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, _http_message(exc, request), headers)
-    except _UNAVAILABLE as exc:
+    except db_pool.RETRYABLE as exc:  # nothing was written; the client may retry
         log.warning("database unavailable", extra={"error": repr(exc), "path": request.path})
         return error_response(503, "the database is unavailable; retry later", {"Retry-After": "1"})
     except Exception:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+from orchestrix.status import check_dependencies
 
 from services.api.errors import json_response
 from services.api.keys import LIFECYCLE, METRICS, POOL
 
 routes = web.RouteTableDef()
-READY_TIMEOUT_S = 2.0
 
 
 @routes.get("/health")
@@ -23,13 +21,11 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
     """200 only while this process can do its work: dependencies answer, not draining."""
-    checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), READY_TIMEOUT_S)
-        checks["postgres"] = "ok"
-    except Exception as exc:  # any failure means not ready; the reason is reported
-        checks["postgres"] = f"unavailable: {exc!r}"
-    if request.app[LIFECYCLE].draining:
+    lifecycle = request.app[LIFECYCLE]
+    checks = await check_dependencies(request.app[POOL], lifecycle.nats)
+    if lifecycle.nats is None:
+        checks["nats"] = "unavailable: connecting"
+    if lifecycle.draining:
         checks["shutdown"] = "draining"
     failing = {name: state for name, state in checks.items() if state != "ok"}
     if failing:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
 
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
@@ -17,6 +18,8 @@ class Lifecycle:
     """Set to draining when shutdown starts, so /ready fails before the listener closes."""
 
     draining: bool = False
+    # The NATS connection, once made; the API only reports on it in /ready.
+    nats: Client | None = None
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

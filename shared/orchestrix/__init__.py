@@ -1,9 +1,15 @@
 """Orchestrix: a job orchestration engine.
 
 This package is the library every Orchestrix process shares and the SDK user
-code imports: settings, ids, the job state machine, database access, metrics.
+code imports::
+
+    from orchestrix import executor, PermanentError
 """
 
 from __future__ import annotations
 
+from orchestrix.errors import InvalidPayload, PermanentError
+from orchestrix.executors import JobContext, executor
+
+__all__ = ["InvalidPayload", "JobContext", "PermanentError", "executor"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from orchestrix import logs, migrate
 from orchestrix.settings import Settings, SettingsError, describe
@@ -21,11 +22,32 @@ _DB = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME"
 _POOL = ("DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
 _LOG = ("LOG_FORMAT", "LOG_LEVEL")
 _API = ("API_HOST", "API_PORT", "API_MAX_BODY_BYTES")
+_NATS = ("NATS_URL", "NATS_STREAM", "NATS_SUBJECT_PREFIX", "NATS_CONSUMER")
+_STATUS = ("METRICS_HOST", "METRICS_PORT")
 
 
 def _api(args: argparse.Namespace, settings: Settings) -> int:
     from services.api.app import serve
 
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
+    from services.scheduler.service import serve
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from services.worker.service import serve
+
+    if args.executors:
+        modules = tuple(m.strip() for m in args.executors.split(",") if m.strip())
+        settings = replace(settings, worker=replace(settings.worker, executors=modules))
+    if args.concurrency:
+        settings = replace(settings, worker=replace(settings.worker, concurrency=args.concurrency))
     asyncio.run(serve(settings))
     return 0
 
@@ -80,6 +102,50 @@ def _parser() -> argparse.ArgumentParser:
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
         "SIGTERM or SIGINT: stop accepting, finish requests in flight, exit.",
+    )
+
+    add(
+        "scheduler",
+        "Run a scheduler: claim due jobs, publish them to NATS JetStream.",
+        (*_DB, *_POOL, *_NATS, "SCHEDULER_POLL_INTERVAL", "SCHEDULER_BATCH_SIZE", *_STATUS, *_LOG),
+        _scheduler,
+        "Wakes on PostgreSQL NOTIFY when jobs are created, and polls as a fallback.\n"
+        "Run as many as you like: each due job is claimed by exactly one.\n"
+        "Serves /health, /ready and /metrics on METRICS_PORT.",
+    )
+
+    worker = add(
+        "worker",
+        "Run a worker: consume job messages and execute them.",
+        (
+            *_DB,
+            *_POOL,
+            *_NATS,
+            "WORKER_CONCURRENCY",
+            "SHUTDOWN_TIMEOUT",
+            "RETRY_BASE_DELAY",
+            "RETRY_MAX_DELAY",
+            "ORCHESTRIX_EXECUTORS",
+            *_STATUS,
+            *_LOG,
+        ),
+        _worker,
+        "Runs up to WORKER_CONCURRENCY jobs at once. Executors come from the modules\n"
+        "in ORCHESTRIX_EXECUTORS (or --executors); demo_job and noop are built in.\n"
+        "SIGTERM or SIGINT: stop fetching, let running jobs finish within\n"
+        "SHUTDOWN_TIMEOUT, hand back the rest for another worker.\n"
+        "Serves /health, /ready and /metrics on METRICS_PORT.",
+    )
+    worker.add_argument(
+        "--executors",
+        metavar="MODULES",
+        help="comma-separated modules to import (overrides ORCHESTRIX_EXECUTORS)",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="jobs run at once (overrides WORKER_CONCURRENCY)",
     )
 
     mig = add(

@@ -34,6 +34,7 @@ class Service:
     name: str
     argv: tuple[str, ...]
     env: Mapping[str, str]
+    status_port: int | None = None
 
 
 def database_url(server_url: str, name: str) -> str:
@@ -59,8 +60,19 @@ def _die_with_parent() -> None:
 
 
 def services(settings: Settings, env: Mapping[str, str]) -> list[Service]:
+    """The API, then the schedulers, then the workers: the order they are stopped in.
+
+    Schedulers and workers get status ports counting up from METRICS_PORT.
+    """
     command = (sys.executable, "-m", "orchestrix.cli")
-    return [Service("api", (*command, "api"), env)]
+    plan = [Service("api", (*command, "api"), env)]
+    port = settings.metrics.port
+    for role, count in (("scheduler", settings.dev.schedulers), ("worker", settings.dev.workers)):
+        for number in range(1, count + 1):
+            name = role if count == 1 else f"{role}-{number}"
+            plan.append(Service(name, (*command, role), {**env, "METRICS_PORT": str(port)}, port))
+            port += 1
+    return plan
 
 
 async def _pump(name: str, stream: asyncio.StreamReader, width: int) -> None:
@@ -148,10 +160,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with embedded_servers(data_dir, env):
         migrate.up(env["DATABASE_URL"])
         api = f"http://127.0.0.1:{settings.api.port}"
+        plan = services(settings, env)
+        ports = [
+            f"  {service.name + ':':<12}http://127.0.0.1:{service.status_port}/metrics"
+            for service in plan
+            if service.status_port is not None
+        ]
         banner = "\n".join(
             (
                 "",
                 f"Orchestrix is running. API: {api}  (try: curl {api}/health)",
+                *ports,
                 f"  PostgreSQL: {env['DATABASE_URL']}",
                 f"  NATS:       {env['NATS_URL']}",
                 f"  data:       {data_dir}",
@@ -159,4 +178,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 "",
             )
         )
-        return asyncio.run(supervise(services(settings, env), banner, shutdown_timeout_s=30.0))
+        return asyncio.run(
+            supervise(plan, banner, shutdown_timeout_s=settings.worker.shutdown_timeout_s)
+        )

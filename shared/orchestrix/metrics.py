@@ -7,10 +7,10 @@ route templates; never a job id.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "expose"]
+__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "SchedulerMetrics", "WorkerMetrics", "expose"]
 
 # HTTP handlers answer in milliseconds; the top buckets catch a stalled database.
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -36,6 +36,144 @@ class ApiMetrics:
             "Time to answer an HTTP request, by route template and method.",
             ["method", "route"],
             buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
+
+        self.jobs_cancelled = Counter(
+            "orchestrix_jobs_cancelled_total",
+            "Jobs cancelled through the API.",
+            ["type", "queue"],
+            registry=self.registry,
+        )
+
+
+# Jobs run from milliseconds to hours: the buckets span both.
+_JOB_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    7200,
+    14400,
+    43200,
+    86400,
+)
+# Waiting to start: milliseconds when idle, minutes when a backlog builds.
+_LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.queue_depth = Gauge(
+            "orchestrix_queue_depth",
+            "Jobs waiting to run (PENDING, RETRYING or SCHEDULED), per queue.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.oldest_waiting = Gauge(
+            "orchestrix_queue_oldest_waiting_seconds",
+            "How long the longest-waiting due job of each queue has waited.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.jobs_scheduled = Counter(
+            "orchestrix_jobs_scheduled_total",
+            "Job attempts claimed and published to NATS.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.claim_duration = Histogram(
+            "orchestrix_scheduler_claim_duration_seconds",
+            "Time to claim one batch of due jobs.",
+            buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
+
+
+class WorkerMetrics:
+    def __init__(self, concurrency: int, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["type", "queue"]
+        self.jobs_succeeded = Counter(
+            "orchestrix_jobs_succeeded_total",
+            "Jobs that succeeded.",
+            labels,
+            registry=self.registry,
+        )
+        self.jobs_failed = Counter(
+            "orchestrix_jobs_failed_total",
+            "Jobs that failed for good.",
+            labels,
+            registry=self.registry,
+        )
+        self.jobs_retried = Counter(
+            "orchestrix_jobs_retried_total",
+            "Failed attempts that will be retried.",
+            labels,
+            registry=self.registry,
+        )
+        self.jobs_handed_back = Counter(
+            "orchestrix_jobs_handed_back_total",
+            "Running attempts returned unfinished by a stopping worker.",
+            labels,
+            registry=self.registry,
+        )
+        self.job_duration = Histogram(
+            "orchestrix_job_duration_seconds",
+            "Time an attempt ran, by outcome.",
+            [*labels, "outcome"],
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.start_latency = Histogram(
+            "orchestrix_job_start_latency_seconds",
+            "From when a job became due (created, or its run_at) to when its attempt started.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.slots = Gauge(
+            "orchestrix_worker_slots",
+            "Jobs this worker may run at once.",
+            registry=self.registry,
+        )
+        self.slots.set(concurrency)
+        self.slots_busy = Gauge(
+            "orchestrix_worker_slots_busy",
+            "Jobs this worker is running now.",
             registry=self.registry,
         )
 

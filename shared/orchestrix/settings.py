@@ -115,16 +115,109 @@ class DatabaseSettings:
         return cls(url=url, pool_min_size=pool_min, pool_max_size=pool_max)
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 @dataclass(frozen=True)
 class NatsSettings:
-    """Where NATS (with JetStream) is."""
+    """Where NATS (with JetStream) is, and the names Orchestrix uses on it.
 
-    url: str
+    Jobs of queue Q are announced on ``<subject_prefix>.Q`` in ``stream``; all
+    workers share the durable pull consumer ``consumer``.
+    """
+
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "ORCHESTRIX_JOBS"
+    subject_prefix: str = "orchestrix.jobs"
+    consumer: str = "orchestrix-workers"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
         read = _Reader(env)
-        return cls(url=read.url("NATS_URL", "nats://127.0.0.1:4222", ("nats", "tls")))
+        names = {}
+        for variable, default in (("NATS_STREAM", cls.stream), ("NATS_CONSUMER", cls.consumer)):
+            names[variable] = read.text(variable, default)
+            if not _TOKEN.match(names[variable]):
+                raise SettingsError(variable, "may hold only letters, digits, '_' and '-'")
+        prefix = read.text("NATS_SUBJECT_PREFIX", cls.subject_prefix)
+        if not all(_TOKEN.match(token) for token in prefix.split(".")):
+            raise SettingsError(
+                "NATS_SUBJECT_PREFIX", "must be dot-separated tokens of letters, digits, '_', '-'"
+            )
+        return cls(
+            url=read.url("NATS_URL", cls.url, ("nats", "tls")),
+            stream=names["NATS_STREAM"],
+            subject_prefix=prefix,
+            consumer=names["NATS_CONSUMER"],
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How the scheduler claims due jobs."""
+
+    poll_interval_s: float = 1.0
+    batch_size: int = 500
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SchedulerSettings:
+        read = _Reader(env)
+        return cls(
+            poll_interval_s=read.seconds(
+                "SCHEDULER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
+            ),
+            batch_size=read.integer("SCHEDULER_BATCH_SIZE", cls.batch_size, low=1, high=10_000),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker process runs jobs, retries them and stops."""
+
+    concurrency: int = 10
+    shutdown_timeout_s: float = 30.0
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 300.0
+    executors: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
+        read = _Reader(env)
+        base = read.seconds("RETRY_BASE_DELAY", cls.retry_base_delay_s, low=0.001, high=86400)
+        most = read.seconds("RETRY_MAX_DELAY", cls.retry_max_delay_s, low=0.001, high=7 * 86400)
+        if most < base:
+            raise SettingsError("RETRY_MAX_DELAY", f"must be at least RETRY_BASE_DELAY ({base:g}s)")
+        modules = tuple(
+            m.strip() for m in read.text("ORCHESTRIX_EXECUTORS", "").split(",") if m.strip()
+        )
+        for module in modules:
+            if not all(part.isidentifier() for part in module.split(".")):
+                raise SettingsError("ORCHESTRIX_EXECUTORS", f"{module!r} is not an import path")
+        return cls(
+            concurrency=read.integer("WORKER_CONCURRENCY", cls.concurrency, low=1, high=10_000),
+            shutdown_timeout_s=read.seconds(
+                "SHUTDOWN_TIMEOUT", cls.shutdown_timeout_s, low=0, high=86400
+            ),
+            retry_base_delay_s=base,
+            retry_max_delay_s=most,
+            executors=modules,
+        )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where the scheduler and workers serve /metrics, /health and /ready."""
+
+    host: str = "0.0.0.0"
+    port: int = 9100
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
+        read = _Reader(env)
+        return cls(
+            host=read.text("METRICS_HOST", cls.host),
+            port=read.integer("METRICS_PORT", cls.port, low=0, high=65535),
+        )
 
 
 @dataclass(frozen=True)
@@ -166,6 +259,22 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class DevSettings:
+    """How many of each service ``orchestrix dev`` runs."""
+
+    schedulers: int = 1
+    workers: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DevSettings:
+        read = _Reader(env)
+        return cls(
+            schedulers=read.integer("SCHEDULERS", cls.schedulers, low=0, high=32),
+            workers=read.integer("WORKERS", cls.workers, low=0, high=64),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a process may need; each service reads the parts it uses."""
 
@@ -173,6 +282,10 @@ class Settings:
     nats: NatsSettings
     api: ApiSettings
     log: LogSettings
+    scheduler: SchedulerSettings
+    worker: WorkerSettings
+    metrics: MetricsSettings
+    dev: DevSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -182,6 +295,10 @@ class Settings:
             nats=NatsSettings.from_env(env),
             api=ApiSettings.from_env(env),
             log=LogSettings.from_env(env),
+            scheduler=SchedulerSettings.from_env(env),
+            worker=WorkerSettings.from_env(env),
+            metrics=MetricsSettings.from_env(env),
+            dev=DevSettings.from_env(env),
         )
 
 
@@ -197,9 +314,23 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("DB_POOL_MIN_SIZE", "1", "connections each process keeps open"),
     ("DB_POOL_MAX_SIZE", "10", "most connections each process opens"),
     ("NATS_URL", "nats://127.0.0.1:4222", "NATS server with JetStream"),
+    ("NATS_STREAM", "ORCHESTRIX_JOBS", "JetStream stream that carries job messages"),
+    ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "jobs of queue Q go to <prefix>.Q"),
+    ("NATS_CONSUMER", "orchestrix-workers", "durable consumer shared by all workers"),
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
+    ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
+    ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
+    ("SCHEDULER_POLL_INTERVAL", "1s", "poll for due jobs this often (NOTIFY wakes it sooner)"),
+    ("SCHEDULER_BATCH_SIZE", "500", "most jobs claimed in one transaction"),
+    ("WORKER_CONCURRENCY", "10", "jobs one worker process runs at once"),
+    ("SHUTDOWN_TIMEOUT", "30s", "how long a stopping worker lets running jobs finish"),
+    ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
+    ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
+    ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),
+    ("SCHEDULERS", "1", "schedulers `orchestrix dev` runs"),
+    ("WORKERS", "2", "workers `orchestrix dev` runs"),
     ("LOG_FORMAT", "text", "text or json (the container image sets json)"),
     ("LOG_LEVEL", "info", "debug, info, warning or error"),
 )

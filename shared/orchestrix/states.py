@@ -15,7 +15,8 @@ class JobState(StrEnum):
     SCHEDULED = "SCHEDULED"
     """Claimed by a scheduler and published to NATS; a worker starts it."""
     RUNNING = "RUNNING"
-    """A worker is executing this attempt; that worker finishes it."""
+    """A worker is executing this attempt; that worker finishes it, or hands it
+    back to SCHEDULED (same attempt) when it must stop before the job is done."""
     SUCCEEDED = "SUCCEEDED"
     """Terminal: the executor returned a result."""
     FAILED = "FAILED"
@@ -30,7 +31,15 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
     JobState.SCHEDULED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.FAILED, JobState.RETRYING, JobState.CANCELLED}
+        {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.RETRYING,
+            JobState.CANCELLED,
+            # Handed back by a worker shutting down: not a failed attempt, so the
+            # attempt number stays and its NATS message is returned for redelivery.
+            JobState.SCHEDULED,
+        }
     ),
     JobState.RETRYING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
@@ -41,9 +50,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 TERMINAL: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
 # States from which the scheduler claims a job once its run_at has passed.
-CLAIMABLE: frozenset[JobState] = frozenset(
-    s for s, nxt in TRANSITIONS.items() if JobState.SCHEDULED in nxt
-)
+CLAIMABLE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})
 
 # States a user can cancel at once, without asking a worker to stop anything.
 CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset(

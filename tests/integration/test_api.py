@@ -311,11 +311,11 @@ async def test_health_and_ready(api: Api) -> None:
     status, body, _ = await api.request("GET", "/health")
     assert (status, body) == (200, {"status": "ok"})
     status, body, _ = await api.request("GET", "/ready")
-    assert (status, body) == (200, {"status": "ready", "checks": {"postgres": "ok"}})
+    assert (status, body) == (200, {"status": "ready", "checks": {"postgres": "ok", "nats": "ok"}})
     api.app[LIFECYCLE].draining = True
     status, body, _ = await api.request("GET", "/ready")
     assert status == 503
-    assert body["checks"] == {"postgres": "ok", "shutdown": "draining"}
+    assert body["checks"] == {"postgres": "ok", "nats": "ok", "shutdown": "draining"}
 
 
 async def test_ready_is_503_while_the_database_is_away(settings: Settings) -> None:
@@ -343,6 +343,7 @@ async def test_ready_is_503_while_the_database_is_away(settings: Settings) -> No
         await dead.close()
     assert body["status"] == "unavailable"
     assert body["checks"]["postgres"].startswith("unavailable: ")
+    assert body["checks"]["nats"] == "unavailable: connecting"
     assert body["error"].startswith("postgres unavailable: ")
 
 

@@ -24,6 +24,7 @@ ALLOWED = {
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.RETRYING),
     (S.RUNNING, S.CANCELLED),
+    (S.RUNNING, S.SCHEDULED),
     (S.RETRYING, S.SCHEDULED),
     (S.RETRYING, S.CANCELLED),
 }
@@ -60,4 +61,4 @@ def test_derived_sets() -> None:
     assert {S.PENDING, S.RETRYING} == CLAIMABLE
     assert sources_of(S.CANCELLED) >= CANCELLABLE_AT_ONCE
     assert sources_of(S.RUNNING) == {S.SCHEDULED}
-    assert sources_of(S.SCHEDULED) == {S.PENDING, S.RETRYING}
+    assert sources_of(S.SCHEDULED) == {S.PENDING, S.RETRYING, S.RUNNING}

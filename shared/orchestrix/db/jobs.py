@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from orchestrix import ids
@@ -126,3 +127,128 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
     for row in await conn.fetch(_COUNT_BY_STATE):
         counts[JobState(row["state"])] = row["n"]
     return counts
+
+
+# --- the pipeline: scheduler claims, worker starts and finishes --------------
+
+_CLAIM_DUE = """
+WITH due AS (
+    SELECT id FROM jobs
+    WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs
+SET state = 'SCHEDULED', attempt = jobs.attempt + 1, scheduled_at = now(), updated_at = now()
+FROM due
+WHERE jobs.id = due.id
+RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at
+"""
+
+_START = """
+UPDATE jobs
+SET state = 'RUNNING', started_at = now(), updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'SCHEDULED'
+RETURNING *
+"""
+
+_SUCCEED = """
+UPDATE jobs
+SET state = 'SUCCEEDED', result = $3, completed_at = now(), updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+RETURNING *
+"""
+
+# Each failed attempt's error is appended to `errors`; `last_error` repeats the newest.
+_RETRY = """
+UPDATE jobs
+SET state = 'RETRYING', run_at = now() + make_interval(secs => $4), last_error = $3,
+    errors = errors || jsonb_build_array(
+        jsonb_build_object('attempt', attempt, 'error', $3::text, 'at', now())),
+    updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+RETURNING *
+"""
+
+_FAIL = """
+UPDATE jobs
+SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
+    errors = errors || jsonb_build_array(
+        jsonb_build_object('attempt', attempt, 'error', $3::text, 'at', now()))
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+RETURNING *
+"""
+
+# A stopping worker returns an unfinished attempt: same attempt, not counted as failed.
+_HAND_BACK = """
+UPDATE jobs
+SET state = 'SCHEDULED', started_at = NULL, updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+RETURNING id
+"""
+
+_WAITING_BY_QUEUE = """
+SELECT queue, count(*) AS n, min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
+FROM jobs
+WHERE state IN ('PENDING', 'RETRYING', 'SCHEDULED')
+GROUP BY queue
+"""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job a scheduler has just moved to SCHEDULED, to be announced on NATS."""
+
+    id: str
+    queue: str
+    attempt: int
+
+
+async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
+    """Move up to ``limit`` due jobs to SCHEDULED, highest priority then oldest first.
+
+    SKIP LOCKED lets any number of schedulers claim at once: each row goes to
+    exactly one of them.
+    """
+    rows = await conn.fetch(_CLAIM_DUE, limit)
+    rows = sorted(rows, key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+    return [Claimed(row["id"], row["queue"], row["attempt"]) for row in rows]
+
+
+async def start(conn: Conn, job_id: str, attempt: int) -> Job | None:
+    """SCHEDULED → RUNNING for this attempt; None when the job is no longer waiting for it."""
+    row = await conn.fetchrow(_START, job_id, attempt)
+    return None if row is None else Job.from_row(row)
+
+
+async def succeed(conn: Conn, job_id: str, attempt: int, result: Any) -> Job | None:
+    row = await conn.fetchrow(_SUCCEED, job_id, attempt, result)
+    return None if row is None else Job.from_row(row)
+
+
+async def retry(conn: Conn, job_id: str, attempt: int, error: str, delay_s: float) -> Job | None:
+    row = await conn.fetchrow(_RETRY, job_id, attempt, error, delay_s)
+    return None if row is None else Job.from_row(row)
+
+
+async def fail(conn: Conn, job_id: str, attempt: int, error: str) -> Job | None:
+    row = await conn.fetchrow(_FAIL, job_id, attempt, error)
+    return None if row is None else Job.from_row(row)
+
+
+async def hand_back(conn: Conn, job_id: str, attempt: int) -> bool:
+    return await conn.fetchval(_HAND_BACK, job_id, attempt) is not None
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    queue: str
+    waiting: int
+    oldest_due: datetime | None
+
+
+async def waiting_by_queue(conn: Conn) -> list[QueueDepth]:
+    """Jobs not yet running, per queue, and when the longest-waiting due one became due."""
+    rows = await conn.fetch(_WAITING_BY_QUEUE)
+    return [QueueDepth(row["queue"], row["n"], row["oldest_due"]) for row in rows]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from typing import Any
 
 import asyncpg
 import orjson
 
+from orchestrix.backoff import until_connected
 from orchestrix.settings import DatabaseSettings
 
-log = logging.getLogger("db")
-
-# Worth waiting out; anything else (a wrong password, a missing database) is not.
-_NOT_THERE_YET = (
+# The server is away or busy: worth waiting out, and answered with 503 meanwhile.
+# Anything else (a wrong password, a missing database) is not.
+RETRYABLE = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -50,27 +48,9 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
 
 
 async def connect_with_backoff(
-    settings: DatabaseSettings,
-    stop: asyncio.Event,
-    *,
-    first_delay_s: float = 0.2,
-    max_delay_s: float = 5.0,
+    settings: DatabaseSettings, stop: asyncio.Event
 ) -> asyncpg.Pool | None:
-    """Open the pool, retrying while PostgreSQL is not there yet; None if stopped first.
-
-    A service started beside its database (compose, Kubernetes) should wait for
-    it rather than crash-loop.
-    """
-    delay = first_delay_s
-    while not stop.is_set():
-        try:
-            return await create_pool(settings)
-        except _NOT_THERE_YET as exc:
-            log.warning(
-                "database not reachable; retrying",
-                extra={"error": repr(exc), "retry_in_s": round(delay, 2)},
-            )
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, max_delay_s)
-    return None
+    """Open the pool once PostgreSQL answers; None if stopped first."""
+    return await until_connected(
+        lambda: create_pool(settings), what="database", stop=stop, retry_on=RETRYABLE
+    )

@@ -1,0 +1,146 @@
+"""The scheduler process: wake on NOTIFY or the poll, claim, publish; repeat until stopped.
+
+Any number of schedulers may run: claims use SKIP LOCKED, so each due job goes
+to one of them. On SIGTERM or SIGINT the scheduler stops claiming, finishes
+publishing the batch in hand, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from orchestrix import broker
+from orchestrix.backoff import sleep_unless_stopped
+from orchestrix.db.pool import RETRYABLE, connect_with_backoff
+from orchestrix.metrics import SchedulerMetrics
+from orchestrix.settings import Settings
+from orchestrix.status import StatusServer, check_dependencies
+
+from services.scheduler.claimer import Claimer
+from services.scheduler.depth import DepthReporter
+
+log = logging.getLogger("scheduler")
+CHANNEL = "orchestrix_jobs"
+DEPTH_INTERVAL_S = 5.0
+
+
+class Wakeup:
+    """A LISTEN connection that sets ``event`` whenever jobs are inserted.
+
+    It reconnects on the next ``ensure()`` after the connection is lost; the
+    poll keeps the scheduler working meanwhile.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.event = asyncio.Event()
+        self._url = url
+        self._conn: asyncpg.Connection | None = None
+
+    def _notified(self, *args: Any) -> None:
+        self.event.set()
+
+    async def ensure(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        try:
+            self._conn = await asyncpg.connect(self._url)
+            await self._conn.add_listener(CHANNEL, self._notified)
+            # Jobs may have arrived while we were not listening.
+            self.event.set()
+        except RETRYABLE as exc:
+            self._conn = None
+            log.warning("cannot LISTEN; polling only", extra={"error": repr(exc)})
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+
+async def _report_depth(depth: DepthReporter, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await depth.run_once(datetime.now(UTC))
+        except RETRYABLE as exc:
+            log.warning("queue depth not measured", extra={"error": repr(exc)})
+        await sleep_unless_stopped(stop, DEPTH_INTERVAL_S)
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    pool = await connect_with_backoff(settings.database, stop)
+    if pool is None:
+        return
+    nc = await broker.connect_with_backoff(settings.nats, "orchestrix-scheduler", stop)
+    if nc is None:
+        await pool.close()
+        return
+    js = nc.jetstream()
+    await broker.ensure_stream(js, settings.nats)
+
+    metrics = SchedulerMetrics()
+    status = StatusServer(settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc))
+    await status.start()
+    wakeup = Wakeup(settings.database.url)
+    claimer = Claimer(pool, js, settings.nats, metrics, settings.scheduler.batch_size)
+    depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
+    log.info(
+        "scheduler started",
+        extra={
+            "stream": settings.nats.stream,
+            "batch_size": settings.scheduler.batch_size,
+            "poll_interval_s": settings.scheduler.poll_interval_s,
+        },
+    )
+    failures = 0
+    try:
+        while not stop.is_set():
+            await wakeup.ensure()
+            # Cleared before claiming: a NOTIFY that lands during the claim
+            # wakes the next wait instead of being lost.
+            wakeup.event.clear()
+            try:
+                claimed = await claimer.run_once()
+                failures = 0
+            except RETRYABLE as exc:
+                failures += 1
+                log.warning("claim failed; retrying", extra={"error": repr(exc)})
+                await sleep_unless_stopped(stop, min(5.0, 0.1 * 2**failures))
+                continue
+            if claimed >= settings.scheduler.batch_size:
+                continue  # more are due: no waiting
+            if claimer.unpublished:
+                await sleep_unless_stopped(stop, 0.5)
+                continue
+            waiter = asyncio.create_task(wakeup.event.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait(
+                [waiter, stopper],
+                timeout=settings.scheduler.poll_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waiter.cancel()
+            stopper.cancel()
+    finally:
+        log.info("scheduler stopping: no more claims")
+        status.draining = True
+        depth_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await depth_task
+        if claimer.unpublished:
+            # They stay SCHEDULED; the next scheduler's republisher announces them.
+            log.warning("stopping with unpublished jobs", extra={"count": len(claimer.unpublished)})
+        await wakeup.close()
+        await nc.drain()
+        await pool.close()
+        await status.stop()
+        log.info("scheduler stopped")

@@ -1,0 +1,1 @@
+"""The worker: consumes job messages, runs executors, writes every state change back."""

@@ -1,0 +1,61 @@
+"""Runs one attempt of a job under its timeout and says what came of it.
+
+Never raises for anything the executor does: every failure becomes a
+:class:`Failure` with its classification. Only cancellation (a worker handing
+the job back) propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from orchestrix.errors import Kind, classify, describe
+from orchestrix.executors import Executor, JobContext
+
+
+@dataclass(frozen=True)
+class Success:
+    result: Any
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: str
+    kind: Kind
+
+
+Outcome = Success | Failure
+
+
+async def run(executor: Executor | None, job: JobContext, threads: ThreadPoolExecutor) -> Outcome:
+    if executor is None:
+        return Failure(
+            f"NoExecutor: no executor is registered for job type {job.type!r}", Kind.PERMANENT
+        )
+    try:
+        if executor.is_async:
+            result = await asyncio.wait_for(executor.fn(job), job.timeout_seconds)
+        else:
+            call = asyncio.get_running_loop().run_in_executor(threads, executor.fn, job)
+            result = await asyncio.wait_for(call, job.timeout_seconds)
+    except TimeoutError:
+        # A thread cannot be interrupted: the flag asks it to stop, and its
+        # eventual result is ignored.
+        job.cancel_event.set()
+        return Failure(
+            f"JobTimeout: the attempt ran longer than {job.timeout_seconds} s", Kind.RETRYABLE
+        )
+    except asyncio.CancelledError:
+        job.cancel_event.set()
+        raise
+    except Exception as exc:  # the executor's failure is the job's, never the worker's
+        return Failure(describe(exc), classify(exc))
+    try:
+        orjson.dumps(result)
+    except TypeError as exc:
+        return Failure(f"InvalidResult: the result cannot be stored as JSON: {exc}", Kind.PERMANENT)
+    return Success(result)

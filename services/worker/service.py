@@ -1,0 +1,62 @@
+"""The worker process: load executors, join the shared consumer, run jobs until stopped.
+
+On SIGTERM or SIGINT: stop fetching, let running jobs finish within
+SHUTDOWN_TIMEOUT, hand back the ones that could not, and exit. No job is lost or
+marked FAILED by a shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from orchestrix import broker, executors
+from orchestrix.db.pool import connect_with_backoff
+from orchestrix.metrics import WorkerMetrics
+from orchestrix.settings import Settings
+from orchestrix.status import StatusServer, check_dependencies
+
+from services.worker.consumer import Consumer
+
+log = logging.getLogger("worker")
+
+
+async def serve(settings: Settings) -> None:
+    executors.load(settings.worker.executors)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    # The pool must fit every running job's writes plus the heartbeat of the process.
+    pool = await connect_with_backoff(settings.database, stop)
+    if pool is None:
+        return
+    nc = await broker.connect_with_backoff(settings.nats, "orchestrix-worker", stop)
+    if nc is None:
+        await pool.close()
+        return
+    js = nc.jetstream()
+    await broker.ensure_consumer(js, settings.nats)
+
+    metrics = WorkerMetrics(settings.worker.concurrency)
+    status = StatusServer(settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc))
+    await status.start()
+    consumer = Consumer(pool, js, settings, executors.registry, metrics)
+    log.info(
+        "worker started",
+        extra={
+            "concurrency": settings.worker.concurrency,
+            "executors": ",".join(executors.registry.types()),
+            "consumer": settings.nats.consumer,
+        },
+    )
+    try:
+        await consumer.run(stop)
+    finally:
+        status.draining = True
+        await nc.drain()
+        await pool.close()
+        await status.stop()
+        log.info("worker stopped")

@@ -1,0 +1,140 @@
+"""NATS JetStream as Orchestrix uses it: names, the message codec, stream and consumer.
+
+A message says only "job X, attempt N is ready": PostgreSQL holds the job. A
+lost message is recovered from the database; a duplicate is harmless because
+the worker's move to RUNNING is conditional on the state and the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.errors import NoServersError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from orchestrix.backoff import until_connected
+from orchestrix.settings import NatsSettings
+
+log = logging.getLogger("broker")
+
+# How long JetStream remembers a message id to drop a republished duplicate.
+DUPLICATE_WINDOW_S = 120.0
+# Redelivery happens when a worker holds a message this long without a sign of
+# life; workers send in_progress well within it while a job runs.
+ACK_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The body of a job message."""
+
+    job_id: str
+    attempt: int
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"id": self.job_id, "attempt": self.attempt})
+
+    @property
+    def msg_id(self) -> str:
+        # JetStream drops a second publish with the same id inside the window:
+        # a republished attempt is never stored twice.
+        return f"{self.job_id}:{self.attempt}"
+
+    @classmethod
+    def decode(cls, data: bytes) -> Announcement:
+        """Raises ValueError for anything that is not an announcement."""
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
+        job_id, attempt = body.get("id"), body.get("attempt")
+        if not isinstance(job_id, str) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError("needs a string id and an attempt of 1 or more")
+        return cls(job_id, attempt)
+
+
+def subject(settings: NatsSettings, queue: str) -> str:
+    return f"{settings.subject_prefix}.{queue}"
+
+
+async def connect(settings: NatsSettings, name: str, **callbacks: Any) -> Client:
+    """Connect and keep reconnecting forever: a NATS restart must not end the process."""
+    client: Client = await nats.connect(
+        settings.url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=2,
+        **callbacks,
+    )
+    return client
+
+
+def stream_config(settings: NatsSettings) -> StreamConfig:
+    return StreamConfig(
+        name=settings.stream,
+        subjects=[f"{settings.subject_prefix}.>"],
+        # A message is removed once a worker acknowledges it.
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def consumer_config(settings: NatsSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=settings.consumer,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_S,
+        max_deliver=-1,
+        filter_subject=f"{settings.subject_prefix}.>",
+        max_ack_pending=-1,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: NatsSettings) -> None:
+    """Create the stream, or bring an existing one to our configuration."""
+    config = stream_config(settings)
+    try:
+        await js.stream_info(settings.stream)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("stream created", extra={"stream": settings.stream})
+        return
+    await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, settings: NatsSettings) -> None:
+    """Create the workers' durable consumer, or update it; every worker shares it."""
+    await ensure_stream(js, settings)
+    await js.add_consumer(settings.stream, consumer_config(settings))
+
+
+async def connect_with_backoff(
+    settings: NatsSettings, name: str, stop: asyncio.Event, **callbacks: Any
+) -> Client | None:
+    """Connect once NATS answers; None if stopped first."""
+    return await until_connected(
+        lambda: connect(settings, name, **callbacks),
+        what="nats",
+        stop=stop,
+        retry_on=(OSError, TimeoutError, NoServersError),
+    )

@@ -1,0 +1,88 @@
+"""The small HTTP server each scheduler and worker runs beside its work:
+``/health`` (the process is alive), ``/ready`` (its dependencies answer and it
+is not draining) and ``/metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
+
+from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+from orchestrix.settings import MetricsSettings
+
+log = logging.getLogger("status")
+READY_TIMEOUT_S = 2.0
+
+# Returns the name → "ok" or a reason for each dependency.
+ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+class StatusServer:
+    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry, ready: ReadyCheck):
+        self._settings = settings
+        self._registry = registry
+        self._ready = ready
+        self._runner: web.AppRunner | None = None
+        self.draining = False
+        self.port: int | None = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def _readiness(self, request: web.Request) -> web.Response:
+        checks = await self._ready()
+        if self.draining:
+            checks["shutdown"] = "draining"
+        failing = {name: state for name, state in checks.items() if state != "ok"}
+        if failing:
+            reason = "; ".join(f"{name} {state}" for name, state in failing.items())
+            return _json({"status": "unavailable", "error": reason, "checks": checks}, 503)
+        return _json({"status": "ready", "checks": checks})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=expose(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._readiness)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._settings.port
+        log.info("status server listening", extra={"port": self.port})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def check_dependencies(pool: Any, nc: Client | None) -> dict[str, str]:
+    """PostgreSQL answers a query in time, and NATS is connected."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(pool.fetchval("SELECT 1"), READY_TIMEOUT_S)
+        checks["postgres"] = "ok"
+    except Exception as exc:  # any failure means not ready; the reason is reported
+        checks["postgres"] = f"unavailable: {exc!r}"
+    if nc is not None:
+        checks["nats"] = "ok" if nc.is_connected else "unavailable: not connected"
+    return checks
