@@ -66,7 +66,12 @@ class Consumer:
             while not stop.is_set():
                 free = self._concurrency - len(self._tasks)
                 if free == 0:
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    # Every slot busy: wait for one to free up, or for the stop.
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait(
+                        {*self._tasks, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    stopping.cancel()
                     continue
                 try:
                     messages = await sub.fetch(batch=free, timeout=FETCH_WAIT_S)

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "api",
         "Run the REST API (jobs, stats, health, readiness, metrics).",
-        (*_DB, *_POOL, *_API, *_LOG),
+        (*_DB, *_POOL, "NATS_URL", *_API, *_LOG),
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
         "SIGTERM or SIGINT: stop accepting, finish requests in flight, exit.",

@@ -1,0 +1,40 @@
+"""Executors for end-to-end tests: each execution appends a line to a shared file.
+
+The file (``ORX_TEST_EXECUTIONS``) is how tests count executions across worker
+processes: ``job id, attempt, pid, start, end`` per line, written with one
+O_APPEND write so lines from concurrent processes never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from orchestrix import JobContext, executor
+
+
+def _append(job: JobContext, started: float) -> None:
+    line = f"{job.id},{job.attempt},{os.getpid()},{started:.6f},{time.time():.6f}\n"
+    fd = os.open(os.environ["ORX_TEST_EXECUTIONS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@executor("record")
+async def record(job: JobContext) -> Any:
+    started = time.time()
+    await asyncio.sleep(float(job.payload.get("sleep_ms", 0)) / 1000)
+    _append(job, started)
+    return {"pid": os.getpid()}
+
+
+@executor("record_sync")
+def record_sync(job: JobContext) -> Any:
+    started = time.time()
+    time.sleep(float(job.payload.get("sleep_ms", 0)) / 1000)
+    _append(job, started)
+    return {"pid": os.getpid()}

@@ -1,0 +1,131 @@
+"""The `orchestrix` command as a user runs it: help texts, bad settings, the dev stack."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from orchestrix.settings import VARIABLES
+
+from tests.conftest import free_port
+from tests.e2e.harness import REPO, until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def orchestrix(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrix.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "variables"),
+    [
+        ("api", ["DATABASE_URL", "DB_HOST", "API_PORT", "NATS_URL", "LOG_FORMAT"]),
+        ("scheduler", ["DATABASE_URL", "NATS_STREAM", "SCHEDULER_POLL_INTERVAL", "METRICS_PORT"]),
+        (
+            "worker",
+            [
+                "WORKER_CONCURRENCY",
+                "SHUTDOWN_TIMEOUT",
+                "RETRY_BASE_DELAY",
+                "ORCHESTRIX_EXECUTORS",
+                "METRICS_PORT",
+            ],
+        ),
+        ("migrate", ["DATABASE_URL", "DB_SSLMODE"]),
+        ("dev", ["DATABASE_URL", "NATS_URL", "API_PORT"]),
+    ],
+)
+def test_help_says_what_and_which_variables(command: str, variables: list[str]) -> None:
+    result = orchestrix(command, "--help")
+    assert result.returncode == 0
+    assert "environment variables:" in result.stdout
+    for variable in variables:
+        assert f"  {variable} " in result.stdout
+
+
+def test_every_variable_is_documented_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, _, _ in VARIABLES if f"`{name}`" not in readme]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"API_PORT": "eighty"}, "API_PORT: must be an integer, got 'eighty'"),
+        ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY: must be between 1 and 10000, got 0"),
+        ({"SHUTDOWN_TIMEOUT": "soon"}, "SHUTDOWN_TIMEOUT: must be a duration"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_with_one_line(env: dict[str, str], line: str) -> None:
+    for command in ("api", "worker"):
+        result = orchestrix(command, env=env)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1
+        assert line in lines[0]
+
+
+async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
+    api_port, status_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+    env |= {"API_PORT": str(api_port), "METRICS_PORT": str(status_port), "WORKERS": "1"}
+    log = (tmp_path / "dev.log").open("wb")
+    # Popen only starts the process; it does not block the loop.
+    dev = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-m", "orchestrix.cli", "dev", "--data-dir", str(tmp_path / "data")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{url}/ready") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await until(ready, 60, "the dev stack", lambda: (tmp_path / "dev.log").read_text())
+            async with http.post(f"{url}/api/v1/jobs", json={"type": "demo_job"}) as response:
+                job_id = (await response.json())["id"]
+
+            async def succeeded() -> bool:
+                async with http.get(f"{url}/api/v1/jobs/{job_id}") as response:
+                    state: str = (await response.json())["state"]
+                    return state == "SUCCEEDED"
+
+            await until(succeeded, 30, "the job to run")
+        children = psutil.Process(dev.pid).children(recursive=True)
+        assert len(children) >= 5  # api, scheduler, worker, postgres, nats
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(60) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == []
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+        log.close()
+    output = (tmp_path / "dev.log").read_text()
+    assert "Orchestrix is running. API: " in output
+    assert f"scheduler:  http://127.0.0.1:{status_port}/metrics" in output
+    for prefix in ("api       | ", "scheduler | ", "worker    | "):
+        assert prefix in output

@@ -1,0 +1,195 @@
+"""Jobs created over REST run on real scheduler and worker processes, through NATS."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Servers
+from tests.e2e.harness import Service, System, read_executions, until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Running:
+    system: System
+    api: Service
+    scheduler: Service
+    worker: Service
+    http: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api.port}"
+
+    async def create(self, **fields: Any) -> dict[str, Any]:
+        async with self.http.post(f"{self.url}/api/v1/jobs", json=fields) as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status == 201, body
+            return body
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        async with self.http.get(f"{self.url}/api/v1/jobs/{job_id}") as response:
+            body: dict[str, Any] = await response.json()
+            return body
+
+    async def settled(self, job_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        """Wait for the job to reach a terminal state, read over the API."""
+
+        async def terminal() -> dict[str, Any] | None:
+            job = await self.get(job_id)
+            return job if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+        logs = lambda: "\n".join(s.log()[-3000:] for s in (self.scheduler, self.worker))  # noqa: E731
+        job: dict[str, Any] = await until(terminal, timeout_s, f"job {job_id} to finish", logs)
+        return job
+
+
+@pytest.fixture(scope="module")
+async def running(
+    database: str, servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Running]:
+    system = System(database, servers.nats_url, tmp_path_factory.mktemp("pipeline"))
+    services = [system.start(role) for role in ("api", "scheduler", "worker")]
+    try:
+        for service in services:
+            await system.ready(service)
+        async with aiohttp.ClientSession() as http:
+            yield Running(system, services[0], services[1], services[2], http)
+    finally:
+        system.stop_all()
+
+
+def executions_of(running: Running, job_id: str) -> list[int]:
+    return [
+        int(row["attempt"])
+        for row in read_executions(running.system.executions)
+        if row["id"] == job_id
+    ]
+
+
+async def test_created_over_rest_runs_and_succeeds_with_its_result(running: Running) -> None:
+    created = await running.create(type="demo_job", payload={"message": "hello world"})
+    job = await running.settled(created["id"])
+    assert job["state"] == "SUCCEEDED"
+    assert job["result"] == {"message": "hello world"}
+    assert job["attempt"] == 1
+    assert job["errors"] == []
+    assert job["last_error"] is None
+    started = datetime.fromisoformat(job["started_at"])
+    assert datetime.fromisoformat(job["created_at"]) <= started
+    assert started <= datetime.fromisoformat(job["completed_at"])
+
+
+async def test_plain_function_executor_runs_too(running: Running) -> None:
+    created = await running.create(type="record_sync", payload={"sleep_ms": 10})
+    job = await running.settled(created["id"])
+    assert job["state"] == "SUCCEEDED"
+    assert executions_of(running, created["id"]) == [1]
+
+
+async def test_retryable_failure_retries_with_backoff_then_fails(running: Running) -> None:
+    created = await running.create(type="demo_job", payload={"fail": "retryable"}, max_attempts=3)
+    job = await running.settled(created["id"])
+    assert job["state"] == "FAILED"
+    assert job["attempt"] == 3
+    assert [e["attempt"] for e in job["errors"]] == [1, 2, 3]
+    assert job["last_error"] == "DemoFailure: demo_job was asked to fail (attempt 3)"
+    # RETRY_BASE_DELAY is 200ms in these systems: attempt n waits at least
+    # half of 0.2 * 2**(n-1) after attempt n failed.
+    failed_at = [datetime.fromisoformat(e["at"]) for e in job["errors"]]
+    for n, (before, after) in enumerate(itertools.pairwise(failed_at), start=1):
+        assert after - before >= timedelta(seconds=0.5 * 0.2 * 2 ** (n - 1))
+
+
+async def test_a_retrying_job_is_visible_as_retrying(running: Running) -> None:
+    created = await running.create(type="demo_job", payload={"fail": "retryable"}, max_attempts=2)
+
+    async def retrying() -> bool:
+        state: str = (await running.get(created["id"]))["state"]
+        return state == "RETRYING"
+
+    await until(retrying, 10, "the job to be RETRYING", every_s=0.01)
+    assert (await running.settled(created["id"]))["state"] == "FAILED"
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        (
+            {"type": "demo_job", "payload": {"fail": "permanent"}},
+            "PermanentError: demo_job was asked to fail permanently",
+        ),
+        (
+            {"type": "nobody_handles_this"},
+            "NoExecutor: no executor is registered for job type 'nobody_handles_this'",
+        ),
+        (
+            {"type": "demo_job", "payload": {"sleep_ms": "soon"}},
+            "InvalidPayload: sleep_ms must be a number of milliseconds",
+        ),
+    ],
+)
+async def test_permanent_failures_fail_after_one_attempt(
+    running: Running, fields: dict[str, Any], error: str
+) -> None:
+    created = await running.create(max_attempts=5, **fields)
+    job = await running.settled(created["id"])
+    assert job["state"] == "FAILED"
+    assert job["attempt"] == 1
+    assert job["last_error"] == error
+    assert len(job["errors"]) == 1
+
+
+async def test_a_timeout_is_a_retryable_failure(running: Running) -> None:
+    created = await running.create(
+        type="demo_job", payload={"sleep_ms": 5000}, timeout_seconds=1, max_attempts=2
+    )
+    job = await running.settled(created["id"], timeout_s=30)
+    assert job["state"] == "FAILED"
+    assert job["attempt"] == 2
+    assert job["last_error"] == "JobTimeout: the attempt ran longer than 1 s"
+
+
+async def test_cancelled_before_start_never_runs(running: Running) -> None:
+    later = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    created = await running.create(type="record", run_at=later)
+    async with running.http.delete(f"{running.url}/api/v1/jobs/{created['id']}") as response:
+        assert response.status == 200
+        assert (await response.json())["state"] == "CANCELLED"
+    # Past its run_at and a few polls more, it still has not run.
+    control = await running.create(type="record", run_at=later)
+    assert (await running.settled(control["id"]))["state"] == "SUCCEEDED"
+    job = await running.get(created["id"])
+    assert job["state"] == "CANCELLED"
+    assert job["started_at"] is None
+    assert executions_of(running, created["id"]) == []
+
+
+async def test_ready_reports_both_dependencies(running: Running) -> None:
+    for service in (running.api, running.scheduler, running.worker):
+        async with running.http.get(f"http://127.0.0.1:{service.port}/ready") as response:
+            assert response.status == 200
+            assert (await response.json())["checks"] == {"postgres": "ok", "nats": "ok"}
+
+
+async def test_metrics_count_outcomes_by_type(running: Running) -> None:
+    created = await running.create(type="demo_job", queue="metrics_q")
+    await running.settled(created["id"])
+    async with running.http.get(f"http://127.0.0.1:{running.worker.port}/metrics") as response:
+        text = await response.text()
+    assert 'orchestrix_jobs_succeeded_total{queue="metrics_q",type="demo_job"} 1.0' in text
+    assert 'orchestrix_job_duration_seconds_count{outcome="success",queue="metrics_q"' in text
+    assert "orchestrix_job_start_latency_seconds_bucket" in text
+    assert "orchestrix_worker_slots 10.0" in text
+    async with running.http.get(f"http://127.0.0.1:{running.scheduler.port}/metrics") as response:
+        text = await response.text()
+    assert 'orchestrix_jobs_scheduled_total{queue="metrics_q"} 1.0' in text
+    assert "orchestrix_queue_depth" in text

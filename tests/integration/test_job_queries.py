@@ -1,0 +1,138 @@
+"""The pipeline's queries on a real database: claims, and every guarded transition."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from orchestrix.db import jobs as db
+from orchestrix.models import NewJob
+from orchestrix.states import JobState
+
+
+async def add(pool: asyncpg.Pool, **fields: object) -> str:
+    job, _ = await db.insert(pool, NewJob(type=str(fields.pop("type", "t")), **fields))  # type: ignore[arg-type]
+    return job.id
+
+
+async def test_claim_takes_due_jobs_by_priority_then_age(pool: asyncpg.Pool) -> None:
+    now = datetime.now(UTC)
+    low_old = await add(pool, priority=1, run_at=now - timedelta(seconds=30))
+    high = await add(pool, priority=5, run_at=now - timedelta(seconds=1))
+    low_new = await add(pool, priority=1, run_at=now - timedelta(seconds=10))
+    future = await add(pool, priority=9, run_at=now + timedelta(hours=1))
+
+    order = [c.id for c in await db.claim_due(pool, 1)]
+    order += [c.id for c in await db.claim_due(pool, 10)]
+    assert order == [high, low_old, low_new]
+    assert await db.claim_due(pool, 10) == []
+    job = await db.get(pool, future)
+    assert job is not None
+    assert job.state is JobState.PENDING
+
+
+async def test_claim_marks_scheduled_and_counts_the_attempt(pool: asyncpg.Pool) -> None:
+    job_id = await add(pool, queue="emails")
+    [claimed] = await db.claim_due(pool, 10)
+    assert (claimed.id, claimed.queue, claimed.attempt) == (job_id, "emails", 1)
+    job = await db.get(pool, job_id)
+    assert job is not None
+    assert job.state is JobState.SCHEDULED
+    assert job.scheduled_at is not None
+
+
+async def test_concurrent_claims_never_share_a_job(pool: asyncpg.Pool) -> None:
+    await pool.execute(
+        "INSERT INTO jobs (id, type) SELECT $1 || lpad(n::text, 20, '0'), 't' "
+        "FROM generate_series(1, 300) n",
+        "01ABCD",
+    )
+    claims = await asyncio.gather(*(db.claim_due(pool, 40) for _ in range(8)))
+    claimed = [c.id for batch in claims for c in batch]
+    assert len(claimed) == len(set(claimed)) == 300
+
+
+async def test_the_worker_transitions_are_guarded(pool: asyncpg.Pool) -> None:
+    job_id = await add(pool, max_attempts=2)
+    assert await db.start(pool, job_id, 1) is None  # still PENDING: not ours to start
+    await db.claim_due(pool, 1)
+    assert await db.start(pool, job_id, 2) is None  # wrong attempt
+    running = await db.start(pool, job_id, 1)
+    assert running is not None
+    assert running.state is JobState.RUNNING
+    assert await db.start(pool, job_id, 1) is None  # a duplicate message
+
+    retrying = await db.retry(pool, job_id, 1, "boom", 0.0)
+    assert retrying is not None
+    assert retrying.state is JobState.RETRYING
+    assert retrying.last_error == "boom"
+    assert [e["attempt"] for e in retrying.errors] == [1]
+    assert await db.succeed(pool, job_id, 1, {"late": True}) is None  # a late worker
+
+    [again] = await db.claim_due(pool, 1)
+    assert again.attempt == 2
+    assert await db.start(pool, job_id, 2) is not None
+    failed = await db.fail(pool, job_id, 2, "boom again")
+    assert failed is not None
+    assert failed.state is JobState.FAILED
+    assert failed.completed_at is not None
+    assert [e["error"] for e in failed.errors] == ["boom", "boom again"]
+
+
+async def test_retry_pushes_run_at_out(pool: asyncpg.Pool) -> None:
+    job_id = await add(pool)
+    await db.claim_due(pool, 1)
+    await db.start(pool, job_id, 1)
+    before = datetime.now(UTC)
+    job = await db.retry(pool, job_id, 1, "x", 30.0)
+    assert job is not None
+    assert job.run_at >= before + timedelta(seconds=29)
+    assert await db.claim_due(pool, 10) == []  # not due yet
+
+
+async def test_succeed_stores_the_result_and_hand_back_keeps_the_attempt(
+    pool: asyncpg.Pool,
+) -> None:
+    done, back = await add(pool), await add(pool)
+    await db.claim_due(pool, 10)
+    for job_id in (done, back):
+        await db.start(pool, job_id, 1)
+    job = await db.succeed(pool, done, 1, {"answer": [42, "ß"]})
+    assert job is not None
+    assert job.result == {"answer": [42, "ß"]}
+    assert job.state is JobState.SUCCEEDED
+
+    assert await db.hand_back(pool, back, 1)
+    returned = await db.get(pool, back)
+    assert returned is not None
+    assert (returned.state, returned.attempt, returned.started_at) == (JobState.SCHEDULED, 1, None)
+    assert await db.start(pool, back, 1) is not None  # the redelivered message starts it
+    assert not await db.hand_back(pool, done, 1)
+
+
+async def test_a_cancelled_job_cannot_be_started(pool: asyncpg.Pool) -> None:
+    job_id = await add(pool)
+    await db.claim_due(pool, 1)
+    assert await db.cancel(pool, job_id) is not None
+    assert await db.start(pool, job_id, 1) is None
+
+
+async def test_waiting_by_queue(pool: asyncpg.Pool) -> None:
+    await add(pool, queue="a")
+    await add(pool, queue="a", run_at=datetime.now(UTC) + timedelta(hours=1))
+    await add(pool, queue="b")
+    depths = {d.queue: d for d in await db.waiting_by_queue(pool)}
+    assert depths["a"].waiting == 2
+    assert depths["b"].waiting == 1
+    assert depths["a"].oldest_due is not None
+
+
+@pytest.mark.parametrize("bad", ["\u0000"])
+async def test_results_postgres_refuses_raise_data_errors(pool: asyncpg.Pool, bad: str) -> None:
+    job_id = await add(pool)
+    await db.claim_due(pool, 1)
+    await db.start(pool, job_id, 1)
+    with pytest.raises(asyncpg.DataError):
+        await db.succeed(pool, job_id, 1, {"s": bad})

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+from orchestrix.broker import Announcement, consumer_config, stream_config, subject
+from orchestrix.settings import NatsSettings
+
+
+def test_announcement_round_trip_and_msg_id() -> None:
+    message = Announcement("01KG94QDSXNW96W84543ZG5PY5", 2)
+    assert Announcement.decode(message.encode()) == message
+    assert message.msg_id == "01KG94QDSXNW96W84543ZG5PY5:2"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage",
+        b"[]",
+        b'{"id": 1, "attempt": 1}',
+        b'{"id": "x"}',
+        b'{"id": "x", "attempt": 0}',
+    ],
+)
+def test_decode_refuses_anything_else(data: bytes) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        Announcement.decode(data)
+
+
+def test_names_follow_the_settings() -> None:
+    nats = NatsSettings(stream="S1", subject_prefix="a.b", consumer="c1")
+    assert subject(nats, "emails") == "a.b.emails"
+    assert stream_config(nats).subjects == ["a.b.>"]
+    assert consumer_config(nats).durable_name == "c1"
+    assert consumer_config(nats).filter_subject == "a.b.>"
