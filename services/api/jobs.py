@@ -48,8 +48,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     cancelled = await db.cancel(request.app[POOL], job_id) if ids.is_valid(job_id) else None
     if cancelled is not None:
-        log.info("job cancelled", extra={"job_id": job_id, "type": cancelled.type})
-        return json_response(cancelled.to_json())
+        return _cancelled(request, cancelled)
     # Not cancelled: say why, from the state the job is in now.
     job = await _existing(request)
     if job.state in TERMINAL:
@@ -62,7 +61,13 @@ async def cancel_job(request: web.Request) -> web.Response:
     cancelled = await db.cancel(request.app[POOL], job_id)
     if cancelled is None:
         raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
-    return json_response(cancelled.to_json())
+    return _cancelled(request, cancelled)
+
+
+def _cancelled(request: web.Request, job: Job) -> web.Response:
+    request.app[METRICS].jobs_cancelled.labels(job.type, job.queue).inc()
+    log.info("job cancelled", extra={"job_id": job.id, "type": job.type})
+    return json_response(job.to_json())
 
 
 @routes.get("/api/v1/stats")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -53,8 +54,15 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    # As a container's first process, SIGTERM would otherwise be ignored; a
+    # migration runs in one transaction per revision, so stopping is safe.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.action == "create":
-        print(migrate.create(args.name))
+        try:
+            print(migrate.create(args.name))
+        except (ValueError, OSError) as exc:
+            print(f"orchestrix migrate create: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.action == "up":
         migrate.up(settings.database.url, args.revision or "head")

@@ -359,6 +359,7 @@ async def test_unknown_route_and_method_are_json(api: Api) -> None:
 async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
     job = await create(api, queue="emails")
     await api.request("GET", f"/api/v1/jobs/{job['id']}")
+    await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
     await api.request("GET", f"/api/v1/jobs/{ids.new_id()}")
     status, text, _ = await api.request("GET", "/metrics")
     assert status == 200
@@ -374,4 +375,5 @@ async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
     assert (
         'orchestrix_http_request_duration_seconds_count{method="POST",route="/api/v1/jobs"}' in text
     )
+    assert 'orchestrix_jobs_cancelled_total{queue="emails",type="demo_job"} 1.0' in text
     assert job["id"] not in text
