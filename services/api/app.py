@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Any
 
@@ -12,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
+from orchestrix.lifecycle import stop_on_signals
 from orchestrix.metrics import ApiMetrics
 from orchestrix.settings import Settings
 
@@ -56,10 +56,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
 
 async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None:
     """Run the API until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
 
     pool = await connect_with_backoff(settings.database, stop)
     if pool is None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from orchestrix import broker
 from orchestrix.backoff import sleep_unless_stopped
-from orchestrix.db.pool import RETRYABLE, connect_with_backoff
+from orchestrix.db.pool import RETRYABLE
+from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
@@ -72,18 +72,11 @@ async def _report_depth(depth: DepthReporter, stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    pool = await connect_with_backoff(settings.database, stop)
-    if pool is None:
+    stop = stop_on_signals()
+    connected = await connect_both(settings, "orchestrix-scheduler", stop)
+    if connected is None:
         return
-    nc = await broker.connect_with_backoff(settings.nats, "orchestrix-scheduler", stop)
-    if nc is None:
-        await pool.close()
-        return
+    pool, nc = connected
     js = nc.jetstream()
     await broker.ensure_stream(js, settings.nats)
 

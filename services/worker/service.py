@@ -7,12 +7,10 @@ marked FAILED by a shutdown.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 from orchestrix import broker, executors
-from orchestrix.db.pool import connect_with_backoff
+from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
@@ -24,19 +22,11 @@ log = logging.getLogger("worker")
 
 async def serve(settings: Settings) -> None:
     executors.load(settings.worker.executors)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    # The pool must fit every running job's writes plus the heartbeat of the process.
-    pool = await connect_with_backoff(settings.database, stop)
-    if pool is None:
+    stop = stop_on_signals()
+    connected = await connect_both(settings, "orchestrix-worker", stop)
+    if connected is None:
         return
-    nc = await broker.connect_with_backoff(settings.nats, "orchestrix-worker", stop)
-    if nc is None:
-        await pool.close()
-        return
+    pool, nc = connected
     js = nc.jetstream()
     await broker.ensure_consumer(js, settings.nats)
 
