@@ -54,7 +54,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     return app
 
 
-async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None:
+async def serve(settings: Settings) -> None:
     """Run the API until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
     stop = stop_on_signals()
 
@@ -70,7 +70,10 @@ async def serve(settings: Settings, *, shutdown_timeout_s: float = 30.0) -> None
     # The API serves without NATS; /ready says whether it is there.
     nats_task = asyncio.create_task(connect_nats())
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.worker.shutdown_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)

@@ -15,7 +15,7 @@ METRICS = web.AppKey("metrics", ApiMetrics)
 
 @dataclass
 class Lifecycle:
-    """Set to draining when shutdown starts, so /ready fails before the listener closes."""
+    """Draining from the moment shutdown starts: /ready answers 503 from then on."""
 
     draining: bool = False
     # The NATS connection, once made; the API only reports on it in /ready.

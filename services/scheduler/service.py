@@ -81,7 +81,9 @@ async def serve(settings: Settings) -> None:
     await broker.ensure_stream(js, settings.nats)
 
     metrics = SchedulerMetrics()
-    status = StatusServer(settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc))
+    status = StatusServer(
+        settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
+    )
     await status.start()
     wakeup = Wakeup(settings.database.url)
     claimer = Claimer(pool, js, settings.nats, metrics, settings.scheduler.batch_size)
@@ -125,12 +127,12 @@ async def serve(settings: Settings) -> None:
             stopper.cancel()
     finally:
         log.info("scheduler stopping: no more claims")
-        status.draining = True
         depth_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await depth_task
         if claimer.unpublished:
-            # They stay SCHEDULED; the next scheduler's republisher announces them.
+            # They stay SCHEDULED with no message; nothing announces them again
+            # yet (a stale-SCHEDULED republisher is future work, see docs).
             log.warning("stopping with unpublished jobs", extra={"count": len(claimer.unpublished)})
         await wakeup.close()
         await nc.drain()

@@ -1,7 +1,7 @@
 """Writes the state an attempt ends in, following the retry policy.
 
 Every write is conditional on the job still being RUNNING this attempt; zero rows
-means someone else (a cancel, a rescuer) moved it first, and that stands.
+means someone else moved it first (e.g. a cancel), and that stands.
 """
 
 from __future__ import annotations

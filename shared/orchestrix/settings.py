@@ -325,7 +325,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("SCHEDULER_POLL_INTERVAL", "1s", "poll for due jobs this often (NOTIFY wakes it sooner)"),
     ("SCHEDULER_BATCH_SIZE", "500", "most jobs claimed in one transaction"),
     ("WORKER_CONCURRENCY", "10", "jobs one worker process runs at once"),
-    ("SHUTDOWN_TIMEOUT", "30s", "how long a stopping worker lets running jobs finish"),
+    (
+        "SHUTDOWN_TIMEOUT",
+        "30s",
+        "how long a stopping worker lets running jobs finish (and the API its requests)",
+    ),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),

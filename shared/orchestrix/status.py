@@ -29,12 +29,19 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 class StatusServer:
-    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry, ready: ReadyCheck):
+    def __init__(
+        self,
+        settings: MetricsSettings,
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        stop: asyncio.Event,
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._ready = ready
+        # /ready fails from the moment shutdown starts, while the process drains.
+        self._stop = stop
         self._runner: web.AppRunner | None = None
-        self.draining = False
         self.port: int | None = None
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -42,7 +49,7 @@ class StatusServer:
 
     async def _readiness(self, request: web.Request) -> web.Response:
         checks = await self._ready()
-        if self.draining:
+        if self._stop.is_set():
             checks["shutdown"] = "draining"
         failing = {name: state for name, state in checks.items() if state != "ok"}
         if failing:

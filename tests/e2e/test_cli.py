@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,31 @@ def test_a_bad_setting_stops_the_process_with_one_line(env: dict[str, str], line
         assert line in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--concurrency", "0"], "WORKER_CONCURRENCY: must be between 1 and 10000, got 0"),
+        (["--concurrency", "many"], "WORKER_CONCURRENCY: must be an integer, got 'many'"),
+        (["--executors", "a b"], "ORCHESTRIX_EXECUTORS: 'a b' is not an import path"),
+        (["--executors", "no_such_module_here"], "cannot load executors: No module named"),
+    ],
+)
+def test_bad_worker_flags_stop_it_with_one_line(args: list[str], line: str) -> None:
+    result = orchestrix("worker", *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert line in result.stderr
+
+
+def test_migrate_create_refuses_a_bad_name_in_one_line() -> None:
+    result = orchestrix("migrate", "create", "Bad-Name")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "orchestrix migrate create: migration name 'Bad-Name': "
+        "use lowercase letters, digits and underscores"
+    )
+
+
 async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
     api_port, status_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
@@ -126,6 +152,6 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
         log.close()
     output = (tmp_path / "dev.log").read_text()
     assert "Orchestrix is running. API: " in output
-    assert f"scheduler:  http://127.0.0.1:{status_port}/metrics" in output
+    assert re.search(rf"scheduler: +http://127.0.0.1:{status_port}/metrics", output)
     for prefix in ("api       | ", "scheduler | ", "worker    | "):
         assert prefix in output

@@ -160,22 +160,25 @@ WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
 
-# Each failed attempt's error is appended to `errors`; `last_error` repeats the newest.
-_RETRY = """
+# Each failed attempt's error is appended to `errors`, its time in RFC 3339 UTC
+# like every other time the API shows; `last_error` repeats the newest.
+_ERROR_ENTRY = """jsonb_build_object(
+        'attempt', attempt, 'error', $3::text,
+        'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))"""
+
+_RETRY = f"""
 UPDATE jobs
 SET state = 'RETRYING', run_at = now() + make_interval(secs => $4), last_error = $3,
-    errors = errors || jsonb_build_array(
-        jsonb_build_object('attempt', attempt, 'error', $3::text, 'at', now())),
+    errors = errors || jsonb_build_array({_ERROR_ENTRY}),
     updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
 
-_FAIL = """
+_FAIL = f"""
 UPDATE jobs
 SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
-    errors = errors || jsonb_build_array(
-        jsonb_build_object('attempt', attempt, 'error', $3::text, 'at', now()))
+    errors = errors || jsonb_build_array({_ERROR_ENTRY})
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
