@@ -22,7 +22,7 @@ dev: $(STAMP)
 
 ## Run the test suite against real servers (TEST_DATABASE_URL / TEST_NATS_URL, or embedded ones).
 test: $(STAMP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest
 
 ## Soak and benchmark runs, on demand.
 test-slow: $(STAMP)
