@@ -17,7 +17,7 @@ from orchestrix.settings import Settings
 
 from services.api import health, jobs
 from services.api.errors import MAX_BODY, error_middleware
-from services.api.keys import LIFECYCLE, METRICS, POOL, Lifecycle
+from services.api.keys import LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
 
 log = logging.getLogger("api")
 
@@ -47,6 +47,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     )
     app[POOL] = pool
     app[METRICS] = metrics
+    app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
     app[LIFECYCLE] = Lifecycle()
     app.add_routes(jobs.routes)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
-from orchestrix import ids
+from orchestrix import broker, ids
 from orchestrix.db import jobs as db
 from orchestrix.models import Job
 from orchestrix.states import TERMINAL, JobState
 
 from services.api.errors import ApiError, json_response
-from services.api.keys import METRICS, POOL
+from services.api.keys import LIFECYCLE, METRICS, NATS_SETTINGS, POOL
 from services.api.parsing import parse_list_query, parse_new_job, read_json_object
 
 log = logging.getLogger("api")
@@ -56,12 +57,27 @@ async def cancel_job(request: web.Request) -> web.Response:
             409, f"job {job.id} is already {job.state}; only unfinished jobs can be cancelled"
         )
     if job.state is JobState.RUNNING:
-        raise ApiError(409, f"job {job.id} is RUNNING; a job that has started cannot be cancelled")
-    # It moved between our update and our read (e.g. RETRYING -> SCHEDULED): try once more.
+        return await _request_cancel(request, job)
+    # It moved between our update and our read (e.g. SCHEDULED -> RUNNING): try once more.
     cancelled = await db.cancel(request.app[POOL], job_id)
-    if cancelled is None:
-        raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
-    return _cancelled(request, cancelled)
+    if cancelled is not None:
+        return _cancelled(request, cancelled)
+    raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
+
+
+async def _request_cancel(request: web.Request, job: Job) -> web.Response:
+    """A running job is stopped by its worker: record the request, tell the workers, 202."""
+    marked = await db.request_cancel(request.app[POOL], job.id)
+    if marked is None:  # it finished meanwhile
+        latest = await _existing(request)
+        raise ApiError(409, f"job {latest.id} is already {latest.state}; it cannot be cancelled")
+    nc = request.app[LIFECYCLE].nats
+    if nc is not None and nc.is_connected:
+        # Fire and forget: a worker that misses it sees the request at its next lease renewal.
+        with contextlib.suppress(Exception):
+            await nc.publish(broker.cancel_subject(request.app[NATS_SETTINGS]), job.id.encode())
+    log.info("cancellation requested", extra={"job_id": job.id, "type": job.type})
+    return json_response(marked.to_json(), status=202)
 
 
 def _cancelled(request: web.Request, job: Job) -> web.Response:

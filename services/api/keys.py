@@ -8,9 +8,11 @@ from typing import Any
 from aiohttp import web
 from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
+from orchestrix.settings import NatsSettings
 
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
 METRICS = web.AppKey("metrics", ApiMetrics)
+NATS_SETTINGS = web.AppKey("nats_settings", NatsSettings)
 
 
 @dataclass

@@ -2,38 +2,29 @@
 
 The claim commits before anything is published, so a worker can never receive a
 message for a job whose SCHEDULED state it cannot yet see. A publish that fails
-is kept and retried before the next claim; the message id (job id and attempt)
-lets JetStream drop a retry that did reach it the first time.
+is kept and retried before the next claim; should this scheduler die first, the
+republisher announces those jobs once they have waited long enough.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-from nats.js import JetStreamContext
-from orchestrix import broker
 from orchestrix.db import jobs as db
 from orchestrix.metrics import SchedulerMetrics
-from orchestrix.settings import NatsSettings
+
+from services.scheduler.publisher import Publisher
 
 log = logging.getLogger("scheduler")
-PUBLISH_TIMEOUT_S = 5.0
 
 
 class Claimer:
     def __init__(
-        self,
-        pool: Any,
-        js: JetStreamContext,
-        nats: NatsSettings,
-        metrics: SchedulerMetrics,
-        batch_size: int,
+        self, pool: Any, publisher: Publisher, metrics: SchedulerMetrics, batch_size: int
     ) -> None:
         self._pool = pool
-        self._js = js
-        self._nats = nats
+        self._publisher = publisher
         self._metrics = metrics
         self._batch_size = batch_size
         self.unpublished: list[db.Claimed] = []
@@ -50,29 +41,8 @@ class Claimer:
             self.unpublished = await self._publish(claimed)
         return len(claimed)
 
-    async def _publish(self, claimed: list[db.Claimed]) -> list[db.Claimed]:
-        """Publish concurrently, awaiting the acks together; return what failed."""
-        results = await asyncio.gather(
-            *(self._publish_one(job) for job in claimed), return_exceptions=True
-        )
-        failed = []
-        for job, result in zip(claimed, results, strict=True):
-            if isinstance(result, BaseException):
-                failed.append(job)
-                log.warning(
-                    "publish failed; will retry",
-                    extra={"job_id": job.id, "attempt": job.attempt, "error": repr(result)},
-                )
-            else:
-                self._metrics.jobs_scheduled.labels(job.queue).inc()
-                log.debug("job scheduled", extra={"job_id": job.id, "attempt": job.attempt})
+    async def _publish(self, jobs: list[db.Claimed]) -> list[db.Claimed]:
+        published, failed = await self._publisher.publish(jobs)
+        for job in published:
+            self._metrics.jobs_scheduled.labels(job.queue).inc()
         return failed
-
-    async def _publish_one(self, job: db.Claimed) -> None:
-        message = broker.Announcement(job.id, job.attempt)
-        await self._js.publish(
-            broker.subject(self._nats, job.queue),
-            message.encode(),
-            timeout=PUBLISH_TIMEOUT_S,
-            headers={"Nats-Msg-Id": message.msg_id},
-        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,10 @@ from orchestrix.status import StatusServer, check_dependencies
 
 from services.scheduler.claimer import Claimer
 from services.scheduler.depth import DepthReporter
+from services.scheduler.leader import Leadership
+from services.scheduler.publisher import Publisher
+from services.scheduler.republisher import Republisher
+from services.scheduler.rescuer import Rescuer
 
 log = logging.getLogger("scheduler")
 CHANNEL = "orchestrix_jobs"
@@ -71,6 +76,31 @@ async def _report_depth(depth: DepthReporter, stop: asyncio.Event) -> None:
         await sleep_unless_stopped(stop, DEPTH_INTERVAL_S)
 
 
+async def _maintain(
+    leadership: Leadership,
+    rescuer: Rescuer,
+    republisher: Republisher,
+    settings: Settings,
+    stop: asyncio.Event,
+) -> None:
+    """Rescue and republish, in whichever scheduler holds the maintenance lock."""
+    lease_s = settings.recovery.lease_timeout_s
+    while not await sleep_unless_stopped(stop, settings.recovery.maintenance_interval_s):
+        try:
+            if not await leadership.held():
+                continue
+            # A new leader (or one back from a database outage) first gives the
+            # workers a full lease to renew theirs, so no live job is taken.
+            assert leadership.since is not None
+            if time.monotonic() - leadership.since >= lease_s:
+                await rescuer.run_once()
+            await republisher.run_once()
+        except RETRYABLE as exc:
+            log.warning("maintenance failed; retrying", extra={"error": repr(exc)})
+        except Exception as exc:  # NATS errors while republishing; next round tries again
+            log.warning("maintenance failed", extra={"error": repr(exc)})
+
+
 async def serve(settings: Settings) -> None:
     stop = stop_on_signals()
     connected = await connect_both(settings, "orchestrix-scheduler", stop)
@@ -86,8 +116,19 @@ async def serve(settings: Settings) -> None:
     )
     await status.start()
     wakeup = Wakeup(settings.database.url)
-    claimer = Claimer(pool, js, settings.nats, metrics, settings.scheduler.batch_size)
+    publisher = Publisher(js, settings.nats)
+    claimer = Claimer(pool, publisher, metrics, settings.scheduler.batch_size)
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
+    leadership = Leadership(settings.database.url)
+    maintenance = asyncio.create_task(
+        _maintain(
+            leadership,
+            Rescuer(pool, settings.recovery, settings.worker, metrics),
+            Republisher(pool, js, publisher, settings.nats, settings.recovery, metrics),
+            settings,
+            stop,
+        )
+    )
     log.info(
         "scheduler started",
         extra={
@@ -127,12 +168,14 @@ async def serve(settings: Settings) -> None:
             stopper.cancel()
     finally:
         log.info("scheduler stopping: no more claims")
-        depth_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await depth_task
+        for task in (depth_task, maintenance):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await leadership.release()
         if claimer.unpublished:
-            # They stay SCHEDULED with no message; nothing announces them again
-            # yet (a stale-SCHEDULED republisher is future work, see docs).
+            # They stay SCHEDULED with no message: the republisher of whichever
+            # scheduler leads maintenance announces them after REPUBLISH_AFTER.
             log.warning("stopping with unpublished jobs", extra={"count": len(claimer.unpublished)})
         await wakeup.close()
         await nc.drain()

@@ -3,7 +3,12 @@
 The worker fetches only as many messages as it has free slots, so a busy worker
 leaves the rest of the queue to the others. A message is acknowledged only after
 the state its job ended in is committed; while a job runs, ``in_progress`` keeps
-JetStream from giving the message to another worker.
+JetStream from giving the message to another worker, and one UPDATE per beat
+renews the leases of every job this worker runs, so the rescuer leaves them be.
+
+A running job stops early for one of three reasons: the worker is shutting down
+(the job is handed back), a user cancelled it (it ends CANCELLED), or its lease
+was lost to the rescuer (the job is no longer ours; nothing is written).
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
-from orchestrix import broker
+from orchestrix import broker, ids
 from orchestrix.backoff import sleep_unless_stopped
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import RETRYABLE
@@ -32,36 +39,55 @@ from services.worker.completer import Completer
 
 log = logging.getLogger("worker")
 FETCH_WAIT_S = 1.0
-HEARTBEAT_S = broker.ACK_WAIT_S / 3
 WRITE_RETRY_S = 0.5
+
+
+class Stop(Enum):
+    """Why a running job's task was cancelled."""
+
+    SHUTDOWN = "shutdown"
+    CANCEL = "cancel"
+    LOST = "lost"
+
+
+@dataclass
+class Running:
+    job: Job
+    task: asyncio.Task[None]
+    stop: Stop | None = None
 
 
 class Consumer:
     def __init__(
         self,
         pool: Any,
-        js: JetStreamContext,
+        nc: Client,
         settings: Settings,
         registry: Registry,
         metrics: WorkerMetrics,
     ) -> None:
         self._pool = pool
-        self._js = js
+        self._nc = nc
+        self._js = nc.jetstream()
         self._settings = settings
         self._registry = registry
         self._metrics = metrics
         self._completer = Completer(pool, settings.worker, metrics)
         self._concurrency = settings.worker.concurrency
+        self._lease_s = settings.recovery.lease_timeout_s
         self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
         self._tasks: set[asyncio.Task[None]] = set()
-        # Set once the grace period is over: unfinished jobs are handed back.
-        self._abandon = asyncio.Event()
+        self._running: dict[str, Running] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and run jobs until ``stop``; then drain within the shutdown timeout."""
         sub = await self._js.pull_subscribe_bind(
             durable=self._settings.nats.consumer, stream=self._settings.nats.stream
         )
+        cancels = await self._nc.subscribe(
+            broker.cancel_subject(self._settings.nats), cb=self._on_cancel_request
+        )
+        beat = asyncio.create_task(self._renew_leases())
         try:
             while not stop.is_set():
                 free = self._concurrency - len(self._tasks)
@@ -91,8 +117,10 @@ class Consumer:
                     task.add_done_callback(self._tasks.discard)
         finally:
             await self._drain()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            beat.cancel()
+            for subscription in (cancels, sub):
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
             self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _drain(self) -> None:
@@ -103,10 +131,37 @@ class Consumer:
         _, pending = await asyncio.wait(self._tasks, timeout=timeout)
         if pending:
             log.warning("grace period over; handing back", extra={"jobs": len(pending)})
-            self._abandon.set()
-            for task in pending:
-                task.cancel()
+            for running in list(self._running.values()):
+                self._stop(running, Stop.SHUTDOWN)
             await asyncio.wait(pending)
+
+    def _stop(self, running: Running, reason: Stop) -> None:
+        if running.stop is None:
+            running.stop = reason
+            running.task.cancel()
+
+    async def _on_cancel_request(self, message: Msg) -> None:
+        running = self._running.get(message.data.decode(errors="replace"))
+        if running is not None:
+            log.info("cancellation requested", extra={"job_id": running.job.id})
+            self._stop(running, Stop.CANCEL)
+
+    async def _renew_leases(self) -> None:
+        """Every third of the lease: renew all our jobs' leases in one statement."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            mine = {job_id: r.job.attempt for job_id, r in self._running.items() if r.stop is None}
+            try:
+                renewal = await db.renew_leases(self._pool, mine, self._lease_s)
+            except RETRYABLE as exc:
+                log.warning("cannot renew leases", extra={"error": repr(exc), "jobs": len(mine)})
+                continue
+            for job_id, reason in [(i, Stop.CANCEL) for i in renewal.cancel] + [
+                (i, Stop.LOST) for i in renewal.lost
+            ]:
+                running = self._running.get(job_id)
+                if running is not None:
+                    self._stop(running, reason)
 
     async def _handle(self, message: Msg) -> None:
         try:
@@ -115,8 +170,12 @@ class Consumer:
             log.error("undecodable message dropped", extra={"error": str(exc)})
             await _quietly(message.term())
             return
+        if not ids.is_valid(announced.job_id):
+            log.error("message for a malformed job id dropped", extra={"job_id": announced.job_id})
+            await _quietly(message.term())
+            return
         try:
-            job = await db.start(self._pool, announced.job_id, announced.attempt)
+            job = await db.start(self._pool, announced.job_id, announced.attempt, self._lease_s)
         except RETRYABLE as exc:
             log.warning("cannot start job", extra={"job_id": announced.job_id, "error": repr(exc)})
             await _quietly(message.nak(delay=1.0))
@@ -126,13 +185,21 @@ class Consumer:
             log.debug("message skipped", extra={"job_id": announced.job_id})
             await _quietly(message.ack())
             return
+        task = asyncio.current_task()
+        assert task is not None
+        running = Running(job, task)
+        self._running[job.id] = running
         heartbeat = asyncio.create_task(_keep_alive(message))
         try:
-            await self._execute(job, message)
+            await self._execute(running, message)
+        except asyncio.CancelledError:
+            await self._stopped(running, message)
         finally:
             heartbeat.cancel()
+            del self._running[job.id]
 
-    async def _execute(self, job: Job, message: Msg) -> None:
+    async def _execute(self, running: Running, message: Msg) -> None:
+        job = running.job
         labels = (job.type, job.queue)
         started = job.started_at or job.run_at
         self._metrics.start_latency.labels(*labels).observe(
@@ -145,45 +212,51 @@ class Consumer:
             outcome = await runner.run(
                 self._registry.get(job.type), JobContext.of(job), self._threads
             )
-        except asyncio.CancelledError:
-            await self._hand_back(job, message)
-            raise
         finally:
             self._metrics.slots_busy.dec()
         name = "success" if isinstance(outcome, runner.Success) else outcome.kind.value
         self._metrics.job_duration.labels(*labels, name).observe(time.perf_counter() - clock)
         # The outcome must be committed before the message is acknowledged:
-        # keep trying while the database is away, unless told to let go.
+        # keep trying while the database is away. If the lease runs out
+        # meanwhile, the rescuer takes the job and the write finds it moved.
         while True:
             try:
                 await self._completer.record(job, outcome)
                 break
             except RETRYABLE as exc:
                 log.warning(
-                    "cannot record outcome; retrying", extra={"job_id": job.id, "error": repr(exc)}
+                    "cannot record outcome; retrying",
+                    extra={"job_id": job.id, "error": repr(exc)},
                 )
-                if self._abandon.is_set():
-                    return  # unacknowledged: redelivered, and the job stays RUNNING
                 await asyncio.sleep(WRITE_RETRY_S)
         await _quietly(message.ack())
 
-    async def _hand_back(self, job: Job, message: Msg) -> None:
+    async def _stopped(self, running: Running, message: Msg) -> None:
+        """The attempt was cancelled from outside: finish it the way its reason asks."""
+        job = running.job
+        extra = {"job_id": job.id, "attempt": job.attempt}
         try:
-            handed = await db.hand_back(self._pool, job.id, job.attempt)
+            if running.stop is Stop.CANCEL:
+                if await db.cancel_running(self._pool, job.id, job.attempt) is not None:
+                    self._metrics.jobs_cancelled.labels(job.type, job.queue).inc()
+                    log.info("job cancelled while running", extra=extra)
+                await _quietly(message.ack())
+            elif running.stop is Stop.LOST:
+                log.warning("lease lost; attempt abandoned", extra=extra)
+                await _quietly(message.ack())
+            else:
+                if await db.hand_back(self._pool, job.id, job.attempt):
+                    self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
+                    log.warning("job handed back unfinished", extra=extra)
+                await _quietly(message.nak())
         except RETRYABLE as exc:
-            log.error("cannot hand back job", extra={"job_id": job.id, "error": repr(exc)})
-            return
-        if handed:
-            self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
-            log.warning(
-                "job handed back unfinished", extra={"job_id": job.id, "attempt": job.attempt}
-            )
-        await _quietly(message.nak())
+            # Unacknowledged: the lease runs out and the rescuer takes the job.
+            log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
 
 
 async def _keep_alive(message: Msg) -> None:
     while True:
-        await asyncio.sleep(HEARTBEAT_S)
+        await asyncio.sleep(broker.ACK_WAIT_S / 3)
         await _quietly(message.in_progress())
 
 

@@ -27,15 +27,14 @@ async def serve(settings: Settings) -> None:
     if connected is None:
         return
     pool, nc = connected
-    js = nc.jetstream()
-    await broker.ensure_consumer(js, settings.nats)
+    await broker.ensure_consumer(nc.jetstream(), settings.nats)
 
     metrics = WorkerMetrics(settings.worker.concurrency)
     status = StatusServer(
         settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
     )
     await status.start()
-    consumer = Consumer(pool, js, settings, executors.registry, metrics)
+    consumer = Consumer(pool, nc, settings, executors.registry, metrics)
     log.info(
         "worker started",
         extra={

@@ -138,3 +138,12 @@ async def connect_with_backoff(
         stop=stop,
         retry_on=(OSError, TimeoutError, NoServersError),
     )
+
+
+def cancel_subject(settings: NatsSettings) -> str:
+    """Core NATS (not JetStream) subject on which the API asks workers to stop a job.
+
+    Outside the stream's ``<prefix>.>`` subjects: requests are not stored, the
+    lease renewal picks up any a worker missed.
+    """
+    return f"{settings.subject_prefix}_cancel"

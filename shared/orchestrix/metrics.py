@@ -115,6 +115,18 @@ class SchedulerMetrics:
             ["queue"],
             registry=self.registry,
         )
+        self.jobs_rescued = Counter(
+            "orchestrix_jobs_rescued_total",
+            "Running jobs taken back after their worker's lease ran out, by the state given.",
+            ["queue", "state"],
+            registry=self.registry,
+        )
+        self.jobs_republished = Counter(
+            "orchestrix_jobs_republished_total",
+            "Scheduled jobs announced again because they did not start in time.",
+            ["queue"],
+            registry=self.registry,
+        )
         self.claim_duration = Histogram(
             "orchestrix_scheduler_claim_duration_seconds",
             "Time to claim one batch of due jobs.",
@@ -148,6 +160,12 @@ class WorkerMetrics:
         self.jobs_handed_back = Counter(
             "orchestrix_jobs_handed_back_total",
             "Running attempts returned unfinished by a stopping worker.",
+            labels,
+            registry=self.registry,
+        )
+        self.jobs_cancelled = Counter(
+            "orchestrix_jobs_cancelled_while_running_total",
+            "Running jobs stopped because a user cancelled them.",
             labels,
             registry=self.registry,
         )

@@ -49,6 +49,7 @@ class Job:
     started_at: datetime | None
     completed_at: datetime | None
     updated_at: datetime
+    cancel_requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -72,6 +73,7 @@ class Job:
             started_at=row["started_at"],
             completed_at=row["completed_at"],
             updated_at=row["updated_at"],
+            cancel_requested_at=row["cancel_requested_at"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -96,6 +98,7 @@ class Job:
             "started_at": rfc3339(self.started_at),
             "completed_at": rfc3339(self.completed_at),
             "updated_at": rfc3339(self.updated_at),
+            "cancel_requested_at": rfc3339(self.cancel_requested_at),
         }
 
 

@@ -205,6 +205,33 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class RecoverySettings:
+    """How jobs whose owner vanished are found and taken back.
+
+    A worker renews the lease of each job it runs every third of
+    ``lease_timeout_s``; a job whose lease ran out is rescued. A job announced
+    but not started within ``republish_after_s`` is announced again.
+    """
+
+    lease_timeout_s: float = 30.0
+    republish_after_s: float = 60.0
+    maintenance_interval_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RecoverySettings:
+        read = _Reader(env)
+        return cls(
+            lease_timeout_s=read.seconds("LEASE_TIMEOUT", cls.lease_timeout_s, low=1, high=3600),
+            republish_after_s=read.seconds(
+                "REPUBLISH_AFTER", cls.republish_after_s, low=1, high=86400
+            ),
+            maintenance_interval_s=read.seconds(
+                "MAINTENANCE_INTERVAL", cls.maintenance_interval_s, low=0.05, high=3600
+            ),
+        )
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     """Where the scheduler and workers serve /metrics, /health and /ready."""
 
@@ -285,6 +312,7 @@ class Settings:
     scheduler: SchedulerSettings
     worker: WorkerSettings
     metrics: MetricsSettings
+    recovery: RecoverySettings
     dev: DevSettings
 
     @classmethod
@@ -298,6 +326,7 @@ class Settings:
             scheduler=SchedulerSettings.from_env(env),
             worker=WorkerSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
+            recovery=RecoverySettings.from_env(env),
             dev=DevSettings.from_env(env),
         )
 
@@ -332,6 +361,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
+    ("LEASE_TIMEOUT", "30s", "a running job whose worker stops renewing it this long is rescued"),
+    ("REPUBLISH_AFTER", "60s", "a scheduled job not started this long is announced again"),
+    ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues and republishes"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),
     ("SCHEDULERS", "1", "schedulers `orchestrix dev` runs"),
     ("WORKERS", "2", "workers `orchestrix dev` runs"),

@@ -34,7 +34,12 @@ async def record(job: JobContext) -> Any:
 
 @executor("record_sync")
 def record_sync(job: JobContext) -> Any:
+    """The same, as a plain function: it checks ``job.cancelled`` while it sleeps."""
     started = time.time()
-    time.sleep(float(job.payload.get("sleep_ms", 0)) / 1000)
+    deadline = started + float(job.payload.get("sleep_ms", 0)) / 1000
+    while time.time() < deadline:
+        if job.cancelled:
+            return None
+        time.sleep(0.01)
     _append(job, started)
     return {"pid": os.getpid()}

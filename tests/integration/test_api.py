@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import asyncpg
+import nats
 import orjson
 import pytest
 from aiohttp import web
-from orchestrix import ids
+from nats.aio.msg import Msg
+from orchestrix import broker, ids
 from orchestrix.settings import Settings
 
 from services.api.app import build_app
@@ -272,12 +275,31 @@ async def test_cancel_a_finished_job_is_409(api: Api, pool: asyncpg.Pool, state:
     assert await pool.fetchval("SELECT state FROM jobs WHERE id = $1", job["id"]) == state
 
 
-async def test_cancel_a_running_job_is_409(api: Api, pool: asyncpg.Pool) -> None:
+async def test_cancel_a_running_job_asks_its_worker_and_answers_202(
+    api: Api, pool: asyncpg.Pool, settings: Settings
+) -> None:
     job = await create(api)
     await pool.execute("UPDATE jobs SET state = 'RUNNING' WHERE id = $1", job["id"])
-    status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
-    assert status == 409
-    assert "RUNNING" in body["error"]
+    nc = await nats.connect(settings.nats.url)
+    heard: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(message: Msg) -> None:
+        await heard.put(message.data)
+
+    await nc.subscribe(broker.cancel_subject(settings.nats), cb=on_message)
+    await nc.flush()
+    try:
+        status, body, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+        assert status == 202
+        assert body["state"] == "RUNNING"
+        assert body["cancel_requested_at"] is not None
+        assert await asyncio.wait_for(heard.get(), 5) == job["id"].encode()
+    finally:
+        await nc.close()
+    # Asking again is fine and keeps the first request's time.
+    status, again, _ = await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+    assert status == 202
+    assert again["cancel_requested_at"] == body["cancel_requested_at"]
 
 
 async def test_cancel_unknown_is_404(api: Api) -> None:

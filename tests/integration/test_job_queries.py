@@ -56,13 +56,13 @@ async def test_concurrent_claims_never_share_a_job(pool: asyncpg.Pool) -> None:
 
 async def test_the_worker_transitions_are_guarded(pool: asyncpg.Pool) -> None:
     job_id = await add(pool, max_attempts=2)
-    assert await db.start(pool, job_id, 1) is None  # still PENDING: not ours to start
+    assert await db.start(pool, job_id, 1, 30) is None  # still PENDING: not ours to start
     await db.claim_due(pool, 1)
-    assert await db.start(pool, job_id, 2) is None  # wrong attempt
-    running = await db.start(pool, job_id, 1)
+    assert await db.start(pool, job_id, 2, 30) is None  # wrong attempt
+    running = await db.start(pool, job_id, 1, 30)
     assert running is not None
     assert running.state is JobState.RUNNING
-    assert await db.start(pool, job_id, 1) is None  # a duplicate message
+    assert await db.start(pool, job_id, 1, 30) is None  # a duplicate message
 
     retrying = await db.retry(pool, job_id, 1, "boom", 0.0)
     assert retrying is not None
@@ -73,7 +73,7 @@ async def test_the_worker_transitions_are_guarded(pool: asyncpg.Pool) -> None:
 
     [again] = await db.claim_due(pool, 1)
     assert again.attempt == 2
-    assert await db.start(pool, job_id, 2) is not None
+    assert await db.start(pool, job_id, 2, 30) is not None
     failed = await db.fail(pool, job_id, 2, "boom again")
     assert failed is not None
     assert failed.state is JobState.FAILED
@@ -84,7 +84,7 @@ async def test_the_worker_transitions_are_guarded(pool: asyncpg.Pool) -> None:
 async def test_retry_pushes_run_at_out(pool: asyncpg.Pool) -> None:
     job_id = await add(pool)
     await db.claim_due(pool, 1)
-    await db.start(pool, job_id, 1)
+    await db.start(pool, job_id, 1, 30)
     before = datetime.now(UTC)
     job = await db.retry(pool, job_id, 1, "x", 30.0)
     assert job is not None
@@ -98,7 +98,7 @@ async def test_succeed_stores_the_result_and_hand_back_keeps_the_attempt(
     done, back = await add(pool), await add(pool)
     await db.claim_due(pool, 10)
     for job_id in (done, back):
-        await db.start(pool, job_id, 1)
+        await db.start(pool, job_id, 1, 30)
     job = await db.succeed(pool, done, 1, {"answer": [42, "ß"]})
     assert job is not None
     assert job.result == {"answer": [42, "ß"]}
@@ -108,7 +108,7 @@ async def test_succeed_stores_the_result_and_hand_back_keeps_the_attempt(
     returned = await db.get(pool, back)
     assert returned is not None
     assert (returned.state, returned.attempt, returned.started_at) == (JobState.SCHEDULED, 1, None)
-    assert await db.start(pool, back, 1) is not None  # the redelivered message starts it
+    assert await db.start(pool, back, 1, 30) is not None  # the redelivered message starts it
     assert not await db.hand_back(pool, done, 1)
 
 
@@ -116,7 +116,7 @@ async def test_a_cancelled_job_cannot_be_started(pool: asyncpg.Pool) -> None:
     job_id = await add(pool)
     await db.claim_due(pool, 1)
     assert await db.cancel(pool, job_id) is not None
-    assert await db.start(pool, job_id, 1) is None
+    assert await db.start(pool, job_id, 1, 30) is None
 
 
 async def test_waiting_by_queue(pool: asyncpg.Pool) -> None:
@@ -133,6 +133,87 @@ async def test_waiting_by_queue(pool: asyncpg.Pool) -> None:
 async def test_results_postgres_refuses_raise_data_errors(pool: asyncpg.Pool, bad: str) -> None:
     job_id = await add(pool)
     await db.claim_due(pool, 1)
-    await db.start(pool, job_id, 1)
+    await db.start(pool, job_id, 1, 30)
     with pytest.raises(asyncpg.DataError):
         await db.succeed(pool, job_id, 1, {"s": bad})
+
+
+async def running_job(pool: asyncpg.Pool, lease_s: float = 30, **fields: object) -> str:
+    job_id = await add(pool, **fields)
+    await db.claim_due(pool, 100)
+    assert await db.start(pool, job_id, 1, lease_s) is not None
+    return job_id
+
+
+async def test_renewal_extends_leases_and_reports_cancels_and_losses(pool: asyncpg.Pool) -> None:
+    keep, cancel, rescued = [await running_job(pool, 1) for _ in range(3)]
+    await db.request_cancel(pool, cancel)
+    await pool.execute("UPDATE jobs SET state = 'RETRYING' WHERE id = $1", rescued)
+    renewal = await db.renew_leases(pool, {keep: 1, cancel: 1, rescued: 1}, 60)
+    assert renewal.cancel == {cancel}
+    assert renewal.lost == {rescued}
+    lease = await pool.fetchval("SELECT lease_expires_at - now() FROM jobs WHERE id = $1", keep)
+    assert lease > timedelta(seconds=55)
+    assert (await db.renew_leases(pool, {}, 60)) == db.Renewal(set(), set())
+
+
+async def test_rescue_takes_back_expired_leases_only(pool: asyncpg.Pool) -> None:
+    retry = await running_job(pool, max_attempts=3)
+    last = await running_job(pool, max_attempts=1)
+    cancelled = await running_job(pool)
+    alive = await running_job(pool)
+    await db.request_cancel(pool, cancelled)
+    await pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '5 seconds' WHERE id = ANY($1)",
+        [retry, last, cancelled],
+    )
+
+    async def rescue(grace_s: float) -> list[db.Rescued]:
+        return await db.rescue_expired(
+            pool, limit=100, grace_s=grace_s, error="WorkerLost: gone", base_s=10.0, max_s=60.0
+        )
+
+    assert await rescue(30) == []  # within the grace
+    rescued = {r.id: r.state for r in await rescue(0)}
+    assert rescued == {
+        retry: JobState.RETRYING,
+        last: JobState.FAILED,
+        cancelled: JobState.CANCELLED,
+    }
+    job = await db.get(pool, retry)
+    assert job is not None
+    assert job.last_error == "WorkerLost: gone"
+    assert [e["attempt"] for e in job.errors] == [1]
+    assert job.run_at > datetime.now(UTC) + timedelta(seconds=9)  # backoff of attempt 1
+    failed = await db.get(pool, last)
+    assert failed is not None
+    assert failed.completed_at is not None
+    still = await db.get(pool, alive)
+    assert still is not None
+    assert still.state is JobState.RUNNING
+    # The worker that lost the job cannot overwrite the rescue.
+    assert await db.succeed(pool, retry, 1, None) is None
+
+
+async def test_republish_picks_stale_scheduled_jobs_once_per_period(pool: asyncpg.Pool) -> None:
+    stale, fresh = await add(pool), await add(pool)
+    await db.claim_due(pool, 10)
+    await pool.execute(
+        "UPDATE jobs SET scheduled_at = now() - interval '2 minutes' WHERE id = $1", stale
+    )
+    again = await db.due_for_republish(pool, older_than_s=60, limit=10)
+    assert [(c.id, c.attempt) for c in again] == [(stale, 1)]
+    assert await db.due_for_republish(pool, older_than_s=60, limit=10) == []
+    job = await db.get(pool, fresh)
+    assert job is not None
+    assert job.state is JobState.SCHEDULED
+
+
+async def test_cancel_running_is_guarded_by_attempt(pool: asyncpg.Pool) -> None:
+    job_id = await running_job(pool)
+    assert await db.request_cancel(pool, await add(pool)) is None  # PENDING: not running
+    assert await db.cancel_running(pool, job_id, 2) is None
+    cancelled = await db.cancel_running(pool, job_id, 1)
+    assert cancelled is not None
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.completed_at is not None

@@ -148,7 +148,8 @@ RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at
 
 _START = """
 UPDATE jobs
-SET state = 'RUNNING', started_at = now(), updated_at = now()
+SET state = 'RUNNING', started_at = now(), updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => $3)
 WHERE id = $1 AND attempt = $2 AND state = 'SCHEDULED'
 RETURNING *
 """
@@ -186,7 +187,7 @@ RETURNING *
 # A stopping worker returns an unfinished attempt: same attempt, not counted as failed.
 _HAND_BACK = """
 UPDATE jobs
-SET state = 'SCHEDULED', started_at = NULL, updated_at = now()
+SET state = 'SCHEDULED', started_at = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING id
 """
@@ -219,9 +220,10 @@ async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
     return [Claimed(row["id"], row["queue"], row["attempt"]) for row in rows]
 
 
-async def start(conn: Conn, job_id: str, attempt: int) -> Job | None:
-    """SCHEDULED → RUNNING for this attempt; None when the job is no longer waiting for it."""
-    row = await conn.fetchrow(_START, job_id, attempt)
+async def start(conn: Conn, job_id: str, attempt: int, lease_s: float) -> Job | None:
+    """SCHEDULED → RUNNING for this attempt, leased for ``lease_s``; None when the job
+    is no longer waiting for this attempt."""
+    row = await conn.fetchrow(_START, job_id, attempt, lease_s)
     return None if row is None else Job.from_row(row)
 
 
@@ -255,3 +257,129 @@ async def waiting_by_queue(conn: Conn) -> list[QueueDepth]:
     """Jobs not yet running, per queue, and when the longest-waiting due one became due."""
     rows = await conn.fetch(_WAITING_BY_QUEUE)
     return [QueueDepth(row["queue"], row["n"], row["oldest_due"]) for row in rows]
+
+
+# --- recovery: leases, rescue, republishing, cancelling running jobs ----------
+
+_RENEW_LEASES = """
+UPDATE jobs
+SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
+WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state = 'RUNNING'
+RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL AS cancel
+"""
+
+# A lost attempt counts as failed: RETRYING with backoff while attempts remain,
+# else FAILED; a job whose cancellation was asked for ends CANCELLED instead.
+_RESCUE = f"""
+WITH lost AS (
+    SELECT id FROM jobs
+    WHERE state = 'RUNNING' AND lease_expires_at < now() - make_interval(secs => $2)
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), outcome AS (
+    SELECT jobs.id,
+           CASE WHEN jobs.cancel_requested_at IS NOT NULL THEN 'CANCELLED'
+                WHEN jobs.attempt < jobs.max_attempts THEN 'RETRYING'
+                ELSE 'FAILED' END AS state
+    FROM jobs JOIN lost USING (id)
+)
+UPDATE jobs
+SET state = outcome.state,
+    run_at = CASE WHEN outcome.state = 'RETRYING'
+                  THEN now() + make_interval(secs => LEAST($5, $4 * power(2, attempt - 1)))
+                  ELSE run_at END,
+    completed_at = CASE WHEN outcome.state = 'RETRYING' THEN NULL ELSE now() END,
+    last_error = $3,
+    errors = errors || jsonb_build_array({_ERROR_ENTRY}),
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM outcome
+WHERE jobs.id = outcome.id
+RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
+"""
+
+# Touching scheduled_at makes the next republish of the same job wait its turn again.
+_REPUBLISH_DUE = """
+WITH stale AS (
+    SELECT id FROM jobs
+    WHERE state = 'SCHEDULED' AND scheduled_at < now() - make_interval(secs => $2)
+    ORDER BY scheduled_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs SET scheduled_at = now(), updated_at = now()
+FROM stale
+WHERE jobs.id = stale.id
+RETURNING jobs.id, jobs.queue, jobs.attempt
+"""
+
+_REQUEST_CANCEL = """
+UPDATE jobs
+SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
+WHERE id = $1 AND state = 'RUNNING'
+RETURNING *
+"""
+
+_CANCEL_RUNNING = """
+UPDATE jobs
+SET state = 'CANCELLED', completed_at = now(), lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+RETURNING *
+"""
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What a lease renewal learned: jobs to cancel, and jobs this worker no longer owns."""
+
+    cancel: set[str]
+    lost: set[str]
+
+
+async def renew_leases(conn: Conn, running: dict[str, int], lease_s: float) -> Renewal:
+    """Extend the leases of the jobs a worker runs (id → attempt), in one statement."""
+    if not running:
+        return Renewal(set(), set())
+    rows = await conn.fetch(_RENEW_LEASES, list(running), list(running.values()), lease_s)
+    kept = {row["id"] for row in rows}
+    return Renewal(cancel={row["id"] for row in rows if row["cancel"]}, lost=set(running) - kept)
+
+
+@dataclass(frozen=True)
+class Rescued:
+    id: str
+    type: str
+    queue: str
+    attempt: int
+    state: JobState
+
+
+async def rescue_expired(
+    conn: Conn, *, limit: int, grace_s: float, error: str, base_s: float, max_s: float
+) -> list[Rescued]:
+    """Take back running jobs whose lease ran out more than ``grace_s`` ago."""
+    rows = await conn.fetch(_RESCUE, limit, grace_s, error, base_s, max_s)
+    return [
+        Rescued(row["id"], row["type"], row["queue"], row["attempt"], JobState(row["state"]))
+        for row in rows
+    ]
+
+
+async def due_for_republish(conn: Conn, *, older_than_s: float, limit: int) -> list[Claimed]:
+    """Scheduled jobs not started within ``older_than_s`` of their announcement."""
+    rows = await conn.fetch(_REPUBLISH_DUE, limit, older_than_s)
+    return [Claimed(row["id"], row["queue"], row["attempt"]) for row in rows]
+
+
+async def request_cancel(conn: Conn, job_id: str) -> Job | None:
+    """Mark a RUNNING job for cancellation; None when it is not running."""
+    row = await conn.fetchrow(_REQUEST_CANCEL, job_id)
+    return None if row is None else Job.from_row(row)
+
+
+async def cancel_running(conn: Conn, job_id: str, attempt: int) -> Job | None:
+    """RUNNING → CANCELLED, written by the worker that stopped the attempt."""
+    row = await conn.fetchrow(_CANCEL_RUNNING, job_id, attempt)
+    return None if row is None else Job.from_row(row)

@@ -1,0 +1,139 @@
+"""Crash recovery with real processes: a killed worker, a lost message, a running cancel."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import asyncpg
+import pytest
+from orchestrix import ids
+
+from tests.e2e.conftest import SystemFactory
+from tests.e2e.harness import read_executions, until
+
+pytestmark = pytest.mark.timeout(120)
+FAST = {
+    "LEASE_TIMEOUT": "2s",
+    "REPUBLISH_AFTER": "1s",
+    "MAINTENANCE_INTERVAL": "200ms",
+    "RETRY_BASE_DELAY": "100ms",
+}
+
+
+async def state_of(pool: asyncpg.Pool, job_id: str) -> str:
+    state: str = await pool.fetchval("SELECT state FROM jobs WHERE id = $1", job_id)
+    return state
+
+
+async def test_a_job_whose_worker_is_killed_is_rescued_and_run_again(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    system = make_system(**FAST)
+    scheduler = system.start("scheduler")
+    victim = system.start("worker")
+    await system.ready(scheduler)
+    await system.ready(victim)
+    job_id = ids.new_id()
+    await pool.execute(
+        "INSERT INTO jobs (id, type, payload) VALUES ($1, 'record', $2)", job_id, {"sleep_ms": 4000}
+    )
+    await until(lambda: _is(pool, job_id, "RUNNING"), 20, "the job to start")
+    victim.process.send_signal(signal.SIGKILL)
+    victim.wait(5)
+
+    survivor = system.start("worker")
+    await system.ready(survivor)
+    await until(
+        lambda: _is(pool, job_id, "SUCCEEDED"),
+        40,
+        "the rescued job to succeed",
+        lambda: scheduler.log()[-3000:],
+    )
+    job = await pool.fetchrow("SELECT attempt, errors, last_error FROM jobs WHERE id = $1", job_id)
+    assert job["attempt"] == 2
+    assert job["errors"][0]["attempt"] == 1
+    assert job["errors"][0]["error"].startswith("WorkerLost")
+    assert "worker lost; job rescued" in scheduler.log()
+    finished = [r for r in read_executions(system.executions) if r["id"] == job_id]
+    assert [(r["attempt"], r["pid"]) for r in finished] == [("2", str(survivor.process.pid))]
+
+
+async def _is(pool: asyncpg.Pool, job_id: str, state: str) -> bool:
+    return await state_of(pool, job_id) == state
+
+
+def _in(pool: asyncpg.Pool, job_id: str, state: str) -> Callable[[], Awaitable[bool]]:
+    """A check for ``until``, bound to this job now (not to a loop variable)."""
+    return lambda: _is(pool, job_id, state)
+
+
+async def test_a_scheduled_job_whose_message_was_lost_is_announced_again(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    system = make_system(**FAST)
+    scheduler = system.start("scheduler")
+    worker = system.start("worker")
+    await system.ready(scheduler)
+    await system.ready(worker)
+    # As if a scheduler had claimed it and died before publishing.
+    job_id = ids.new_id()
+    await pool.execute(
+        "INSERT INTO jobs (id, type, state, attempt, scheduled_at) "
+        "VALUES ($1, 'record', 'SCHEDULED', 1, now())",
+        job_id,
+    )
+    await until(
+        lambda: _is(pool, job_id, "SUCCEEDED"),
+        30,
+        "the stranded job to run",
+        lambda: scheduler.log()[-3000:],
+    )
+    assert "job announced again" in scheduler.log()
+    runs = [r for r in read_executions(system.executions) if r["id"] == job_id]
+    assert [r["attempt"] for r in runs] == ["1"]
+
+
+async def test_maintenance_moves_to_another_scheduler_when_the_leader_dies(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    system = make_system(**FAST)
+    first = system.start("scheduler")
+    await system.ready(first)
+    await until(lambda: "now runs maintenance" in first.log(), 10, "the first to lead")
+    second = system.start("scheduler")
+    await system.ready(second)
+    first.process.send_signal(signal.SIGKILL)
+    first.wait(5)
+    await until(
+        lambda: "now runs maintenance" in second.log(), 15, "the second to lead", second.log
+    )
+
+
+async def test_cancelling_a_running_job_stops_it(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    system = make_system(**FAST)
+    api, scheduler, worker = (system.start(role) for role in ("api", "scheduler", "worker"))
+    for service in (api, scheduler, worker):
+        await system.ready(service)
+    url = f"http://127.0.0.1:{api.port}/api/v1/jobs"
+    async with aiohttp.ClientSession() as http:
+        for job_type in ("record", "record_sync"):  # on the loop, and in a thread
+            async with http.post(
+                url, json={"type": job_type, "payload": {"sleep_ms": 30_000}}
+            ) as response:
+                job_id = (await response.json())["id"]
+            await until(_in(pool, job_id, "RUNNING"), 20, "the job to start")
+            async with http.delete(f"{url}/{job_id}") as response:
+                assert response.status == 202
+            await until(
+                _in(pool, job_id, "CANCELLED"),
+                10,
+                "the job to be cancelled",
+                worker.log,
+            )
+            assert "job cancelled while running" in worker.log()
+    # Neither attempt ran to its end.
+    assert read_executions(system.executions) == []
