@@ -147,7 +147,7 @@ async def serve(settings: Settings) -> None:
             try:
                 claimed = await claimer.run_once()
                 failures = 0
-            except RETRYABLE as exc:
+            except Exception as exc:  # the loop must outlive any outage; it backs off
                 failures += 1
                 log.warning("claim failed; retrying", extra={"error": repr(exc)})
                 await sleep_unless_stopped(stop, min(5.0, 0.1 * 2**failures))

@@ -153,7 +153,7 @@ class Consumer:
             mine = {job_id: r.job.attempt for job_id, r in self._running.items() if r.stop is None}
             try:
                 renewal = await db.renew_leases(self._pool, mine, self._lease_s)
-            except RETRYABLE as exc:
+            except Exception as exc:  # a dead beat would let the rescuer take live jobs
                 log.warning("cannot renew leases", extra={"error": repr(exc), "jobs": len(mine)})
                 continue
             for job_id, reason in [(i, Stop.CANCEL) for i in renewal.cancel] + [
