@@ -15,7 +15,7 @@ from orchestrix.lifecycle import stop_on_signals
 from orchestrix.metrics import ApiMetrics
 from orchestrix.settings import Settings
 
-from services.api import health, jobs
+from services.api import health, jobs, openapi
 from services.api.errors import MAX_BODY, error_middleware
 from services.api.keys import LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
 
@@ -52,6 +52,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[LIFECYCLE] = Lifecycle()
     app.add_routes(jobs.routes)
     app.add_routes(health.routes)
+    app.add_routes(openapi.routes)
     return app
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -27,12 +27,16 @@ PRIORITY_RANGE = (-1000, 1000)
 MAX_ATTEMPTS_RANGE = (1, 100)
 TIMEOUT_SECONDS_RANGE = (1, 7 * 24 * 3600)
 IDEMPOTENCY_KEY_MAX = 255
+# No control characters. Every pattern here is matched whole (fullmatch): with
+# re.match, "$" would also match before a trailing newline.
+IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{IDEMPOTENCY_KEY_MAX}}}$")
 LIMIT_RANGE = (1, 1000)
 DEFAULT_LIMIT = 10
+_DECIMAL = re.compile(r"-?[0-9]{1,18}")
 _RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$", re.IGNORECASE
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$",
+    re.IGNORECASE | re.ASCII,
 )
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 CREATE_FIELDS = frozenset(
     {
@@ -100,6 +104,9 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | No
     state = None
     if query.get("state"):
         try:
+            # ASCII only: str.upper() would turn "fa\u0131led" into "FAILED".
+            if not query["state"].isascii():
+                raise ValueError(query["state"])
             state = JobState(query["state"].upper())
         except ValueError:
             allowed = ", ".join(s.value for s in JobState)
@@ -108,10 +115,10 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | No
     queue = _name("queue", query["queue"], QUEUE_PATTERN) if query.get("queue") else None
     limit = DEFAULT_LIMIT
     if query.get("limit"):
-        try:
-            limit = int(query["limit"])
-        except ValueError:
-            raise ApiError(400, "limit must be an integer") from None
+        # Decimal ASCII digits only: int() would also take "+5", "5_0" and "\u0665".
+        if not _DECIMAL.fullmatch(query["limit"]):
+            raise ApiError(400, "limit must be an integer")
+        limit = int(query["limit"])
         _int("limit", limit, LIMIT_RANGE)
     cursor = query.get("cursor") or None
     if cursor is not None and not ids.is_valid(cursor):
@@ -120,7 +127,7 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | No
 
 
 def _name(field: str, value: Any, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ApiError(
             400,
             f"{field} must be a string matching {pattern.pattern}",
@@ -139,22 +146,19 @@ def _int(field: str, value: Any, bounds: tuple[int, int]) -> int:
 def _optional_time(field: str, value: Any) -> datetime | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _RFC3339.match(value):
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ApiError(400, f"{field} must be an RFC 3339 time such as 2026-01-31T09:54:37Z")
     try:
-        return datetime.fromisoformat(value.upper())
-    except ValueError:
+        # In UTC, as it is stored and shown: an offset must not move it out of years 1-9999.
+        return datetime.fromisoformat(value.upper()).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ApiError(400, f"{field} is not a valid date and time: {value}") from None
 
 
 def _idempotency_key(value: Any) -> str | None:
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= IDEMPOTENCY_KEY_MAX
-        or _CONTROL.search(value)
-    ):
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY_PATTERN.fullmatch(value):
         raise ApiError(
             400,
             f"idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_MAX} characters "

@@ -1,0 +1,502 @@
+"""The API's OpenAPI 3 document, built from the code that enforces what it says.
+
+Every pattern, range and default comes from the module that applies it:
+``services.api.parsing`` (request limits), ``orchestrix.models`` (defaults and the
+fields of a job) and ``orchestrix.states`` (the states). The ``Job`` schema is
+derived from the fields of :class:`orchestrix.models.Job`, so a new field shows
+up here without anyone editing this file, and a field of a type this module does
+not know how to describe fails the build of the document (and so the tests).
+``GET /openapi.json`` serves the document, built once per body limit;
+``tests/integration/test_openapi.py`` checks that it lists every route and that
+real answers match it, and ``tests/e2e/test_fuzz.py`` fuzzes the API against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from orchestrix.models import Job, NewJob
+from orchestrix.settings import ApiSettings
+from orchestrix.states import JobState
+
+from services.api.errors import MAX_BODY
+from services.api.parsing import (
+    CREATE_FIELDS,
+    DEFAULT_LIMIT,
+    IDEMPOTENCY_KEY_MAX,
+    IDEMPOTENCY_KEY_PATTERN,
+    LIMIT_RANGE,
+    MAX_ATTEMPTS_RANGE,
+    PRIORITY_RANGE,
+    QUEUE_PATTERN,
+    TIMEOUT_SECONDS_RANGE,
+    TYPE_PATTERN,
+)
+
+Schema = dict[str, Any]
+
+OPENAPI_VERSION = "3.0.3"
+DOCUMENT_PATH = "/openapi.json"
+# What orchestrix.ids.new_id makes and ids.is_valid accepts: a canonical ULID.
+ULID_PATTERN = "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"
+# JobState values in any letter case, as ?state= accepts them (ASCII letters only).
+STATE_ANY_CASE_PATTERN = (
+    "^(?:"
+    + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in s.value) for s in JobState)
+    + ")$"
+)
+
+routes = web.RouteTableDef()
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _or_empty(pattern: str) -> str:
+    """``pattern`` for a query parameter, where an empty value means the parameter is absent."""
+    return f"^(?:{pattern.removeprefix('^').removesuffix('$')})?$"
+
+
+def _range(bounds: tuple[int, int]) -> Schema:
+    low, high = bounds
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+_DATE_TIME: Schema = {"type": "string", "format": "date-time"}
+
+# What each field of a job means, and the limits the API enforces on it. Types
+# and nullability come from the dataclass; this only adds to them.
+_JOB_FIELD_DETAILS: dict[str, Schema] = {
+    "id": {"pattern": ULID_PATTERN, "description": "ULID; ids sort by creation time"},
+    "type": {"pattern": TYPE_PATTERN.pattern, "description": "names the executor that runs it"},
+    "queue": {"pattern": QUEUE_PATTERN.pattern},
+    "payload": {"description": "the JSON object the job was created with"},
+    "priority": _range(PRIORITY_RANGE),
+    "attempt": {
+        "minimum": 0,
+        "description": "the attempt running or run last; 0 until a scheduler first claims it",
+    },
+    "max_attempts": _range(MAX_ATTEMPTS_RANGE),
+    "timeout_seconds": _range(TIMEOUT_SECONDS_RANGE),
+    "idempotency_key": {
+        "minLength": 1,
+        "maxLength": IDEMPOTENCY_KEY_MAX,
+        "pattern": IDEMPOTENCY_KEY_PATTERN.pattern,
+    },
+    "run_at": {"description": "when the job is due; after a failed attempt, when the retry is"},
+    "result": {"description": "what the executor returned, once the job has SUCCEEDED"},
+    "last_error": {"description": "the newest entry of errors"},
+    "errors": {"items": _ref("AttemptError"), "description": "one entry per failed attempt"},
+    "scheduled_at": {"description": "when the latest attempt was claimed"},
+    "started_at": {"description": "when the latest attempt started"},
+    "completed_at": {"description": "set only in SUCCEEDED, FAILED and CANCELLED"},
+}
+
+
+def _schema_of_type(hint: Any, where: str) -> Schema:
+    """A JSON schema for one field type of a dataclass, as ``Job.to_json`` renders it."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(members) == len(typing.get_args(hint)) or len(members) != 1:
+            raise TypeError(f"{where}: cannot describe the union {hint!r}")
+        schema = _schema_of_type(members[0], where)
+        return {**schema, "nullable": True} if "type" in schema else schema
+    origin = typing.get_origin(hint) or hint
+    if hint is Any:
+        return {"description": "any JSON value"}
+    if hint is bool:
+        return {"type": "boolean"}
+    if hint is int:
+        return {"type": "integer"}
+    if hint is float:
+        return {"type": "number"}
+    if isinstance(hint, type) and issubclass(hint, JobState):
+        return {"type": "string", "enum": [state.value for state in JobState]}
+    if hint is str:
+        return {"type": "string"}
+    if hint is datetime:
+        return dict(_DATE_TIME)
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        return {"type": "object"}
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return {"type": "array", "items": _schema_of_type(item, where)}
+    raise TypeError(f"{where}: no JSON schema for the type {hint!r}")
+
+
+def job_schema() -> Schema:
+    """Every field ``Job.to_json`` emits, typed from the ``Job`` dataclass."""
+    hints = typing.get_type_hints(Job)
+    properties: dict[str, Schema] = {}
+    for item in dataclasses.fields(Job):
+        schema = _schema_of_type(hints[item.name], f"Job.{item.name}")
+        properties[item.name] = {**schema, **_JOB_FIELD_DETAILS.get(item.name, {})}
+    unknown = sorted(set(_JOB_FIELD_DETAILS) - set(properties))
+    if unknown:
+        raise TypeError(f"details for fields Job does not have: {', '.join(unknown)}")
+    return {
+        "type": "object",
+        "description": "A job as the API shows it. Times are RFC 3339 in UTC.",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def new_job_schema() -> Schema:
+    """The body of ``POST /api/v1/jobs``, with the limits ``parse_new_job`` enforces."""
+    defaults = {item.name: item.default for item in dataclasses.fields(NewJob)}
+    properties: dict[str, Schema] = {
+        "type": {
+            "type": "string",
+            "pattern": TYPE_PATTERN.pattern,
+            "description": "1 to 128 characters: letters, digits and _ . : -, not starting "
+            "with . : or -. It names the executor that runs the job.",
+        },
+        "payload": {
+            "type": "object",
+            "nullable": True,
+            "default": {},
+            "description": "any JSON object (null means {}) without the character U+0000. "
+            "The whole body is limited to API_MAX_BODY_BYTES.",
+        },
+        "queue": {
+            "type": "string",
+            "pattern": QUEUE_PATTERN.pattern,
+            "default": defaults["queue"],
+            "description": "1 to 64 letters, digits, _ or -",
+        },
+        "priority": {
+            **_range(PRIORITY_RANGE),
+            "default": defaults["priority"],
+            "description": "among due jobs, a higher priority is claimed first",
+        },
+        "max_attempts": {
+            **_range(MAX_ATTEMPTS_RANGE),
+            "default": defaults["max_attempts"],
+            "description": "all attempts, the first included",
+        },
+        "run_at": {
+            **_DATE_TIME,
+            "nullable": True,
+            "description": "RFC 3339 with Z or an offset; absent or null means now",
+        },
+        "timeout_seconds": {
+            **_range(TIMEOUT_SECONDS_RANGE),
+            "default": defaults["timeout_seconds"],
+            "description": "the limit for each attempt",
+        },
+        "idempotency_key": {
+            "type": "string",
+            "nullable": True,
+            "minLength": 1,
+            "maxLength": IDEMPOTENCY_KEY_MAX,
+            "pattern": IDEMPOTENCY_KEY_PATTERN.pattern,
+            "description": "unique across all jobs; a repeat answers 200 with the first job. "
+            "No control characters.",
+        },
+    }
+    if set(properties) != CREATE_FIELDS:
+        raise TypeError("the NewJob schema does not list exactly parsing.CREATE_FIELDS")
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": ["type"],
+        "additionalProperties": False,
+    }
+
+
+def _schemas() -> dict[str, Schema]:
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "Job": job_schema(),
+        "NewJob": new_job_schema(),
+        "AttemptError": {
+            "type": "object",
+            "properties": {
+                "attempt": {"type": "integer", "minimum": 1},
+                "error": {"type": "string"},
+                "at": dict(_DATE_TIME),
+            },
+            "required": ["attempt", "error", "at"],
+        },
+        "JobList": {
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "array", "items": _ref("Job")},
+                "next_cursor": {
+                    "type": "string",
+                    "nullable": True,
+                    "pattern": ULID_PATTERN,
+                    "description": "pass as ?cursor= for the next page; null on the last page",
+                },
+            },
+            "required": ["jobs", "next_cursor"],
+            "additionalProperties": False,
+        },
+        "Stats": {
+            "type": "object",
+            "properties": {
+                "jobs": {
+                    "type": "object",
+                    "properties": {state.value: count for state in JobState},
+                    "required": [state.value for state in JobState],
+                    "additionalProperties": False,
+                },
+                "total": count,
+            },
+            "required": ["jobs", "total"],
+            "additionalProperties": False,
+        },
+        "Error": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}},
+            "required": ["error"],
+            "additionalProperties": False,
+        },
+        "Health": {
+            "type": "object",
+            "properties": {"status": {"type": "string", "enum": ["ok"]}},
+            "required": ["status"],
+        },
+        "Ready": {
+            "type": "object",
+            "properties": {
+                "status": {"type": "string", "enum": ["ready", "unavailable"]},
+                "error": {"type": "string", "description": "why, when unavailable"},
+                "checks": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "description": 'postgres, nats and shutdown: "ok" or the reason',
+                },
+            },
+            "required": ["status", "checks"],
+        },
+    }
+
+
+def _json(schema: Schema, description: str) -> Schema:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> Schema:
+    return _json(_ref("Error"), description)
+
+
+_UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
+
+
+def _paths(max_body_bytes: int) -> dict[str, Schema]:
+    job_id = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": f"the job's id (a ULID matching {ULID_PATTERN}); any other value is 404",
+    }
+    low, high = LIMIT_RANGE
+
+    def name_filter(name: str, pattern: str) -> Schema:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "pattern": _or_empty(pattern)},
+            "description": f"exact {name}; an empty value means no filter",
+        }
+
+    return {
+        "/api/v1/jobs": {
+            "post": {
+                "operationId": "createJob",
+                "summary": "Create a job",
+                "requestBody": {
+                    "description": f"at most {max_body_bytes} bytes (API_MAX_BODY_BYTES, "
+                    f"default {ApiSettings.max_body_bytes}), application/json only",
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewJob")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Job"), "a job with this idempotency_key exists: that job"),
+                    "201": _json(_ref("Job"), "created"),
+                    "400": _error("invalid JSON, not an object, unknown field, bad value"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "get": {
+                "operationId": "listJobs",
+                "summary": "List jobs, newest first, with filters and cursor pagination",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "pattern": _or_empty(STATE_ANY_CASE_PATTERN),
+                        },
+                        "description": "one of "
+                        + ", ".join(s.value for s in JobState)
+                        + ", in any letter case; an empty value means no filter",
+                    },
+                    name_filter("type", TYPE_PATTERN.pattern),
+                    name_filter("queue", QUEUE_PATTERN.pattern),
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "anyOf": [
+                                {"type": "integer", "minimum": low, "maximum": high},
+                                {"type": "string", "maxLength": 0},
+                            ]
+                        },
+                        "description": f"page size, {low} to {high}, default {DEFAULT_LIMIT} "
+                        "(also when empty)",
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": _or_empty(ULID_PATTERN)},
+                        "description": "next_cursor of the previous page; an empty value means "
+                        "the first page",
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("JobList"), "a page of jobs"),
+                    "400": _error("an invalid or unknown query parameter"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/{id}": {
+            "parameters": [job_id],
+            "get": {
+                "operationId": "getJob",
+                "summary": "Get one job",
+                "responses": {
+                    "200": _json(_ref("Job"), "the job"),
+                    "404": _error("no job has that id"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "operationId": "cancelJob",
+                "summary": "Cancel a job",
+                "description": "A job that has not started (PENDING, SCHEDULED, RETRYING) is "
+                "CANCELLED at once: 200. For a RUNNING job, cancellation is requested of its "
+                "worker: 202.",
+                "responses": {
+                    "200": _json(_ref("Job"), "the job, now CANCELLED"),
+                    "202": _json(_ref("Job"), "the job is RUNNING; its cancellation is requested"),
+                    "404": _error("no job has that id"),
+                    "409": _error("the job has finished, or changed state during the cancel"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/stats": {
+            "get": {
+                "operationId": "stats",
+                "summary": "Count jobs by state; every state is listed",
+                "responses": {
+                    "200": _json(_ref("Stats"), "the counts"),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness: the process is up",
+                "responses": {"200": _json(_ref("Health"), "up")},
+            }
+        },
+        "/ready": {
+            "get": {
+                "operationId": "ready",
+                "summary": "Readiness: PostgreSQL and NATS answer, and not shutting down",
+                "responses": {
+                    "200": _json(_ref("Ready"), "ready"),
+                    "503": _json(_ref("Ready"), "unavailable; error names the reason"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        DOCUMENT_PATH: {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": _json({"type": "object"}, "the OpenAPI document"),
+                },
+            }
+        },
+    }
+
+
+def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str, Any]:
+    """The whole OpenAPI document, for a server whose body limit is ``max_body_bytes``."""
+    limits = "\n".join(
+        f"- {line}"
+        for line in (
+            f"request body: at most {max_body_bytes} bytes on this server "
+            f"(API_MAX_BODY_BYTES, default {ApiSettings.max_body_bytes}); larger is 413",
+            "request body: application/json only; anything else is 415",
+            f"type: {TYPE_PATTERN.pattern}",
+            f"queue: {QUEUE_PATTERN.pattern}",
+            "priority: {} to {}".format(*PRIORITY_RANGE),
+            "max_attempts: {} to {}".format(*MAX_ATTEMPTS_RANGE),
+            "timeout_seconds: {} to {}".format(*TIMEOUT_SECONDS_RANGE),
+            f"idempotency_key: 1 to {IDEMPOTENCY_KEY_MAX} characters, no control characters",
+            "payload: a JSON object without U+0000",
+            "limit: {} to {}, default {}".format(*LIMIT_RANGE, DEFAULT_LIMIT),
+        )
+    )
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Orchestrix API",
+            "version": "1",
+            "description": "Create jobs, read them back, cancel them.\n\n"
+            'Every error answers JSON {"error": "..."}. An unknown path is 404, a method '
+            "not allowed on a path is 405 with an Allow header, and an unexpected failure "
+            "is 500.\n\nLimits:\n" + limits,
+        },
+        "paths": _paths(max_body_bytes),
+        "components": {"schemas": _schemas()},
+    }
+
+
+@functools.cache
+def _serialized(max_body_bytes: int) -> bytes:
+    return orjson.dumps(build_document(max_body_bytes))
+
+
+@routes.get(DOCUMENT_PATH)
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI document of this API, built once per body limit."""
+    return web.Response(body=_serialized(request.app[MAX_BODY]), content_type="application/json")

@@ -1,0 +1,177 @@
+"""Schemathesis fuzzes the real API process against the document it serves at /openapi.json.
+
+The API runs as its own process (``orchestrix api``) on this run's database, and
+the schema is loaded from its live ``/openapi.json``, so what is checked is what
+the API says about itself. For every documented operation schemathesis sends its
+coverage cases (each limit's boundary values on both sides, missing and extra
+fields, wrong types, undocumented methods) and ``MAX_EXAMPLES`` generated
+requests, valid and invalid ones. Every answer must not be a 5xx and must conform
+to the document: a documented status code, the documented content type, a body
+that matches the schema. Valid requests must be accepted and invalid ones
+refused. The test prints how many cases it sent.
+
+Generation is derandomized with a fixed seed, so the same command sends the same
+requests. Hypothesis also draws from constants it finds in the modules loaded at
+the time, so this file run alone and the whole suite send different (each
+reproducible) requests.
+
+Schemathesis's own pytest integration (``schema.parametrize()``) does not work
+with pytest 9.2 (it sets ``Node._nodeid``, which pytest 9.2 no longer has), so
+each operation's test is built with the same builder that integration uses and
+is run here, one operation after another.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+import requests
+import schemathesis
+from schemathesis import Case
+from schemathesis.config import ProjectConfig
+from schemathesis.core.result import Ok
+from schemathesis.generation import derive_operation_seed
+from schemathesis.generation.hypothesis.builder import (
+    HypothesisTestConfig,
+    HypothesisTestMode,
+    create_test,
+)
+from schemathesis.schemas import APIOperation
+
+from tests.conftest import Servers
+from tests.e2e.harness import System
+
+pytestmark = pytest.mark.timeout(180)
+
+SEED = 20240601
+MAX_EXAMPLES = 500  # per operation, in the fuzzing phase; examples and coverage add their own
+# Every answer: no 5xx, documented status, content type, headers and body; valid
+# requests accepted, invalid ones refused; undocumented methods answered 405.
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "positive_data_acceptance",
+    "negative_data_rejection",
+    "missing_required_header",
+    "unsupported_method",
+)
+MODES = [HypothesisTestMode.EXAMPLES, HypothesisTestMode.COVERAGE, HypothesisTestMode.FUZZING]
+
+
+@dataclass
+class Tally:
+    """What the fuzzer sent, by operation, and what failed."""
+
+    cases: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def count(self, case: Case[Any]) -> None:
+        label = case.operation.label
+        self.cases[label] = self.cases.get(label, 0) + 1
+
+
+@pytest.fixture(scope="module")
+async def api_url(
+    database: str,
+    servers: Servers,
+    session_pool: asyncpg.Pool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[str]:
+    """A real API process, on an empty jobs table so that every run sees the same data."""
+    await session_pool.execute("TRUNCATE jobs")
+    system = System(database, servers.nats_url, tmp_path_factory.mktemp("fuzz"))
+    api = system.start("api")
+    try:
+        await system.ready(api)
+        yield f"http://127.0.0.1:{api.port}"
+    finally:
+        system.stop_all()
+    log = api.log()
+    assert "unhandled error" not in log, log[-5000:]
+
+
+def fuzz(
+    operation: APIOperation[Any, Any, Any, Any], config: ProjectConfig, session: requests.Session
+) -> Tally:
+    tally = Tally()
+
+    def check(case: Case[Any]) -> None:
+        tally.count(case)
+        case.call_and_validate(session=session)
+
+    test = create_test(
+        operation=operation,
+        test_func=check,
+        config=HypothesisTestConfig(
+            project=config,
+            modes=MODES,
+            settings=config.get_hypothesis_settings(operation=operation, phase="fuzzing"),
+            seed=derive_operation_seed(config.seed, operation.label),
+        ),
+    )
+    try:
+        test()
+    except (Exception, BaseExceptionGroup) as exc:  # already shrunk; all are reported at the end
+        tally.failures.append(f"{operation.label}:\n{exc}")
+    return tally
+
+
+def test_api_answers_as_its_document_says(
+    api_url: str, capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None]
+) -> None:
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "base-url": api_url,
+            "generation": {
+                "mode": "all",  # valid requests and invalid ones
+                "max-examples": MAX_EXAMPLES,
+                "deterministic": True,
+                # The API refuses U+0000 anywhere in a payload (jsonb cannot hold it). The
+                # document says so in words, as OAS 3.0 has no way to say it of the keys and
+                # strings at every depth of an object, so valid requests never carry it.
+                # tests/integration/test_api.py checks the refusal.
+                "allow-x00": False,
+                "database": "none",
+            },
+            "checks": {name: {"enabled": True} for name in CHECKS},
+            "request-timeout": 10,
+        }
+    )
+    schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json", config=config)
+    project = schema.config
+    operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
+    documented = {
+        f"{method.upper()} {path}"
+        for path, item in schema.raw_schema["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    # Schemathesis leaves out the operation that serves the document itself.
+    assert {operation.label for operation in operations} == documented - {"GET /openapi.json"}
+
+    started = time.monotonic()
+    results = []
+    with requests.Session() as session:
+        for operation in operations:
+            results.append(fuzz(operation, project, session))
+    elapsed = time.monotonic() - started
+
+    cases = {label: n for result in results for label, n in result.cases.items()}
+    total = sum(cases.values())
+    per_operation = ", ".join(f"{label} {n}" for label, n in cases.items())
+    # The issue asks for the fuzzer's case count: on the terminal and in JUnit XML.
+    record_property("fuzz_cases", total)
+    with capsys.disabled():
+        print(f"\nschemathesis: {total} cases in {elapsed:.1f} s ({per_operation})")
+    failures = [failure for result in results for failure in result.failures]
+    assert failures == [], "\n\n".join(failures)
+    assert total >= MAX_EXAMPLES * 4  # the four operations with inputs draw MAX_EXAMPLES each
