@@ -13,7 +13,12 @@ from orchestrix.states import TERMINAL, JobState
 
 from services.api.errors import ApiError, json_response
 from services.api.keys import LIFECYCLE, METRICS, NATS_SETTINGS, POOL
-from services.api.parsing import parse_list_query, parse_new_job, read_json_object
+from services.api.parsing import (
+    parse_batch,
+    parse_list_query,
+    parse_new_job,
+    read_json_object,
+)
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
@@ -28,6 +33,25 @@ async def create_job(request: web.Request) -> web.Response:
     request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
     log.info("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
     return json_response(job.to_json(), status=201)
+
+
+@routes.post("/api/v1/jobs/batch")
+async def create_jobs(request: web.Request) -> web.Response:
+    """Up to 1,000 jobs in one request and one statement: all are created, or none."""
+    batch = parse_batch(await read_json_object(request))
+    results = await db.insert_many(request.app[POOL], batch)
+    created = request.app[METRICS].jobs_created
+    for job, new in results:
+        if new:
+            created.labels(job.type, job.queue).inc()
+    log.info("jobs created in a batch", extra={"jobs": sum(new for _, new in results)})
+    return json_response(
+        {
+            "jobs": [job.to_json() for job, _ in results],
+            "created": sum(new for _, new in results),
+        },
+        status=201,
+    )
 
 
 @routes.get("/api/v1/jobs")

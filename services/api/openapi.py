@@ -29,6 +29,7 @@ from orchestrix.states import JobState
 
 from services.api.errors import MAX_BODY
 from services.api.parsing import (
+    BATCH_MAX,
     CREATE_FIELDS,
     DEFAULT_LIMIT,
     IDEMPOTENCY_KEY_MAX,
@@ -229,6 +230,35 @@ def _schemas() -> dict[str, Schema]:
             },
             "required": ["attempt", "error", "at"],
         },
+        "NewJobBatch": {
+            "type": "object",
+            "properties": {
+                "jobs": {
+                    "type": "array",
+                    "items": _ref("NewJob"),
+                    "minItems": 1,
+                    "maxItems": BATCH_MAX,
+                    "description": "each job as for a single create; idempotency keys must "
+                    "not repeat within one batch",
+                },
+            },
+            "required": ["jobs"],
+            "additionalProperties": False,
+        },
+        "JobBatch": {
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "array", "items": _ref("Job"), "description": "in request order"},
+                "created": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "how many were new (the rest had an idempotency key "
+                    "used before and are those earlier jobs)",
+                },
+            },
+            "required": ["jobs", "created"],
+            "additionalProperties": False,
+        },
         "JobList": {
             "type": "object",
             "properties": {
@@ -377,6 +407,25 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "200": _json(_ref("JobList"), "a page of jobs"),
                     "400": _error("an invalid or unknown query parameter"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/batch": {
+            "post": {
+                "operationId": "createJobs",
+                "summary": f"Create 1 to {BATCH_MAX} jobs in one request: all or none",
+                "requestBody": {
+                    "description": f"at most {max_body_bytes} bytes (API_MAX_BODY_BYTES), "
+                    "application/json only",
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewJobBatch")}},
+                },
+                "responses": {
+                    "201": _json(_ref("JobBatch"), "every job, created or found by its key"),
+                    "400": _error("a bad batch, or a bad job: the message names it, jobs[i]"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
                     "503": _UNAVAILABLE,
                 },
             },

@@ -51,6 +51,7 @@ CREATE_FIELDS = frozenset(
     }
 )
 LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor"})
+BATCH_MAX = 1000
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -64,6 +65,31 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return data
+
+
+def parse_batch(data: Mapping[str, Any]) -> list[NewJob]:
+    """``{"jobs": [...]}``: 1 to BATCH_MAX jobs, each checked like a single create."""
+    unknown = sorted(set(data) - {"jobs"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+    items = data.get("jobs")
+    if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX:
+        raise ApiError(400, f"jobs must be an array of 1 to {BATCH_MAX} jobs")
+    batch: list[NewJob] = []
+    keys: set[str] = set()
+    for index, item in enumerate(items):
+        try:
+            if not isinstance(item, dict):
+                raise ApiError(400, "must be a JSON object")
+            new = parse_new_job(item)
+            if new.idempotency_key is not None:
+                if new.idempotency_key in keys:
+                    raise ApiError(400, "idempotency_key repeats an earlier job of this batch")
+                keys.add(new.idempotency_key)
+        except ApiError as exc:
+            raise ApiError(exc.status, f"jobs[{index}]: {exc.message}") from None
+        batch.append(new)
+    return batch
 
 
 def parse_new_job(data: Mapping[str, Any]) -> NewJob:

@@ -399,3 +399,70 @@ async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
     )
     assert 'orchestrix_jobs_cancelled_total{queue="emails",type="demo_job"} 1.0' in text
     assert job["id"] not in text
+
+
+async def test_batch_creates_every_job_in_order(api: Api, pool: asyncpg.Pool) -> None:
+    jobs = [{"type": "demo_job", "payload": {"i": i}, "priority": i % 3} for i in range(1000)]
+    jobs[7] |= {"queue": "emails", "run_at": "2030-01-01T00:00:00Z", "idempotency_key": "k7"}
+    status, body, _ = await api.request("POST", "/api/v1/jobs/batch", json={"jobs": jobs})
+    assert status == 201
+    assert body["created"] == 1000
+    assert [job["payload"] for job in body["jobs"]] == [{"i": i} for i in range(1000)]
+    assert body["jobs"][7]["queue"] == "emails"
+    assert body["jobs"][7]["run_at"] == "2030-01-01T00:00:00.000000Z"
+    assert {job["state"] for job in body["jobs"]} == {"PENDING"}
+    assert await count(pool) == 1000
+    status, fetched, _ = await api.request("GET", f"/api/v1/jobs/{body['jobs'][7]['id']}")
+    assert fetched == body["jobs"][7]
+    _, text, _ = await api.request("GET", "/metrics")
+    assert 'orchestrix_jobs_created_total{queue="default",type="demo_job"} 999.0' in text
+
+
+async def test_batch_returns_earlier_jobs_for_used_idempotency_keys(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    first = await create(api, idempotency_key="once")
+    status, body, _ = await api.request(
+        "POST",
+        "/api/v1/jobs/batch",
+        json={"jobs": [{"type": "t", "idempotency_key": "once"}, {"type": "t"}]},
+    )
+    assert status == 201
+    assert body["created"] == 1
+    assert body["jobs"][0] == first
+    assert body["jobs"][1]["type"] == "t"
+    assert await count(pool) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "jobs must be an array of 1 to 1000 jobs"),
+        ({"jobs": []}, "jobs must be an array of 1 to 1000 jobs"),
+        ({"jobs": [{"type": "t"}] * 1001}, "jobs must be an array of 1 to 1000 jobs"),
+        ({"jobs": {"type": "t"}}, "jobs must be an array"),
+        ({"jobs": [{"type": "t"}], "extra": 1}, "unknown field(s): extra"),
+        ({"jobs": [{"type": "t"}, "x"]}, "jobs[1]: must be a JSON object"),
+        (
+            {"jobs": [{"type": "t"}, {"type": "t", "priority": 5000}]},
+            "jobs[1]: priority must be an integer",
+        ),
+        ({"jobs": [{"type": "t"}, {}]}, "jobs[1]: type is required"),
+        (
+            {
+                "jobs": [
+                    {"type": "t", "idempotency_key": "k"},
+                    {"type": "t", "idempotency_key": "k"},
+                ]
+            },
+            "jobs[1]: idempotency_key repeats an earlier job of this batch",
+        ),
+    ],
+)
+async def test_a_bad_batch_is_400_and_writes_nothing(
+    api: Api, pool: asyncpg.Pool, body: dict[str, Any], message: str
+) -> None:
+    status, answer, _ = await api.request("POST", "/api/v1/jobs/batch", json=body)
+    assert status == 400
+    assert message in answer["error"]
+    assert await count(pool) == 0

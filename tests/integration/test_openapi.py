@@ -283,6 +283,12 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "POST", jobs, jobs, 413, data=io.BytesIO(too_big), headers=JSON)
     stats = await responses.call(api, "GET", "/api/v1/stats", "/api/v1/stats", 200)
     assert stats["total"] == 3
+    batch = "/api/v1/jobs/batch"
+    made = await responses.call(
+        api, "POST", batch, batch, 201, json={"jobs": [{"type": "t"}, {"type": "u"}]}
+    )
+    assert made["created"] == 2
+    await responses.call(api, "POST", batch, batch, 400, json={"jobs": []})
     await responses.call(api, "GET", "/health", "/health", 200)
     await responses.call(api, "GET", "/ready", "/ready", 200)
     await responses.call(api, "GET", "/metrics", "/metrics", 200)

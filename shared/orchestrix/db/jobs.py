@@ -70,6 +70,61 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
     raise RuntimeError(f"idempotency key {new.idempotency_key!r} conflicts but has no job")
 
 
+_INSERT_MANY = """
+INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
+                  timeout_seconds, idempotency_key)
+SELECT id, type, queue, payload, priority, max_attempts, COALESCE(run_at, now()),
+       timeout_seconds, idempotency_key
+FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::int[], $6::int[],
+            $7::timestamptz[], $8::int[], $9::text[])
+     AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
+            idempotency_key)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *
+"""
+
+_BY_IDEMPOTENCY_KEYS = "SELECT * FROM jobs WHERE idempotency_key = ANY($1::text[])"
+
+
+async def insert_many(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+    """Create jobs in one statement: all of them or, on error, none.
+
+    Returns each job (in the order given) and whether this call created it: a job
+    whose idempotency key was used before is the earlier job, as with ``insert``.
+    Keys must not repeat within ``batch``.
+    """
+    job_ids = [ids.new_id() for _ in batch]
+    columns = (
+        job_ids,
+        [new.type for new in batch],
+        [new.queue for new in batch],
+        [new.payload for new in batch],
+        [new.priority for new in batch],
+        [new.max_attempts for new in batch],
+        [new.run_at for new in batch],
+        [new.timeout_seconds for new in batch],
+        [new.idempotency_key for new in batch],
+    )
+    created = {row["id"]: Job.from_row(row) for row in await conn.fetch(_INSERT_MANY, *columns)}
+    earlier: dict[str, Job] = {}
+    if len(created) < len(batch):
+        keys = [
+            new.idempotency_key
+            for new, job_id in zip(batch, job_ids, strict=True)
+            if job_id not in created
+        ]
+        for row in await conn.fetch(_BY_IDEMPOTENCY_KEYS, keys):
+            earlier[row["idempotency_key"]] = Job.from_row(row)
+    results: list[tuple[Job, bool]] = []
+    for new, job_id in zip(batch, job_ids, strict=True):
+        if job_id in created:
+            results.append((created[job_id], True))
+        else:
+            assert new.idempotency_key is not None  # only a key can conflict
+            results.append((earlier[new.idempotency_key], False))
+    return results
+
+
 async def get(conn: Conn, job_id: str) -> Job | None:
     row = await conn.fetchrow(_BY_ID, job_id)
     return None if row is None else Job.from_row(row)
