@@ -37,10 +37,10 @@ class Publisher:
 
     async def _one(self, job: Claimed) -> None:
         message = broker.Announcement(job.id, job.attempt)
-        # The message id lets JetStream drop a second publish of the same attempt.
+        # The message id lets JetStream drop a second publish of the same announcement.
         await self._js.publish(
             broker.subject(self._nats, job.queue),
             message.encode(),
             timeout=PUBLISH_TIMEOUT_S,
-            headers={"Nats-Msg-Id": message.msg_id},
+            headers={"Nats-Msg-Id": message.msg_id(job.announced_at)},
         )

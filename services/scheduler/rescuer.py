@@ -35,7 +35,9 @@ class Rescuer:
         rescued = await db.rescue_expired(
             self._pool,
             limit=BATCH,
-            grace_s=0.0,
+            # Half a lease more: a live worker renews every third of a lease, so by
+            # then it has missed at least four renewals in a row.
+            grace_s=self._recovery.lease_timeout_s / 2,
             error=WORKER_LOST,
             base_s=self._retry.retry_base_delay_s,
             max_s=self._retry.retry_max_delay_s,

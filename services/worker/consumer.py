@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from orchestrix import broker, ids
 from orchestrix.backoff import sleep_unless_stopped
 from orchestrix.db import jobs as db
-from orchestrix.db.pool import RETRYABLE
+from orchestrix.db.pool import TRANSIENT
 from orchestrix.executors import JobContext, Registry
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
@@ -147,21 +148,40 @@ class Consumer:
             self._stop(running, Stop.CANCEL)
 
     async def _renew_leases(self) -> None:
-        """Every third of the lease: renew all our jobs' leases in one statement."""
-        while True:
-            await asyncio.sleep(self._lease_s / 3)
-            mine = {job_id: r.job.attempt for job_id, r in self._running.items() if r.stop is None}
-            try:
-                renewal = await db.renew_leases(self._pool, mine, self._lease_s)
-            except Exception as exc:  # a dead beat would let the rescuer take live jobs
-                log.warning("cannot renew leases", extra={"error": repr(exc), "jobs": len(mine)})
-                continue
-            for job_id, reason in [(i, Stop.CANCEL) for i in renewal.cancel] + [
-                (i, Stop.LOST) for i in renewal.lost
-            ]:
-                running = self._running.get(job_id)
-                if running is not None:
-                    self._stop(running, reason)
+        """Every third of the lease: renew all our jobs' leases in one statement.
+
+        On a connection of its own, so that job writes queueing for the pool
+        (after a database outage, say) never hold up the renewal.
+        """
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                await asyncio.sleep(self._lease_s / 3)
+                mine = {i: r.job.attempt for i, r in self._running.items() if r.stop is None}
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self._settings.database.url, timeout=5)
+                    renewal = await db.renew_leases(conn, mine, self._lease_s)
+                except Exception as exc:  # a dead beat would let the rescuer take live jobs
+                    log.warning(
+                        "cannot renew leases", extra={"error": repr(exc), "jobs": len(mine)}
+                    )
+                    if conn is not None:
+                        conn.terminate()
+                        conn = None
+                    continue
+                self._apply(renewal)
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+    def _apply(self, renewal: db.Renewal) -> None:
+        """Stop the jobs a user cancelled, and the ones the rescuer has taken."""
+        stops = [(i, Stop.CANCEL) for i in renewal.cancel] + [(i, Stop.LOST) for i in renewal.lost]
+        for job_id, reason in stops:
+            running = self._running.get(job_id)
+            if running is not None:
+                self._stop(running, reason)
 
     async def _handle(self, message: Msg) -> None:
         try:
@@ -176,7 +196,7 @@ class Consumer:
             return
         try:
             job = await db.start(self._pool, announced.job_id, announced.attempt, self._lease_s)
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             log.warning("cannot start job", extra={"job_id": announced.job_id, "error": repr(exc)})
             await _quietly(message.nak(delay=1.0))
             return
@@ -194,9 +214,12 @@ class Consumer:
             await self._execute(running, message)
         except asyncio.CancelledError:
             await self._stopped(running, message)
+        except Exception:
+            # Unacknowledged and unrenewed: the rescuer takes the job after its lease.
+            log.exception("job handling failed", extra={"job_id": job.id})
         finally:
             heartbeat.cancel()
-            del self._running[job.id]
+            self._running.pop(job.id, None)
 
     async def _execute(self, running: Running, message: Msg) -> None:
         job = running.job
@@ -223,12 +246,14 @@ class Consumer:
             try:
                 await self._completer.record(job, outcome)
                 break
-            except RETRYABLE as exc:
+            except TRANSIENT as exc:
                 log.warning(
                     "cannot record outcome; retrying",
                     extra={"job_id": job.id, "error": repr(exc)},
                 )
                 await asyncio.sleep(WRITE_RETRY_S)
+        # Written: from here on the job is not ours to stop or to lose.
+        self._running.pop(job.id, None)
         await _quietly(message.ack())
 
     async def _stopped(self, running: Running, message: Msg) -> None:
@@ -249,7 +274,7 @@ class Consumer:
                     self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
                     log.warning("job handed back unfinished", extra=extra)
                 await _quietly(message.nak())
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             # Unacknowledged: the lease runs out and the rescuer takes the job.
             log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -49,11 +50,17 @@ class Announcement:
     def encode(self) -> bytes:
         return orjson.dumps({"id": self.job_id, "attempt": self.attempt})
 
-    @property
-    def msg_id(self) -> str:
-        # JetStream drops a second publish with the same id inside the window:
-        # a republished attempt is never stored twice.
-        return f"{self.job_id}:{self.attempt}"
+    def msg_id(self, announced_at: datetime) -> str:
+        """The JetStream message id: job, attempt, and when this announcement was made.
+
+        JetStream drops a second publish with the same id inside its window, so a
+        publish the scheduler retries after an unclear failure is stored once. A
+        republished job has a new ``announced_at``: its new message must not be
+        dropped, since the old one may sit with a dead worker until its ack wait
+        runs out. A duplicate that does get through is harmless (the start is
+        conditional on the state and the attempt).
+        """
+        return f"{self.job_id}:{self.attempt}:{int(announced_at.timestamp() * 1_000_000)}"
 
     @classmethod
     def decode(cls, data: bytes) -> Announcement:

@@ -361,7 +361,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
-    ("LEASE_TIMEOUT", "30s", "a running job whose worker stops renewing it this long is rescued"),
+    ("LEASE_TIMEOUT", "30s", "lease of a running job; rescued half a lease after it runs out"),
     ("REPUBLISH_AFTER", "60s", "a scheduled job not started this long is announced again"),
     ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues and republishes"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from orchestrix.broker import Announcement, consumer_config, stream_config, subject
 from orchestrix.settings import NatsSettings
@@ -8,7 +10,11 @@ from orchestrix.settings import NatsSettings
 def test_announcement_round_trip_and_msg_id() -> None:
     message = Announcement("01KG94QDSXNW96W84543ZG5PY5", 2)
     assert Announcement.decode(message.encode()) == message
-    assert message.msg_id == "01KG94QDSXNW96W84543ZG5PY5:2"
+    announced = datetime(2026, 1, 31, 9, 54, 37, 123456, tzinfo=UTC)
+    assert message.msg_id(announced) == "01KG94QDSXNW96W84543ZG5PY5:2:1769853277123456"
+    # A republish is a new announcement: a new id, which JetStream must not drop.
+    later = announced + timedelta(microseconds=1)
+    assert message.msg_id(later) != message.msg_id(announced)
 
 
 @pytest.mark.parametrize(

@@ -198,7 +198,7 @@ UPDATE jobs
 SET state = 'SCHEDULED', attempt = jobs.attempt + 1, scheduled_at = now(), updated_at = now()
 FROM due
 WHERE jobs.id = due.id
-RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at
+RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at, jobs.scheduled_at
 """
 
 _START = """
@@ -262,6 +262,7 @@ class Claimed:
     id: str
     queue: str
     attempt: int
+    announced_at: datetime  # its scheduled_at: one value per announcement
 
 
 async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
@@ -272,7 +273,7 @@ async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
     """
     rows = await conn.fetch(_CLAIM_DUE, limit)
     rows = sorted(rows, key=lambda r: (-r["priority"], r["run_at"], r["id"]))
-    return [Claimed(row["id"], row["queue"], row["attempt"]) for row in rows]
+    return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
 
 async def start(conn: Conn, job_id: str, attempt: int, lease_s: float) -> Job | None:
@@ -367,7 +368,7 @@ WITH stale AS (
 UPDATE jobs SET scheduled_at = now(), updated_at = now()
 FROM stale
 WHERE jobs.id = stale.id
-RETURNING jobs.id, jobs.queue, jobs.attempt
+RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.scheduled_at
 """
 
 _REQUEST_CANCEL = """
@@ -425,7 +426,7 @@ async def rescue_expired(
 async def due_for_republish(conn: Conn, *, older_than_s: float, limit: int) -> list[Claimed]:
     """Scheduled jobs not started within ``older_than_s`` of their announcement."""
     rows = await conn.fetch(_REPUBLISH_DUE, limit, older_than_s)
-    return [Claimed(row["id"], row["queue"], row["attempt"]) for row in rows]
+    return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
 
 async def request_cancel(conn: Conn, job_id: str) -> Job | None:

@@ -22,6 +22,12 @@ RETRYABLE = (
 )
 
 
+# For a service's own loops, which retry rather than answer anyone: asyncpg also
+# raises InterfaceError (e.g. InternalClientError) for a connection that broke
+# in the middle of an operation.
+TRANSIENT = (*RETRYABLE, asyncpg.InterfaceError)
+
+
 def _encode(value: Any) -> str:
     return orjson.dumps(value).decode()
 

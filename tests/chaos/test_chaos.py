@@ -1,0 +1,92 @@
+"""Chaos runs: jobs keep flowing while workers and schedulers are SIGKILLed and the
+servers restart, and afterwards every job has finished, none was lost, and no
+attempt ran twice at the same time.
+
+The short run is part of ``make test``; ``make chaos`` adds the long one. Set
+``CHAOS_SEED`` to replay a run's schedule of faults and jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.driver import ChaosRun, Plan, describe_plan
+from tests.chaos.servers import ChaosServers
+
+SHORT = Plan(
+    name="short",
+    jobs=600,
+    api_share=0.3,
+    submit_s=15,
+    chaos_s=18,
+    max_sleep_ms=800,
+    schedulers=2,
+    workers=3,
+    worker_concurrency=16,
+    worker_kill_gap_s=(2.5, 4.5),
+    scheduler_kills=("leader",),
+    nats_restarts=("SIGTERM",),
+    postgres_restarts=("fast",),
+    outage_s=(0.5, 1.5),
+    settle_timeout_s=45,
+)
+
+LONG = Plan(
+    name="long",
+    jobs=3000,
+    api_share=0.3,
+    submit_s=85,
+    chaos_s=100,
+    max_sleep_ms=1000,
+    schedulers=2,
+    workers=4,
+    worker_concurrency=16,
+    worker_kill_gap_s=(3.0, 6.0),
+    scheduler_kills=("leader", "follower"),
+    nats_restarts=("SIGTERM", "SIGKILL"),
+    postgres_restarts=("fast", "immediate"),
+    outage_s=(0.5, 3.0),
+    settle_timeout_s=90,
+)
+
+
+def _seed() -> int:
+    """``CHAOS_SEED`` to replay a run, else a new random seed (printed with the report)."""
+    given = os.environ.get("CHAOS_SEED")
+    return int(given) if given else secrets.randbelow(1_000_000)
+
+
+async def _run(plan: Plan, servers: ChaosServers, workdir: Path) -> None:
+    """Run ``plan``, print its report (also kept in ``report.txt``), fail on any problem."""
+    seed = _seed()
+    print(f"\n{describe_plan(plan, seed)}", flush=True)
+    run = ChaosRun(plan, servers, workdir, seed)
+    try:
+        await run.run()
+    finally:
+        await run.stop_services()
+    report, problems = run.report()
+    (workdir / "report.txt").write_text(report + "\n")
+    print(report, flush=True)
+    assert not problems, f"chaos run {plan.name!r} seed {seed}:\n" + "\n\n".join(problems)
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(240)
+async def test_short_chaos_run_loses_and_duplicates_nothing(
+    chaos_servers: ChaosServers, tmp_path: Path
+) -> None:
+    await _run(SHORT, chaos_servers, tmp_path)
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_long_chaos_run_loses_and_duplicates_nothing(
+    chaos_servers: ChaosServers, tmp_path: Path
+) -> None:
+    await _run(LONG, chaos_servers, tmp_path)
