@@ -11,7 +11,7 @@ import logging
 import time
 
 import asyncpg
-from orchestrix.db.pool import RETRYABLE
+from orchestrix.db.pool import TRANSIENT
 
 log = logging.getLogger("scheduler")
 # An arbitrary constant naming Orchestrix's maintenance lock in pg_locks.
@@ -30,12 +30,12 @@ class Leadership:
             try:
                 await self._conn.fetchval("SELECT 1")
                 return True
-            except (*RETRYABLE, asyncpg.InterfaceError):
+            except TRANSIENT:
                 log.warning("maintenance leadership lost with the database connection")
                 await self._drop()
         try:
             conn = await asyncpg.connect(self._url)
-        except RETRYABLE:
+        except TRANSIENT:
             return False
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
             await conn.close()

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 from orchestrix import broker
 from orchestrix.backoff import sleep_unless_stopped
-from orchestrix.db.pool import RETRYABLE
+from orchestrix.db.pool import TRANSIENT
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.settings import Settings
@@ -58,7 +58,7 @@ class Wakeup:
             await self._conn.add_listener(CHANNEL, self._notified)
             # Jobs may have arrived while we were not listening.
             self.event.set()
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             self._conn = None
             log.warning("cannot LISTEN; polling only", extra={"error": repr(exc)})
 
@@ -71,7 +71,7 @@ async def _report_depth(depth: DepthReporter, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await depth.run_once(datetime.now(UTC))
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             log.warning("queue depth not measured", extra={"error": repr(exc)})
         await sleep_unless_stopped(stop, DEPTH_INTERVAL_S)
 
@@ -95,7 +95,7 @@ async def _maintain(
             if time.monotonic() - leadership.since >= lease_s:
                 await rescuer.run_once()
             await republisher.run_once()
-        except RETRYABLE as exc:
+        except TRANSIENT as exc:
             log.warning("maintenance failed; retrying", extra={"error": repr(exc)})
         except Exception as exc:  # NATS errors while republishing; next round tries again
             log.warning("maintenance failed", extra={"error": repr(exc)})

@@ -23,9 +23,9 @@ RETRYABLE = (
 
 
 # For a service's own loops, which retry rather than answer anyone: asyncpg also
-# raises InterfaceError (e.g. InternalClientError) for a connection that broke
-# in the middle of an operation.
-TRANSIENT = (*RETRYABLE, asyncpg.InterfaceError)
+# raises InterfaceError or InternalClientError ("cannot switch to state 12;
+# another operation is in progress") for a connection that broke mid-operation.
+TRANSIENT = (*RETRYABLE, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def _encode(value: Any) -> str:
