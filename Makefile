@@ -51,3 +51,10 @@ clean:
 .PHONY: chaos
 chaos: $(STAMP)
 	$(BIN)/pytest tests/chaos -m chaos -s
+
+## The benchmark (code under bench/): starts its own PostgreSQL and NATS, runs the real
+## services, prints a table and writes bench/results/latest.json (see docs/performance.md).
+## Pass flags with ARGS, e.g. `make bench ARGS=--quick` or `make bench ARGS="--only drain"`.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)

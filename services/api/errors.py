@@ -65,7 +65,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, _http_message(exc, request), headers)
-    except db_pool.RETRYABLE as exc:  # nothing was written; the client may retry
+    except db_pool.TRANSIENT as exc:  # nothing was written; the client may retry
         log.warning("database unavailable", extra={"error": repr(exc), "path": request.path})
         return error_response(503, "the database is unavailable; retry later", {"Retry-After": "1"})
     except Exception:
