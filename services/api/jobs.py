@@ -31,7 +31,7 @@ async def create_job(request: web.Request) -> web.Response:
     if not created:
         return json_response(job.to_json(), status=200)
     request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
-    log.info("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
+    log.debug("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
     return json_response(job.to_json(), status=201)
 
 

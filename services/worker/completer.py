@@ -1,13 +1,16 @@
 """Writes the state an attempt ends in, following the retry policy.
 
 Every write is conditional on the job still being RUNNING this attempt; zero rows
-means someone else moved it first (e.g. a cancel), and that stands.
+means someone else moved it first (e.g. a cancel), and that stands. Successes,
+the common case, are written in batches: one UPDATE for all the jobs of this
+worker that finished while the previous write was in flight.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -18,9 +21,17 @@ from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
 from orchestrix.settings import WorkerSettings
 
+from services.worker.batching import Batcher
 from services.worker.runner import Failure, Outcome, Success
 
+BATCH = 500
+
 log = logging.getLogger("worker")
+
+
+# What a batched success write says of one job: written (True), moved on (False),
+# or refused by PostgreSQL (the reason).
+Refused = str  # PostgreSQL refused this result; the reason
 
 
 class Completer:
@@ -28,24 +39,38 @@ class Completer:
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
+        self._successes: Batcher[tuple[str, int, Any], bool | Refused] = Batcher(
+            self._write_successes, max_size=BATCH
+        )
 
-    async def record(self, job: Job, outcome: Outcome) -> Job | None:
-        """Write the outcome; the job as written, or None when it had moved on."""
+    async def _write_successes(
+        self, outcomes: Sequence[tuple[str, int, Any]]
+    ) -> list[bool | Refused]:
+        try:
+            return list(await db.succeed_many(self._pool, outcomes))
+        except asyncpg.DataError:
+            pass
+        # Some result PostgreSQL will not store (e.g. U+0000 in a string): find it
+        # by writing one at a time, so the others still succeed.
+        results: list[bool | Refused] = []
+        for job_id, attempt, result in outcomes:
+            try:
+                results.append(await db.succeed(self._pool, job_id, attempt, result) is not None)
+            except asyncpg.DataError as exc:
+                results.append(f"InvalidResult: the result cannot be stored: {exc}")
+        return results
+
+    async def record(self, job: Job, outcome: Outcome) -> bool:
+        """Write the outcome; False when the job had moved on and nothing was written."""
         labels = (job.type, job.queue)
         if isinstance(outcome, Success):
-            try:
-                written = await db.succeed(self._pool, job.id, job.attempt, outcome.result)
-            except (asyncpg.DataError, asyncpg.UntranslatableCharacterError) as exc:
-                # JSON that PostgreSQL refuses (e.g. a U+0000 inside a string).
-                outcome = Failure(
-                    f"InvalidResult: the result cannot be stored: {exc}", Kind.PERMANENT
-                )
-            else:
-                if written is not None:
+            written = await self._successes.submit((job.id, job.attempt, outcome.result))
+            if not isinstance(written, str):
+                if written:
                     self._metrics.jobs_succeeded.labels(*labels).inc()
-                    log.info("job succeeded", extra={"job_id": job.id, "attempt": job.attempt})
+                    log.debug("job succeeded", extra={"job_id": job.id, "attempt": job.attempt})
                 return written
-        assert isinstance(outcome, Failure)
+            outcome = Failure(written, Kind.PERMANENT)
         decision = retry.decide(
             outcome.kind,
             attempt=job.attempt,
@@ -56,18 +81,18 @@ class Completer:
         )
         extra = {"job_id": job.id, "attempt": job.attempt, "error": outcome.error}
         if isinstance(decision, retry.Retry):
-            written = await db.retry(
+            retried = await db.retry(
                 self._pool, job.id, job.attempt, outcome.error, decision.delay_s
             )
-            if written is not None:
+            if retried is not None:
                 self._metrics.jobs_retried.labels(*labels).inc()
                 log.warning(
                     "job attempt failed; retrying",
                     extra={**extra, "retry_in_s": round(decision.delay_s, 3)},
                 )
-            return written
-        written = await db.fail(self._pool, job.id, job.attempt, outcome.error)
-        if written is not None:
+            return retried is not None
+        failed = await db.fail(self._pool, job.id, job.attempt, outcome.error)
+        if failed is not None:
             self._metrics.jobs_failed.labels(*labels).inc()
             log.warning("job failed", extra={**extra, "kind": outcome.kind.value})
-        return written
+        return failed is not None

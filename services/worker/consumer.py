@@ -36,6 +36,7 @@ from orchestrix.models import Job
 from orchestrix.settings import Settings
 
 from services.worker import runner
+from services.worker.batching import Batcher
 from services.worker.completer import Completer
 
 log = logging.getLogger("worker")
@@ -79,6 +80,10 @@ class Consumer:
         self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, Running] = {}
+        # Jobs whose messages arrive together move to RUNNING in one UPDATE.
+        self._starts: Batcher[tuple[str, int], Job | None] = Batcher(
+            lambda attempts: db.start_many(self._pool, attempts, self._lease_s), max_size=500
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and run jobs until ``stop``; then drain within the shutdown timeout."""
@@ -195,7 +200,7 @@ class Consumer:
             await _quietly(message.term())
             return
         try:
-            job = await db.start(self._pool, announced.job_id, announced.attempt, self._lease_s)
+            job = await self._starts.submit((announced.job_id, announced.attempt))
         except TRANSIENT as exc:
             log.warning("cannot start job", extra={"job_id": announced.job_id, "error": repr(exc)})
             await _quietly(message.nak(delay=1.0))
@@ -228,7 +233,7 @@ class Consumer:
         self._metrics.start_latency.labels(*labels).observe(
             max(0.0, (started - job.run_at).total_seconds())
         )
-        log.info("job started", extra={"job_id": job.id, "type": job.type, "attempt": job.attempt})
+        log.debug("job started", extra={"job_id": job.id, "type": job.type, "attempt": job.attempt})
         self._metrics.slots_busy.inc()
         clock = time.perf_counter()
         try:

@@ -276,6 +276,49 @@ async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
     return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
 
+_START_MANY = """
+UPDATE jobs
+SET state = 'RUNNING', started_at = now(), updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
+WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state = 'SCHEDULED'
+RETURNING jobs.*
+"""
+
+_SUCCEED_MANY = """
+UPDATE jobs
+SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
+WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state = 'RUNNING'
+RETURNING jobs.id
+"""
+
+
+async def start_many(
+    conn: Conn, attempts: Sequence[tuple[str, int]], lease_s: float
+) -> list[Job | None]:
+    """``start`` for many (job id, attempt) pairs in one statement, results in order."""
+    rows = await conn.fetch(
+        _START_MANY, [a[0] for a in attempts], [a[1] for a in attempts], lease_s
+    )
+    started = {row["id"]: Job.from_row(row) for row in rows}
+    # pop: a duplicate message in the same batch must not start the attempt twice.
+    return [started.pop(job_id, None) for job_id, _ in attempts]
+
+
+async def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, int, Any]]) -> list[bool]:
+    """``succeed`` for many (job id, attempt, result) in one statement: whether each
+    was written (False: the job had moved on)."""
+    rows = await conn.fetch(
+        _SUCCEED_MANY,
+        [o[0] for o in outcomes],
+        [o[1] for o in outcomes],
+        [o[2] for o in outcomes],
+    )
+    written = {row["id"] for row in rows}
+    return [job_id in written for job_id, _, _ in outcomes]
+
+
 async def start(conn: Conn, job_id: str, attempt: int, lease_s: float) -> Job | None:
     """SCHEDULED → RUNNING for this attempt, leased for ``lease_s``; None when the job
     is no longer waiting for this attempt."""
