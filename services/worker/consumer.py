@@ -56,6 +56,7 @@ class Stop(Enum):
 class Running:
     job: Job
     task: asyncio.Task[None]
+    message: Msg
     stop: Stop | None = None
 
 
@@ -153,16 +154,22 @@ class Consumer:
             self._stop(running, Stop.CANCEL)
 
     async def _renew_leases(self) -> None:
-        """Every third of the lease: renew all our jobs' leases in one statement.
+        """The worker's heartbeat, for all its running jobs at once.
 
-        On a connection of its own, so that job writes queueing for the pool
-        (after a database outage, say) never hold up the renewal.
+        Every third of the lease (or of the ack wait, if shorter): tell JetStream
+        each job's message is still in progress, and renew all the leases in one
+        statement, on a connection of its own so that job writes queueing for the
+        pool (after a database outage, say) never hold up the renewal.
         """
         conn: asyncpg.Connection | None = None
+        beat_s = min(self._lease_s, broker.ACK_WAIT_S) / 3
         try:
             while True:
-                await asyncio.sleep(self._lease_s / 3)
-                mine = {i: r.job.attempt for i, r in self._running.items() if r.stop is None}
+                await asyncio.sleep(beat_s)
+                live = [r for r in self._running.values() if r.stop is None]
+                for running in live:
+                    await _quietly(running.message.in_progress())
+                mine = {r.job.id: r.job.attempt for r in live}
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self._settings.database.url, timeout=5)
@@ -212,9 +219,8 @@ class Consumer:
             return
         task = asyncio.current_task()
         assert task is not None
-        running = Running(job, task)
+        running = Running(job, task, message)
         self._running[job.id] = running
-        heartbeat = asyncio.create_task(_keep_alive(message))
         try:
             await self._execute(running, message)
         except asyncio.CancelledError:
@@ -223,7 +229,6 @@ class Consumer:
             # Unacknowledged and unrenewed: the rescuer takes the job after its lease.
             log.exception("job handling failed", extra={"job_id": job.id})
         finally:
-            heartbeat.cancel()
             self._running.pop(job.id, None)
 
     async def _execute(self, running: Running, message: Msg) -> None:
@@ -282,12 +287,6 @@ class Consumer:
         except TRANSIENT as exc:
             # Unacknowledged: the lease runs out and the rescuer takes the job.
             log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
-
-
-async def _keep_alive(message: Msg) -> None:
-    while True:
-        await asyncio.sleep(broker.ACK_WAIT_S / 3)
-        await _quietly(message.in_progress())
 
 
 async def _quietly(call: Any) -> None:

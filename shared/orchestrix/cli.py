@@ -13,8 +13,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from orchestrix import logs, migrate
 from orchestrix.settings import Settings, SettingsError, WorkerSettings, describe
@@ -29,17 +30,27 @@ _NATS = ("NATS_URL", "NATS_STREAM", "NATS_SUBJECT_PREFIX", "NATS_CONSUMER")
 _STATUS = ("METRICS_HOST", "METRICS_PORT")
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service on uvloop (a faster event loop) where it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def _api(args: argparse.Namespace, settings: Settings) -> int:
     from services.api.app import serve
 
-    asyncio.run(serve(settings))
+    _run(serve(settings))
     return 0
 
 
 def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     from services.scheduler.service import serve
 
-    asyncio.run(serve(settings))
+    _run(serve(settings))
     return 0
 
 
@@ -58,7 +69,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError as exc:
         print(f"orchestrix worker: cannot load executors: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings))
+    _run(serve(settings))
     stuck = [t for t in threading.enumerate() if t.name.startswith("executor")]
     if stuck:
         # A plain-function executor that ignores its cancel flag cannot be
