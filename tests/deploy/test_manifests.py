@@ -1,0 +1,478 @@
+"""The Kubernetes manifests of deploy/k8s: valid objects that agree with the code.
+
+Each kustomization (the base and every overlay) is rendered and every object is
+validated against the Kubernetes OpenAPI schemas in strict mode (no unknown
+fields), offline, with the schemas the kubernetes-validate package bundles. The
+KEDA ScaledObject, a custom resource those schemas do not cover, gets field
+checks instead. Then the manifests are checked against the code: every variable
+they pass is one of shared/orchestrix/settings.py and parses there, ports and
+probe paths are the ones the processes serve, grace periods outlast the drain,
+and the stream and consumer KEDA watches are the ones the workers use.
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import kubernetes_validate.utils  # type: ignore[import-untyped]
+import pytest
+from orchestrix import status
+from orchestrix.settings import Settings
+
+from services.api import health
+from tests.deploy.manifests import (
+    DEPLOY,
+    MIGRATE_ARGS,
+    ROOT,
+    SERVICES,
+    TARGETS,
+    VARIABLE_NAMES,
+    Resource,
+    component,
+    environment,
+    generated,
+    load_yaml,
+    named,
+    namespace,
+    of_kind,
+    only_container,
+    orchestrix_workloads,
+    passed_names,
+    pod_spec,
+    port_number,
+    render,
+    selects,
+    settings_of,
+)
+
+# The oldest Kubernetes these manifests claim (PodDisruptionBudget's
+# unhealthyPodEvictionPolicy is on by default from 1.27), and the newest the
+# schemas of kubernetes-validate cover.
+KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+SECRET_VARIABLES = frozenset({"DATABASE_URL", "DB_PASSWORD"})
+KEDA_METADATA = frozenset(
+    {
+        "natsServerMonitoringEndpoint",
+        "account",
+        "stream",
+        "consumer",
+        "lagThreshold",
+        "activationLagThreshold",
+        "useHttps",
+    }
+)
+KEDA_SPEC = frozenset(
+    {
+        "scaleTargetRef",
+        "pollingInterval",
+        "cooldownPeriod",
+        "initialCooldownPeriod",
+        "idleReplicaCount",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "fallback",
+        "advanced",
+        "triggers",
+    }
+)
+# Extra PostgreSQL connections beside the pool (DB_POOL_MAX_SIZE): the scheduler's
+# LISTEN connection (services/scheduler/service.py) and maintenance lock
+# (services/scheduler/leader.py); the worker's lease renewals
+# (services/worker/consumer.py).
+EXTRA_CONNECTIONS = {"api": 0, "scheduler": 2, "worker": 1}
+POSTGRES_RESERVED_CONNECTIONS = 3  # superuser_reserved_connections' default
+
+all_targets = pytest.mark.parametrize("target", list(TARGETS))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _schemas_parsed_once() -> Iterator[None]:
+    """kubernetes-validate parses its schema files (1.2 MB of definitions) on every
+    call; they are only read, so parse each once for this module: 3x faster."""
+    utils = kubernetes_validate.utils
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "schema_contents", functools.cache(utils.schema_contents))
+        yield
+
+
+def _probe(container: dict[str, Any], kind: str) -> tuple[str, int]:
+    probe = container[kind]["httpGet"]
+    return probe["path"], port_number(container, probe["port"])
+
+
+@all_targets
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_is_valid_for_kubernetes(target: str, version: str) -> None:
+    for resource in render(target):
+        if resource["kind"] == "ScaledObject":
+            continue  # a KEDA custom resource: test_keda_scaled_object
+        where = f"{target}: {resource['kind']} {resource['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(resource, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where} is not a valid object for Kubernetes {version}:\n{exc}")
+
+
+def test_strict_validation_rejects_unknown_fields() -> None:
+    """The validation above would catch a misspelt field, not only a wrong type."""
+    deployment = component(render("base"), "worker")
+    broken = {**deployment, "spec": {**deployment["spec"], "terminationGracePeriod": 60}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@all_targets
+def test_the_pieces_are_all_there(target: str) -> None:
+    resources = render(target)
+    kinds = sorted(r["kind"] for r in resources)
+    for name in SERVICES:
+        component(resources, name)
+    component(resources, "migrate")
+    named(resources, "Service", "orchestrix-api")
+    named(resources, "HorizontalPodAutoscaler", "orchestrix-api")
+    generated(resources, "ConfigMap", "orchestrix-config")
+    generated(resources, "Secret", "orchestrix-db")
+    assert kinds.count("PodDisruptionBudget") == 3, kinds
+    if target != "base":
+        assert named(resources, "Namespace", namespace(resources))
+
+
+@all_targets
+def test_settings_passed_exist_in_the_settings_module(target: str) -> None:
+    """No drift: every variable a manifest sets is read by the code, and parses."""
+    resources = render(target)
+    for workload in orchestrix_workloads(resources):
+        container = only_container(workload)
+        unknown = passed_names(container, resources) - VARIABLE_NAMES
+        assert not unknown, (
+            f"{target}: {workload['metadata']['name']} passes {sorted(unknown)}, "
+            "which shared/orchestrix/settings.py does not know"
+        )
+        # Raises SettingsError, naming the variable, for a value the process would refuse.
+        settings_of(resources, workload)
+    for config_map in of_kind(resources, "ConfigMap"):
+        if config_map["metadata"]["name"].startswith("orchestrix-config"):
+            assert set(config_map["data"]) <= VARIABLE_NAMES
+            assert not set(config_map["data"]) & SECRET_VARIABLES, "a password in a ConfigMap"
+
+
+@all_targets
+def test_each_process_runs_its_command_from_one_image(target: str) -> None:
+    resources = render(target)
+    images = set()
+    for name, args in {**SERVICES, "migrate": MIGRATE_ARGS}.items():
+        container = only_container(component(resources, name))
+        assert container["args"] == args
+        assert "command" not in container, "the image's entrypoint is `orchestrix`"
+        images.add(container["image"])
+    assert len(images) == 1, f"the migration and every process must run one image: {images}"
+    expected = {"base": "orchestrix", "local": "orchestrix:local"}
+    if target in expected:
+        assert images == {expected[target]}
+
+
+def test_pods_run_as_the_image_user() -> None:
+    """The uid in the Dockerfile's USER is the one the pods insist on."""
+    user = re.search(r"^USER\s+(\d+):(\d+)\s*$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert user is not None, "the Dockerfile should set a numeric USER uid:gid"
+    uid, gid = int(user.group(1)), int(user.group(2))
+    for workload in orchestrix_workloads(render("base")):
+        context = pod_spec(workload)["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+        container = only_container(workload)["securityContext"]
+        assert container["allowPrivilegeEscalation"] is False
+        assert container["readOnlyRootFilesystem"] is True
+
+
+@all_targets
+def test_probes_check_the_process_and_readiness_its_dependencies(target: str) -> None:
+    resources = render(target)
+    api_paths = {route.path for route in health.routes if hasattr(route, "path")}
+    assert {"/health", "/ready", "/metrics"} <= api_paths
+    for name in SERVICES:
+        workload = component(resources, name)
+        container = only_container(workload)
+        settings = settings_of(resources, workload)
+        port = settings.api.port if name == "api" else settings.metrics.port
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+        # Liveness (and startup, while the process connects): /health, the process only.
+        assert _probe(container, "livenessProbe") == ("/health", port)
+        assert _probe(container, "startupProbe") == ("/health", port)
+        # Readiness: /ready, which checks PostgreSQL and NATS and fails while draining.
+        assert _probe(container, "readinessProbe") == ("/ready", port)
+        # /ready waits up to READY_TIMEOUT_S for PostgreSQL: the probe must wait longer.
+        assert container["readinessProbe"]["timeoutSeconds"] > status.READY_TIMEOUT_S
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@all_targets
+def test_grace_period_outlasts_the_drain(target: str) -> None:
+    resources = render(target)
+    for name in SERVICES:
+        workload = component(resources, name)
+        container = only_container(workload)
+        drain = settings_of(resources, workload).worker.shutdown_timeout_s
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+        command = pre_stop.get("command", [])
+        sleep = float(command[1]) if command[:1] == ["sleep"] else 0.0
+        grace = pod_spec(workload)["terminationGracePeriodSeconds"]
+        assert grace >= sleep + drain + 10, (
+            f"{target}: {name} gets {grace}s to stop, but may take {sleep}s before SIGTERM "
+            f"and {drain}s (SHUTDOWN_TIMEOUT) to drain"
+        )
+
+
+@all_targets
+def test_every_container_requests_resources(target: str) -> None:
+    for workload in (
+        of_kind(render(target), "Deployment")
+        + of_kind(render(target), "StatefulSet")
+        + of_kind(render(target), "Job")
+    ):
+        for container in pod_spec(workload)["containers"]:
+            resources = container.get("resources", {})
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), where
+            assert "memory" in resources.get("limits", {}), where
+
+
+@all_targets
+def test_services_and_budgets_select_the_pods(target: str) -> None:
+    resources = render(target)
+    workloads = of_kind(resources, "Deployment") + of_kind(resources, "StatefulSet")
+    for service in of_kind(resources, "Service"):
+        if service["spec"].get("type") == "ExternalName":
+            continue
+        chosen = [
+            w
+            for w in workloads
+            if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(chosen) == 1, f"Service {service['metadata']['name']} selects {len(chosen)}"
+        container = pod_spec(chosen[0])["containers"][0]
+        for port in service["spec"]["ports"]:
+            port_number(container, port.get("targetPort", port["port"]))
+    for name in SERVICES:
+        deployment = component(resources, name)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        budgets = [
+            pdb
+            for pdb in of_kind(resources, "PodDisruptionBudget")
+            if selects(pdb["spec"]["selector"]["matchLabels"], labels)
+        ]
+        assert len(budgets) == 1, f"{name}: {len(budgets)} PodDisruptionBudgets"
+        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+
+
+@all_targets
+def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(target: str) -> None:
+    resources = render(target)
+    hpa = named(resources, "HorizontalPodAutoscaler", "orchestrix-api")
+    target_ref = hpa["spec"]["scaleTargetRef"]
+    api = named(resources, target_ref["kind"], target_ref["name"])
+    assert api is component(resources, "api")
+    assert "replicas" not in api["spec"], "the HPA owns the API's replica count"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    # Utilization is measured against the request.
+    assert "cpu" in only_container(api)["resources"]["requests"]
+    worker = component(resources, "worker")
+    if of_kind(resources, "ScaledObject"):
+        assert "replicas" not in worker["spec"], "KEDA owns the workers' replica count"
+    elif target != "base":
+        assert worker["spec"]["replicas"] >= 1
+
+
+def test_keda_scaled_object() -> None:
+    resources = render("production")
+    (scaled,) = of_kind(resources, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    assert set(spec) <= KEDA_SPEC, f"unknown ScaledObject fields {set(spec) - KEDA_SPEC}"
+    reference = spec["scaleTargetRef"]
+    worker = component(resources, "worker")
+    assert reference.get("kind", "Deployment") == "Deployment"
+    assert reference.get("apiVersion", "apps/v1") == "apps/v1"
+    assert reference["name"] == worker["metadata"]["name"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert isinstance(spec["pollingInterval"], int)
+
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    metadata = trigger["metadata"]
+    assert set(metadata) <= KEDA_METADATA, f"unknown metadata {set(metadata) - KEDA_METADATA}"
+    assert {"natsServerMonitoringEndpoint", "account", "stream", "consumer"} <= set(metadata)
+    # KEDA's metadata is a map of strings: a YAML number there is refused by the CRD.
+    assert all(isinstance(value, str) for value in metadata.values()), metadata
+    assert int(metadata["lagThreshold"]) > 0
+    assert int(metadata.get("activationLagThreshold", "0")) >= 0
+    assert metadata.get("useHttps", "false") in ("true", "false")
+
+    # The stream and durable consumer the workers really use.
+    settings = settings_of(resources, worker)
+    assert metadata["stream"] == settings.nats.stream
+    assert metadata["consumer"] == settings.nats.consumer
+    # One slot per message waiting or running (lag = num_pending + num_ack_pending).
+    assert int(metadata["lagThreshold"]) == settings.worker.concurrency
+
+    # The monitoring port of the `nats` Service, in this namespace.
+    host, _, port = metadata["natsServerMonitoringEndpoint"].rpartition(":")
+    nats_host = urlsplit(settings.nats.url).hostname
+    assert host == f"{nats_host}.{namespace(resources)}.svc.cluster.local"
+    nats = named(resources, "Service", str(nats_host))
+    ports = {p["name"]: p["port"] for p in nats["spec"]["ports"]}
+    assert int(port) == ports["monitoring"] == 8222
+
+    # The scaling behaviour is an HPA's: validate it as one.
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    as_hpa: Resource = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "keda-hpa-check"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"},
+            "maxReplicas": spec["maxReplicaCount"],
+            "behavior": behavior,
+        },
+    }
+    kubernetes_validate.validate(as_hpa, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@all_targets
+def test_dependencies_are_the_services_the_settings_name(target: str) -> None:
+    resources = render(target)
+    settings = settings_of(resources, component(resources, "api"))
+    env = environment(resources, only_container(component(resources, "api")))
+    postgres = named(resources, "Service", env["DB_HOST"])
+    assert [p["port"] for p in postgres["spec"]["ports"]] == [int(env.get("DB_PORT", "5432"))]
+    nats_url = urlsplit(settings.nats.url)
+    nats = named(resources, "Service", str(nats_url.hostname))
+    assert {p["name"]: p["port"] for p in nats["spec"]["ports"]} == {
+        "client": nats_url.port or 4222,
+        "monitoring": 8222,
+    }
+    for service in (postgres, nats):
+        assert service["spec"]["type"] == "ExternalName"
+        external = service["spec"]["externalName"]
+        if target == "base":
+            assert external.endswith(".invalid"), "the base only has placeholders"
+        else:
+            assert not external.endswith(".invalid"), f"{target} must say where it is"
+
+
+def test_local_overlay_runs_its_own_servers() -> None:
+    resources = render("local")
+    space = namespace(resources)
+    compose = load_yaml(ROOT / "docker-compose.yml")["services"]
+    for alias, server in (("postgres", "postgres-local"), ("nats", "nats-local")):
+        external = named(resources, "Service", alias)
+        assert external["spec"]["externalName"] == f"{server}.{space}.svc.cluster.local"
+        service = named(resources, "Service", server)
+        assert [p["port"] for p in service["spec"]["ports"]] == [
+            p["port"] for p in external["spec"]["ports"]
+        ]
+        statefulset = named(resources, "StatefulSet", server)
+        container = only_container(statefulset)
+        assert container["image"] == compose[alias]["image"], "the same server as compose"
+
+    # The local PostgreSQL's user, database and password are the processes' ones.
+    api_env = environment(resources, only_container(component(resources, "api")))
+    postgres_env = environment(
+        resources, only_container(named(resources, "StatefulSet", "postgres-local"))
+    )
+    assert postgres_env["POSTGRES_USER"] == api_env["DB_USER"]
+    assert postgres_env["POSTGRES_DB"] == api_env["DB_NAME"]
+    assert postgres_env["POSTGRES_PASSWORD"] == api_env["DB_PASSWORD"]
+    assert api_env["DB_PASSWORD"] != "CHANGE-ME"
+    assert Settings.from_env(api_env).database.url.endswith("sslmode=disable")
+
+
+def _nats_settings(text: str) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_local_nats_is_configured_like_compose() -> None:
+    resources = render("local")
+    compose_conf = (DEPLOY / "nats" / "nats.conf").read_text()
+    (config,) = [
+        c for c in of_kind(resources, "ConfigMap") if c["metadata"]["name"].startswith("nats-local")
+    ]
+    (local_conf,) = config["data"].values()
+    assert _nats_settings(local_conf) == _nats_settings(compose_conf)
+    settings = _nats_settings(local_conf)
+    assert "sync_interval: always" in settings
+    assert "http_port: 8222" in settings
+    container = only_container(named(resources, "StatefulSet", "nats-local"))
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    (key,) = config["data"]
+    assert container["args"][-1] == f"{mount['mountPath']}/{key}"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"client": 4222, "monitoring": 8222}
+    store = next(line for line in settings if line.startswith("store_dir"))
+    assert any(m["mountPath"] == store.split(":", 1)[1].strip() for m in container["volumeMounts"])
+
+
+def _max_replicas(resources: list[Resource], name: str) -> int:
+    workload = component(resources, name)
+    for hpa in of_kind(resources, "HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]:
+            return int(hpa["spec"]["maxReplicas"])
+    for scaled in of_kind(resources, "ScaledObject"):
+        if scaled["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]:
+            return int(scaled["spec"]["maxReplicaCount"])
+    return int(workload["spec"]["replicas"])
+
+
+def connection_budget(resources: list[Resource]) -> int:
+    """PostgreSQL connections of every Orchestrix process at the largest scale."""
+    total = 1  # the migration Job: one connection, no pool
+    for name in SERVICES:
+        pool = settings_of(resources, component(resources, name)).database.pool_max_size
+        total += _max_replicas(resources, name) * (pool + EXTRA_CONNECTIONS[name])
+    return total
+
+
+def test_local_postgres_has_room_for_every_process() -> None:
+    resources = render("local")
+    container = only_container(named(resources, "StatefulSet", "postgres-local"))
+    options = configparser.ConfigParser()
+    options.read_string("[postgres]\n" + "\n".join(container["args"][1::2]))
+    allowed = int(options["postgres"]["max_connections"])
+    budget = connection_budget(resources)
+    assert budget <= allowed - POSTGRES_RESERVED_CONNECTIONS, (
+        f"at full scale the processes open {budget} connections; the local "
+        f"PostgreSQL allows {allowed}"
+    )
+
+
+def test_production_connection_budget_is_documented() -> None:
+    """docs/deploy.md states the production overlay's budget: keep it true."""
+    budget = connection_budget(render("production"))
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"**{budget}** connections" in text, f"docs/deploy.md should state {budget}"
+
+
+def test_migration_job() -> None:
+    for target in TARGETS:
+        job = component(render(target), "migrate")
+        spec = job["spec"]
+        assert pod_spec(job)["restartPolicy"] == "Never"
+        assert spec["backoffLimit"] >= 3, "retry while PostgreSQL comes up"
+        assert spec["ttlSecondsAfterFinished"] > 0, "a finished Job blocks the next image"
+
+
+def test_secrets_hold_only_credentials() -> None:
+    for target in TARGETS:
+        secret = generated(render(target), "Secret", "orchestrix-db")
+        assert set(secret["data"]) <= SECRET_VARIABLES
+    local = environment(render("local"), only_container(component(render("local"), "worker")))
+    assert local["DB_PASSWORD"] == "orchestrix-local"
