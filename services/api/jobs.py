@@ -22,6 +22,9 @@ from services.api.parsing import (
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
+# Any id but "batch", which is its own resource: a 405 on /api/v1/jobs/batch must
+# not advertise this route's GET and DELETE in its Allow header.
+JOB_PATH = r"/api/v1/jobs/{id:(?!batch/?$)[^{}/]+}"
 
 
 @routes.post("/api/v1/jobs")
@@ -63,12 +66,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/api/v1/jobs/{id}")
+@routes.get(JOB_PATH)
 async def get_job(request: web.Request) -> web.Response:
     return json_response((await _existing(request)).to_json())
 
 
-@routes.delete("/api/v1/jobs/{id}")
+@routes.delete(JOB_PATH)
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     cancelled = await db.cancel(request.app[POOL], job_id) if ids.is_valid(job_id) else None

@@ -238,8 +238,9 @@ def _schemas() -> dict[str, Schema]:
                     "items": _ref("NewJob"),
                     "minItems": 1,
                     "maxItems": BATCH_MAX,
-                    "description": "each job as for a single create; idempotency keys must "
-                    "not repeat within one batch",
+                    "description": "each job as for a single create; a job whose "
+                    "idempotency_key was used before, in the table or earlier in the batch, "
+                    "is that earlier job",
                 },
             },
             "required": ["jobs"],

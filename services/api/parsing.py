@@ -33,6 +33,8 @@ IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{IDEMPOTENCY_KEY_MA
 LIMIT_RANGE = (1, 1000)
 DEFAULT_LIMIT = 10
 _DECIMAL = re.compile(r"-?[0-9]{1,18}")
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC)
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$",
     re.IGNORECASE | re.ASCII,
@@ -76,16 +78,11 @@ def parse_batch(data: Mapping[str, Any]) -> list[NewJob]:
     if not isinstance(items, list) or not 1 <= len(items) <= BATCH_MAX:
         raise ApiError(400, f"jobs must be an array of 1 to {BATCH_MAX} jobs")
     batch: list[NewJob] = []
-    keys: set[str] = set()
     for index, item in enumerate(items):
         try:
             if not isinstance(item, dict):
                 raise ApiError(400, "must be a JSON object")
             new = parse_new_job(item)
-            if new.idempotency_key is not None:
-                if new.idempotency_key in keys:
-                    raise ApiError(400, "idempotency_key repeats an earlier job of this batch")
-                keys.add(new.idempotency_key)
         except ApiError as exc:
             raise ApiError(exc.status, f"jobs[{index}]: {exc.message}") from None
         batch.append(new)
@@ -175,10 +172,16 @@ def _optional_time(field: str, value: Any) -> datetime | None:
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ApiError(400, f"{field} must be an RFC 3339 time such as 2026-01-31T09:54:37Z")
     try:
-        # In UTC, as it is stored and shown: an offset must not move it out of years 1-9999.
-        return datetime.fromisoformat(value.upper()).astimezone(UTC)
-    except (ValueError, OverflowError):
+        moment = datetime.fromisoformat(value.upper())
+    except ValueError:
         raise ApiError(400, f"{field} is not a valid date and time: {value}") from None
+    try:
+        return moment.astimezone(UTC)  # stored and shown in UTC
+    except OverflowError:
+        # An offset moved it past year 1 or 9999 in UTC: a time near that edge stands
+        # in (either way, "long ago" or "far ahead"). Not datetime.min/max exactly:
+        # asyncpg stores those as -infinity/infinity.
+        return _EARLIEST if moment.year == 1 else _LATEST
 
 
 def _idempotency_key(value: Any) -> str | None:

@@ -126,7 +126,7 @@ async def _is_ready(port: int) -> bool:
             ) as response,
         ):
             return response.status == 200
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, TimeoutError):  # not up yet, or too busy to answer in time
         return False
 
 

@@ -90,9 +90,30 @@ async def insert_many(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job, bo
     """Create jobs in one statement: all of them or, on error, none.
 
     Returns each job (in the order given) and whether this call created it: a job
-    whose idempotency key was used before is the earlier job, as with ``insert``.
-    Keys must not repeat within ``batch``.
+    whose idempotency key was used before, in the table or earlier in ``batch``, is
+    that earlier job, as with ``insert``.
     """
+    firsts: dict[str, NewJob] = {}
+    for new in batch:
+        if new.idempotency_key is not None:
+            firsts.setdefault(new.idempotency_key, new)
+    # A key repeated within the batch is inserted once, with its first job's fields.
+    batch_in = [n for n in batch if n.idempotency_key is None or firsts[n.idempotency_key] is n]
+    results_in = await _insert_unique(conn, batch_in)
+    by_key = {
+        new.idempotency_key: job
+        for new, (job, _) in zip(batch_in, results_in, strict=True)
+        if new.idempotency_key is not None
+    }
+    by_new = {id(new): result for new, result in zip(batch_in, results_in, strict=True)}
+    return [
+        by_new[id(new)] if id(new) in by_new else (by_key[new.idempotency_key or ""], False)
+        for new in batch
+    ]
+
+
+async def _insert_unique(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+    """``insert_many`` for a batch whose idempotency keys do not repeat."""
     job_ids = [ids.new_id() for _ in batch]
     columns = (
         job_ids,
