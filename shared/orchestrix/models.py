@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrix.states import JobState
@@ -105,4 +105,8 @@ class Job:
 def rfc3339(moment: datetime | None) -> str | None:
     if moment is None:
         return None
+    if moment.tzinfo is None:
+        # asyncpg reads timestamptz -infinity / infinity (what it writes for
+        # datetime.min / max, e.g. a run_at of 0001-01-01T00:00:00Z) as naive values.
+        moment = moment.replace(tzinfo=UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

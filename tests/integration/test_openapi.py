@@ -189,6 +189,9 @@ def test_empty_list_filters_mean_no_filter() -> None:
     [
         ("0001-01-01T00:00:00+01:00", "0001-01-02T00:00:00.000000Z"),
         ("9999-12-31T23:59:59-01:00", "9999-12-31T00:00:00.000000Z"),
+        # The edges themselves, which asyncpg stores as -infinity / infinity.
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000000Z"),
+        ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999Z"),
     ],
 )
 async def test_run_at_an_offset_moves_past_years_1_to_9999_is_clamped(
