@@ -1,0 +1,106 @@
+"""The sizes a run uses (full or ``--quick``) and the context every phase receives."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.infra import Databases, Servers, ServiceReport, Stack, checkpoint
+
+PHASES = ("drain", "claim", "latency", "api", "sustained", "ceiling")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every size and duration of a run; ``full()`` and ``quick()`` are the two presets."""
+
+    quick: bool
+    jobs: int
+    drain_workers: tuple[int, ...] = (1, 2, 4)
+    drain_rounds: int = 2
+    worker_concurrency: int | None = None  # None: the engine's default (WORKER_CONCURRENCY)
+    finished_rows: int = 1_000_000
+    claim_rounds: int = 2
+    latency_rate: float = 100.0
+    latency_duration_s: float = 10.0
+    api_clients: int = 50
+    api_duration_s: float = 10.0
+    api_warmup_s: float = 1.0
+    bulk_clients: int = 4
+    bulk_size: int = 1000
+    sustained_workers: int = 2
+    sustained_rates: tuple[float, ...] = (250, 500, 1000, 2000, 4000, 8000, 16000)
+    sustained_step_s: float = 8.0
+    sustained_refine: int = 2  # bisection steps between the last held and the first failed rate
+    ceiling_jobs: int = 100_000
+    ceiling_batch: int = 500
+    ceiling_connections: int = 4  # per process
+    insert_single: int = 20_000
+    insert_single_connections: int = 10  # the API's default pool size
+    insert_bulk: int = 200_000
+    phase_timeout_s: float = 900.0
+
+    @classmethod
+    def full(cls, jobs: int) -> Options:
+        return cls(quick=False, jobs=jobs)
+
+    @classmethod
+    def quick_preset(cls, jobs: int | None) -> Options:
+        return cls(
+            quick=True,
+            jobs=jobs or 500,
+            drain_rounds=1,
+            finished_rows=10_000,
+            claim_rounds=1,
+            latency_rate=50.0,
+            latency_duration_s=1.0,
+            api_clients=20,
+            api_duration_s=1.0,
+            api_warmup_s=0.2,
+            bulk_clients=2,
+            bulk_size=100,
+            sustained_rates=(25, 50),
+            sustained_step_s=1.0,
+            sustained_refine=0,
+            ceiling_jobs=2_000,
+            insert_single=500,
+            insert_bulk=5_000,
+            phase_timeout_s=120.0,
+        )
+
+
+@dataclass
+class Context:
+    options: Options
+    servers: Servers
+    databases: Databases
+    workdir: Path
+    # (phase, report) for every service process the run started.
+    service_reports: list[tuple[str, ServiceReport]] = field(default_factory=list)
+
+    def service_env(self) -> dict[str, str]:
+        if self.options.worker_concurrency is None:
+            return {}
+        return {"WORKER_CONCURRENCY": str(self.options.worker_concurrency)}
+
+    @contextlib.asynccontextmanager
+    async def database(self, label: str) -> AsyncIterator[str]:
+        """A fresh migrated database for one phase, checkpointed, dropped afterwards."""
+        url = await self.databases.fresh(label)
+        try:
+            await checkpoint(url)
+            yield url
+        finally:
+            await self.databases.drop(url)
+
+    @contextlib.asynccontextmanager
+    async def stack(self, phase: str, label: str, db_url: str) -> AsyncIterator[Stack]:
+        """Service processes for one measurement; stopped (and their use recorded) afterwards."""
+        stack = Stack(self.servers, db_url, self.workdir, label, self.service_env())
+        try:
+            yield stack
+        finally:
+            for report in await stack.stop():
+                self.service_reports.append((phase, report))

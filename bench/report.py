@@ -1,0 +1,536 @@
+"""The machine the run was on, the headline figures, the table, and the JSON file.
+
+The table puts each Orchestrix figure beside its target, the peers measured on
+the same machine (given in the issue, not re-measured here) and the ceiling
+measured in this run, so every figure has its limit beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import orchestrix
+import orjson
+import psutil
+from orchestrix.settings import Settings
+
+from bench.infra import Servers, ServiceReport
+
+# Measured on this machine (2 cores) by the issue's authors; printed for context.
+PEERS = {
+    "drain_1": "Procrastinate ~550, PgQueuer ~9,900",
+    "drain_2": "Procrastinate ~730, PgQueuer ~12,500",
+    "latency": "p50/p99: Procrastinate 3.8/4.9, PgQueuer 2.1/3.3",
+    "api_single": "Procrastinate ~2,000, PgQueuer ~2,400",
+    "api_bulk": "Procrastinate ~15,000, PgQueuer ~61,000",
+    "ceiling": "raw asyncpg ~40,000 (1 proc), ~55-65k (2 procs); "
+    "INSERT ~7,700/s, unnest ~130,000/s, COPY ~257,000/s",
+}
+TARGETS = {
+    "drain_1": 8_000.0,
+    "drain_2": 12_500.0,
+    "latency_p50_ms": 2.0,
+    "latency_p99_ms": 5.0,
+    "api_single": 3_000.0,
+    "api_bulk": 50_000.0,
+    "claim_within": 0.20,
+    "rss_worker_mib": 80.0,
+}
+
+
+# --- the machine ---------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git(root: Path) -> dict[str, Any]:
+    """The commit of the engine code the services import, and how many files differ from it."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = run("rev-parse", "HEAD")
+        if commit:
+            changed = [line for line in run("status", "--porcelain").splitlines() if line]
+            return {"commit": commit, "uncommitted_changes": len(changed)}
+    return {"commit": None, "uncommitted_changes": None}
+
+
+def engine_root() -> Path:
+    """Where the ``orchestrix`` package the services run comes from (its checkout)."""
+    return Path(orchestrix.__file__).resolve().parents[2]
+
+
+async def machine_info(servers: Servers) -> dict[str, Any]:
+    memory = psutil.virtual_memory().total
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(memory / 1024**3, 1),
+        "os": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "engine_source": str(engine_root()),
+        "git": _git(engine_root()),
+        "servers": "embedded (started by the benchmark)"
+        if len(servers.embedded) == 2
+        else "given by URL" + (" (one embedded)" if servers.embedded else ""),
+    }
+    conn = await asyncpg.connect(servers.admin_url)
+    try:
+        info["postgresql"] = await conn.fetchval("SHOW server_version")
+        info["postgresql_settings"] = {
+            name: await conn.fetchval(f"SHOW {name}")
+            for name in (
+                "shared_buffers",
+                "synchronous_commit",
+                "fsync",
+                "max_connections",
+                "max_wal_size",
+            )
+        }
+    finally:
+        await conn.close()
+    nc = await nats.connect(servers.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        version = nc.connected_server_version
+        info["nats_server"] = f"{version.major}.{version.minor}.{version.patch}"
+    finally:
+        await nc.close()
+    return info
+
+
+def engine_config(env: dict[str, str]) -> dict[str, Any]:
+    """The service settings the run used: defaults unless the benchmark's flags changed them."""
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://x/y", **env})
+    return {
+        "WORKER_CONCURRENCY": settings.worker.concurrency,
+        "SCHEDULER_BATCH_SIZE": settings.scheduler.batch_size,
+        "SCHEDULER_POLL_INTERVAL_s": settings.scheduler.poll_interval_s,
+        "DB_POOL_MAX_SIZE": settings.database.pool_max_size,
+        "LOG_LEVEL": "warning",
+    }
+
+
+# --- memory ---------------------------------------------------------------------
+
+
+def rss_section(reports: list[tuple[str, ServiceReport]]) -> dict[str, Any]:
+    peaks: dict[str, float] = {}
+    for _, report in reports:
+        if report.peak_rss_mib is not None:
+            peaks[report.role] = max(peaks.get(report.role, 0.0), report.peak_rss_mib)
+    return {
+        "peak_mib": peaks,
+        "processes": [
+            {"phase": phase, "name": r.name, "peak_rss_mib": r.peak_rss_mib, "cpu_s": r.cpu_s}
+            for phase, r in reports
+        ],
+    }
+
+
+# --- headline figures -----------------------------------------------------------
+
+
+def summary(results: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the table shows, flat; a phase that did not run adds nothing."""
+    out: dict[str, float | None] = {}
+    drain = results.get("drain", {})
+    for run in drain.get("runs", []):
+        out[f"drain_{run['workers']}w_jobs_per_s"] = run["jobs_per_s"]
+    sustained = results.get("sustained", {})
+    if "held_rate" in sustained:
+        out["sustained_held_rate"] = sustained["held_rate"]
+        out["sustained_held_offered_rate"] = sustained["held_offered_rate"]
+    latency = results.get("latency", {})
+    for key, name in (("create_to_start_ms", "start"), ("create_to_finish_ms", "finish")):
+        for p in ("p50", "p95", "p99"):
+            if key in latency:
+                out[f"latency_{name}_{p}_ms"] = latency[key][p]
+    api = results.get("api", {})
+    if "single" in api:
+        out["api_single_jobs_per_s"] = api["single"]["jobs_per_s"]
+        out["api_bulk_jobs_per_s"] = api["bulk"]["jobs_per_s"]
+    claim = results.get("claim", {})
+    if "full" in claim:
+        out["claim_empty_drain_jobs_per_s"] = claim["empty"]["drain"]["jobs_per_s"]
+        out["claim_full_drain_jobs_per_s"] = claim["full"]["drain"]["jobs_per_s"]
+        out["claim_empty_ms"] = claim["empty"]["claim"]["ms_min"]
+        out["claim_full_ms"] = claim["full"]["claim"]["ms_min"]
+        if claim.get("claim_curve"):
+            out["claim_worst_ms"] = max(p["ms_min"] for p in claim["claim_curve"])
+    for role, mib in results.get("rss", {}).get("peak_mib", {}).items():
+        out[f"rss_{role}_mib"] = mib
+    ceiling = results.get("ceiling", {})
+    for run in ceiling.get("claim_complete", []):
+        out[f"ceiling_{run['processes']}p_jobs_per_s"] = run["jobs_per_s"]
+    for kind, figures in ceiling.get("inserts", {}).items():
+        out[f"insert_{kind}_rows_per_s"] = figures["rows_per_s"]
+    return out
+
+
+# --- the table ------------------------------------------------------------------
+
+
+def _n(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}{unit}"
+
+
+def _rows(count: int) -> str:
+    if count >= 1_000_000 and count % 1_000_000 == 0:
+        return f"{count // 1_000_000}M"
+    if count >= 1000 and count % 1000 == 0:
+        return f"{count // 1000}k"
+    return str(count)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "" if ok is None else (" (met)" if ok else " (missed)")
+
+
+def _at_least(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
+
+
+def table(results: dict[str, Any]) -> str:
+    s = results.get("summary", {})
+    meta = results.get("meta", {})
+    jobs = meta.get("options", {}).get("jobs", 0)
+    rows: list[tuple[str, str, str, str, str]] = []
+    c1, c2 = s.get("ceiling_1p_jobs_per_s"), s.get("ceiling_2p_jobs_per_s")
+    ceiling_1 = f"raw claim+complete, 1 proc: {_n(c1)}" if c1 else "-"
+    ceiling_2 = f"raw claim+complete, 2 procs: {_n(c2)}" if c2 else "-"
+
+    drained = [run["workers"] for run in results.get("drain", {}).get("runs", [])]
+    drain_rounds = results.get("drain", {}).get("rounds", 1)
+    best_of = f", best of {drain_rounds}" if drain_rounds > 1 else ""
+    for workers in drained:
+        value = s.get(f"drain_{workers}w_jobs_per_s")
+        target = TARGETS.get(f"drain_{workers}")
+        rows.append(
+            (
+                f"Drain {jobs:,} jobs, {workers} worker{'s' if workers > 1 else ''}"
+                f"{best_of} (jobs/s)",
+                _n(value),
+                f">= {_n(target)}{_verdict(_at_least(value, target))}" if target else "-",
+                PEERS.get(f"drain_{workers}", "-"),
+                ceiling_1 if workers == 1 else ceiling_2,
+            )
+        )
+    if "sustained_held_rate" in s:
+        sustained = results.get("sustained", {})
+        rows.append(
+            (
+                f"Sustained over the API, 1 sched + {sustained.get('workers')} workers (jobs/s)",
+                f"{_n(s['sustained_held_rate'])} held "
+                f"(offered {_n(s['sustained_held_offered_rate'])}/s)",
+                "-",
+                "-",
+                f"first rate not held: {_n(sustained.get('first_failed_rate'))}",
+            )
+        )
+    if "latency_start_p50_ms" in s:
+        rate = results.get("latency", {}).get("rate", 0)
+        rows.append(
+            (
+                f"Latency at {rate:g} jobs/s, create->start p50/p95/p99 (ms)",
+                " / ".join(_ms(s.get(f"latency_start_{p}_ms")) for p in ("p50", "p95", "p99")),
+                "-",
+                "-",
+                "-",
+            )
+        )
+        p50, p99 = s.get("latency_finish_p50_ms"), s.get("latency_finish_p99_ms")
+        ok = (
+            None
+            if p50 is None or p99 is None
+            else (p50 <= TARGETS["latency_p50_ms"] and p99 <= TARGETS["latency_p99_ms"])
+        )
+        rows.append(
+            (
+                f"Latency at {rate:g} jobs/s, create->finish p50/p95/p99 (ms)",
+                " / ".join(_ms(s.get(f"latency_finish_{p}_ms")) for p in ("p50", "p95", "p99")),
+                f"p50 <= 2, p99 <= 5{_verdict(ok)}",
+                PEERS["latency"],
+                "-",
+            )
+        )
+    if "api_single_jobs_per_s" in s:
+        inserts = results.get("ceiling", {}).get("inserts", {})
+        single = inserts.get("single")
+        clients = results.get("api", {}).get("single", {}).get("clients", 0)
+        value = s["api_single_jobs_per_s"]
+        rows.append(
+            (
+                f"API: POST /api/v1/jobs, {clients} clients (jobs/s)",
+                _n(value),
+                f">= 3,000{_verdict(_at_least(value, TARGETS['api_single']))}",
+                PEERS["api_single"],
+                f"single INSERTs, {single['connections']} conns: {_n(single['rows_per_s'])}"
+                if single
+                else "-",
+            )
+        )
+        bulk = s.get("api_bulk_jobs_per_s")
+        unnest, copy = inserts.get("unnest"), inserts.get("copy")
+        rows.append(
+            (
+                "API: POST /api/v1/jobs/batch (jobs/s)",
+                _n(bulk) if bulk is not None else "n/a (no bulk endpoint)",
+                f">= 50,000{_verdict(_at_least(bulk, TARGETS['api_bulk']))}",
+                PEERS["api_bulk"],
+                f"unnest: {_n(unnest['rows_per_s'])}, COPY: {_n(copy['rows_per_s'])}"
+                if unnest and copy
+                else "-",
+            )
+        )
+    if "claim_full_drain_jobs_per_s" in s:
+        claim = results.get("claim", {})
+        empty, full = s["claim_empty_drain_jobs_per_s"], s["claim_full_drain_jobs_per_s"]
+        ratio = claim.get("drain_ratio")
+        within = TARGETS["claim_within"]
+        ok = None if ratio is None else ratio >= 1 - within
+        rows.append(
+            (
+                f"Drain 1 worker, {claim.get('finished_rows', 0):,} finished rows vs empty"
+                + (f", best of {claim['rounds']}" if claim.get("rounds", 1) > 1 else ""),
+                f"{_n(full)} vs {_n(empty)} jobs/s"
+                + (f" ({(ratio - 1) * 100:+.0f}%)" if ratio else ""),
+                f"within 20%{_verdict(ok)}",
+                "-",
+                "-",
+            )
+        )
+        cratio = claim.get("claim_ratio")
+        batch = claim.get("full", {}).get("claim", {}).get("batch", 0)
+        rows.append(
+            (
+                f"Claim of {batch} jobs (claim_due), full vs empty, min of 10 (ms)",
+                f"{s['claim_full_ms']:.2f} vs {s['claim_empty_ms']:.2f}"
+                + (f" ({(cratio - 1) * 100:+.0f}%)" if cratio else ""),
+                f"within 20%{_verdict(None if cratio is None else cratio <= 1 + within)}",
+                "-",
+                "-",
+            )
+        )
+    curve = results.get("claim", {}).get("claim_curve", [])
+    if len(curve) > 2:
+        rows.append(
+            (
+                "Claim by finished rows in the table, min of 10 (ms)",
+                ", ".join(
+                    f"{_rows(p['finished_rows'])}: {p['ms_min']:.1f}"
+                    + (" (seq scan)" if p["join"] not in (None, "Nested Loop") else "")
+                    for p in curve
+                ),
+                "-",
+                "-",
+                "-",
+            )
+        )
+    for role in ("worker", "scheduler", "api"):
+        mib = s.get(f"rss_{role}_mib")
+        if mib is None:
+            continue
+        rss_target = (
+            "< 80 MiB" + _verdict(mib < TARGETS["rss_worker_mib"]) if role == "worker" else "-"
+        )
+        rows.append((f"Peak RSS, {role} process (MiB)", f"{mib:.0f}", rss_target, "-", "-"))
+    serial = s.get("insert_serial_commits_rows_per_s")
+    if serial:
+        rows.append(
+            (
+                "Commits one after another, 1 connection (per s)",
+                "-",
+                "-",
+                "-",
+                f"single-row INSERTs: {_n(serial)}",
+            )
+        )
+    if "insert_single_rows_per_s" in s and "api_single_jobs_per_s" not in s:
+        rows.append(
+            (
+                "Raw inserts: single / unnest / COPY (rows/s)",
+                "-",
+                "-",
+                "INSERT ~7,700, unnest ~130,000, COPY ~257,000",
+                " / ".join(
+                    _n(s.get(f"insert_{k}_rows_per_s")) for k in ("single", "unnest", "copy")
+                ),
+            )
+        )
+    if (c1 or c2) and not drained:
+        rows.append(("Raw asyncpg claim+complete (jobs/s)", "-", "-", PEERS["ceiling"], ceiling_2))
+
+    header = (
+        "Measure",
+        "Orchestrix",
+        "Target",
+        "Peers (same machine, from the issue)",
+        "Ceiling (this run)",
+    )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
+    lines = [
+        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(header)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def cpu_table(results: dict[str, Any]) -> str:
+    """Cores each part kept busy during the drains: where the CPU went."""
+    groups = ("worker", "scheduler", "postgres", "nats-server", "bench", "other")
+    runs = [(f"drain, {r['workers']}w", r) for r in results.get("drain", {}).get("runs", [])]
+    claim = results.get("claim", {})
+    runs += [
+        (f"drain 1w, {claim[label]['finished_rows']:,} finished", claim[label]["drain"])
+        for label in ("empty", "full")
+        if label in claim
+    ]
+    if not runs:
+        return ""
+    header = ["CPU, cores busy", *groups, "idle"]
+    rows = []
+    cores = os.cpu_count() or 1
+    for label, run in runs:
+        cpu = run.get("cpu_s", {})
+        wall = cpu.get("wall") or 1.0
+        busy = [cpu.get(g, 0.0) / wall for g in groups]
+        idle = max(0.0, cores - cpu.get("machine", 0.0) / wall)
+        rows.append([label, *(f"{b:.2f}" for b in busy), f"{idle:.2f}"])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(header)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def waits_table(results: dict[str, Any]) -> str:
+    """What PostgreSQL's busy backends were doing during each drain, by wait event."""
+    runs = [(f"drain, {r['workers']}w", r) for r in results.get("drain", {}).get("runs", [])]
+    claim = results.get("claim", {})
+    runs += [
+        (f"drain 1w, {claim[label]['finished_rows']:,} finished", claim[label]["drain"])
+        for label in ("empty", "full")
+        if label in claim
+    ]
+    lines = []
+    for label, run in runs:
+        waits = run.get("pg_waits") or {}
+        if waits:
+            top = ", ".join(f"{name} {share:.0%}" for name, share in list(waits.items())[:4])
+            lines.append(f"  {label}: {top}")
+    if not lines:
+        return ""
+    return "PostgreSQL busy backends by wait event (CPU = not waiting):\n" + "\n".join(lines)
+
+
+def heading(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    m = meta.get("machine", {})
+    git = m.get("git", {})
+    commit = (git.get("commit") or "unknown")[:10]
+    dirty = git.get("uncommitted_changes")
+    config = meta.get("engine_config", {})
+    note = f" [{meta['note']}]" if meta.get("note") else ""
+    return (
+        f"Orchestrix benchmark{note}, {meta.get('started_at', '?')}"
+        f"{' (--quick)' if meta.get('options', {}).get('quick') else ''}, "
+        f"commit {commit}{f' + {dirty} uncommitted files' if dirty else ''}\n"
+        f"Machine: {m.get('cpu_count')} CPUs ({m.get('cpu_model')}), {m.get('memory_gib')} GiB, "
+        f"{m.get('os')}; {m.get('python')}; PostgreSQL {m.get('postgresql')}; "
+        f"nats-server {m.get('nats_server')}; servers {m.get('servers')}\n"
+        "Engine settings: "
+        + ", ".join(f"{k}={v}" for k, v in config.items())
+        + f"; run took {meta.get('elapsed_s', 0):.0f} s"
+    )
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+NOISE_CORES = 0.15
+
+
+def noise(results: dict[str, Any]) -> dict[str, Any]:
+    """The most CPU other programs on the machine used during any measurement, in cores."""
+    worst: dict[str, Any] = {"max_other_cores": 0.0, "where": None}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "other" in node and "wall" in node and node["wall"]:
+                cores = round(float(node["other"]) / float(node["wall"]), 2)
+                if cores > worst["max_other_cores"]:
+                    worst.update(max_other_cores=cores, where=path)
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for n, value in enumerate(node):
+                walk(value, f"{path}[{n}]")
+
+    walk({k: v for k, v in results.items() if k not in ("meta", "summary")}, "")
+    return worst
+
+
+def render(results: dict[str, Any]) -> str:
+    parts = [heading(results), "", table(results)]
+    cpu = cpu_table(results)
+    if cpu:
+        parts += ["", cpu]
+    waits = waits_table(results)
+    if waits:
+        parts += ["", waits]
+    errors = {
+        name: r["error"] for name, r in results.items() if isinstance(r, dict) and "error" in r
+    }
+    for name, error in errors.items():
+        parts += ["", f"phase {name} FAILED: {error.splitlines()[0] if error else ''}"]
+    disturbed = results.get("meta", {}).get("noise", {})
+    if disturbed.get("max_other_cores", 0.0) > NOISE_CORES:
+        parts += [
+            "",
+            f"WARNING: other programs on this machine kept up to "
+            f"{disturbed['max_other_cores']:.2f} cores busy during a measurement "
+            f"({disturbed['where']}): the figures are disturbed; run again on a quiet machine.",
+        ]
+    return "\n".join(parts)
