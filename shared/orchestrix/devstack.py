@@ -53,10 +53,11 @@ async def ensure_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the supervisor dies, so no service outlives it."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a child, before exec: get ``signum`` when the parent dies, so no service
+    outlives the process that started it (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
 
 
 def services(settings: Settings, env: Mapping[str, str]) -> list[Service]:
@@ -100,7 +101,7 @@ async def supervise(plan: list[Service], banner: str, shutdown_timeout_s: float)
             stderr=asyncio.subprocess.STDOUT,
             # Their own session: Ctrl-C reaches only us, and we stop them in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         assert process.stdout is not None
         pumps.append(asyncio.create_task(_pump(service.name, process.stdout, width)))

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,8 +40,7 @@ from orchestrix.db.pool import init_connection
 from tests.chaos import records
 from tests.chaos.executors import JOB_TYPE, RECORDS_ENV
 from tests.chaos.servers import ChaosServers
-from tests.conftest import free_port
-from tests.e2e.harness import REPO, Service, System
+from tests.e2e.harness import Service, System
 
 T = TypeVar("T")
 
@@ -74,42 +71,6 @@ STUCK_SHOWN = 40
 # Processes that exit on their own are replaced this many times, then no more: a
 # service that cannot start at all must not turn the run into a crash loop.
 MAX_REPLACEMENTS = 5
-_PR_SET_PDEATHSIG = 1
-
-
-class ChaosSystem(System):
-    """``System`` whose processes die with the test process, even if it is SIGKILLed.
-
-    A chaos run starts dozens of processes; if pytest itself is killed (a CI
-    timeout, Ctrl-C twice), none of them may be left running.
-    """
-
-    def start(self, role: str, *args: str, **env: str) -> Service:
-        """Like ``System.start``, with the process tied to our life."""
-        port = free_port()
-        variables = {
-            **self.env,
-            **env,
-            ("API_PORT" if role == "api" else "METRICS_PORT"): str(port),
-        }
-        log_path = self.workdir / f"{role}-{len(self.services)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "orchestrix.cli", role, *args],
-                env=variables,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                preexec_fn=_die_with_parent,
-            )
-        service = Service(role, process, log_path, port)
-        self.services.append(service)
-        return service
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the thread that started us goes away."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -205,7 +166,7 @@ class ChaosRun:
     servers: ChaosServers
     workdir: Path
     seed: int
-    system: ChaosSystem = field(init=False)
+    system: System = field(init=False)
     records_path: Path = field(init=False)
     alive: list[Service] = field(default_factory=list)
     kills: dict[int, float] = field(default_factory=dict)
@@ -233,7 +194,7 @@ class ChaosRun:
             "WORKER_CONCURRENCY": str(self.plan.worker_concurrency),
             RECORDS_ENV: str(self.records_path),
         }
-        self.system = ChaosSystem(
+        self.system = System(
             self.servers.database_url, self.servers.nats_url, self.workdir, env=env
         )
         self.origin = time.time()

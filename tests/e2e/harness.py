@@ -7,6 +7,7 @@ systems in one run (and runs on one machine) never share messages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from orchestrix.devstack import die_with_parent
 
 from tests.conftest import free_port
 
@@ -92,6 +94,9 @@ class System:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                # Tied to the test process: killed with it, even if it is SIGKILLed
+                # (a CI timeout), so no service outlives a run.
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
             )
         service = Service(role, process, log_path, port)
         self.services.append(service)
