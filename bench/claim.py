@@ -166,6 +166,10 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
             await vacuum(full_url)
             claims["full"] = await time_claims(full_url, batch)
             curve.append(_point(level, claims["full"]))
+        # The rolled-back claims left dead row versions behind: clear them, so
+        # that the drains below find the tables as the claims found them.
+        await vacuum(empty_url)
+        await vacuum(full_url)
         fill_s = round(time.monotonic() - started, 1)
         print(
             f"  claim of {batch} by finished rows: "

@@ -408,7 +408,7 @@ def table(results: dict[str, Any]) -> str:
 
 def cpu_table(results: dict[str, Any]) -> str:
     """Cores each part kept busy during the drains: where the CPU went."""
-    groups = ("worker", "scheduler", "postgres", "nats-server", "bench", "other")
+    groups = ("worker", "scheduler", "postgres", "nats-server", "bench", "kernel", "other")
     runs = [(f"drain, {r['workers']}w", r) for r in results.get("drain", {}).get("runs", [])]
     claim = results.get("claim", {})
     runs += [
