@@ -9,6 +9,7 @@ see each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -118,6 +119,20 @@ async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     return session_pool
 
 
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` over real HTTP on a free port; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @dataclass
 class Api:
     url: str
@@ -144,12 +159,6 @@ async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     app = build_app(settings, pool)
     nc = await nats.connect(settings.nats.url)
     app[LIFECYCLE].nats = nc
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    async with aiohttp.ClientSession() as http:
-        yield Api(url=f"http://127.0.0.1:{port}", http=http, app=app)
-    await runner.cleanup()
+    async with served(app) as url, aiohttp.ClientSession() as http:
+        yield Api(url=url, http=http, app=app)
     await nc.close()

@@ -12,14 +12,13 @@ import asyncpg
 import nats
 import orjson
 import pytest
-from aiohttp import web
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
 from orchestrix.settings import Settings
 
 from services.api.app import build_app
 from services.api.keys import LIFECYCLE
-from tests.conftest import Api, free_port
+from tests.conftest import Api, free_port, served
 
 JSON = {"Content-Type": "application/json"}
 
@@ -343,25 +342,19 @@ async def test_health_and_ready(api: Api) -> None:
 async def test_ready_is_503_while_the_database_is_away(settings: Settings) -> None:
     dead = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
     app = build_app(settings, dead)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/ready") as response:
+        async with served(app) as url, aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/ready") as response:
                 assert response.status == 503
                 body = await response.json()
-            async with http.get(f"http://127.0.0.1:{port}/api/v1/stats") as response:
+            async with http.get(f"{url}/api/v1/stats") as response:
                 assert response.status == 503
                 assert await response.json() == {
                     "error": "the database is unavailable; retry later"
                 }
-            async with http.get(f"http://127.0.0.1:{port}/health") as response:
+            async with http.get(f"{url}/health") as response:
                 assert response.status == 200
     finally:
-        await runner.cleanup()
         await dead.close()
     assert body["status"] == "unavailable"
     assert body["checks"]["postgres"].startswith("unavailable: ")

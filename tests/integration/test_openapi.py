@@ -22,7 +22,7 @@ from services.api import openapi
 from services.api.app import build_app
 from services.api.errors import ApiError
 from services.api.parsing import CREATE_FIELDS, DEFAULT_LIMIT, parse_list_query, parse_new_job
-from tests.conftest import Api, free_port
+from tests.conftest import Api, free_port, served
 
 JSON = {"Content-Type": "application/json"}
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -311,14 +311,9 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
 async def test_unavailable_database_answers_match_the_document(settings: Settings) -> None:
     dead = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
     app = build_app(settings, dead)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with aiohttp.ClientSession() as http:
-            api = Api(url=f"http://127.0.0.1:{port}", http=http, app=app)
+        async with served(app) as url, aiohttp.ClientSession() as http:
+            api = Api(url=url, http=http, app=app)
             responses = Responses(openapi.build_document(settings.api.max_body_bytes))
             await responses.call(api, "GET", "/api/v1/stats", "/api/v1/stats", 503)
             await responses.call(api, "GET", "/api/v1/jobs", "/api/v1/jobs", 503)
@@ -327,5 +322,4 @@ async def test_unavailable_database_answers_match_the_document(settings: Setting
             )
             await responses.call(api, "GET", "/ready", "/ready", 503)
     finally:
-        await runner.cleanup()
         await dead.close()
