@@ -217,3 +217,20 @@ async def test_cancel_running_is_guarded_by_attempt(pool: asyncpg.Pool) -> None:
     assert cancelled is not None
     assert cancelled.state is JobState.CANCELLED
     assert cancelled.completed_at is not None
+
+
+async def test_batched_writes_keep_the_guards(pool: asyncpg.Pool) -> None:
+    first, second = await add(pool), await add(pool)
+    await db.claim_due(pool, 10)
+    # Wrong attempt, and the same attempt twice in one batch (a duplicate message).
+    started = await db.start_many(pool, [(first, 2), (second, 1), (second, 1)], 30)
+    assert started[0] is None
+    assert started[1] is not None
+    assert started[2] is None
+    assert await db.succeed_many(pool, [(first, 1, None), (second, 1, {"ok": 1})]) == [
+        False,
+        True,
+    ]
+    job = await db.get(pool, second)
+    assert job is not None
+    assert job.result == {"ok": 1}
