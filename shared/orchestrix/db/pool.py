@@ -40,11 +40,22 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool.
+
+    asyncpg's default runs ``RESET ALL`` and friends on every release: a round
+    trip per query. No code here changes session state on a pooled connection
+    (LISTEN and advisory locks use connections of their own), and asyncpg still
+    rolls back a transaction left open.
+    """
+
+
 async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.Pool:
     options: dict[str, Any] = {
         "min_size": settings.pool_min_size,
         "max_size": settings.pool_max_size,
         "init": init_connection,
+        "reset": _keep_session,
         # Short enough that /ready notices a dead server quickly.
         "command_timeout": 30,
     }
