@@ -1,4 +1,4 @@
-"""Claim due jobs in batches and publish one message per job attempt.
+"""Claim due jobs in batches and announce them, many jobs to a message.
 
 The claim commits before anything is published, so a worker can never receive a
 message for a job whose SCHEDULED state it cannot yet see. A publish that fails
@@ -14,7 +14,7 @@ from typing import Any
 from orchestrix.db import jobs as db
 from orchestrix.metrics import SchedulerMetrics
 
-from services.scheduler.publisher import Publisher
+from services.scheduler.publisher import Message, Publisher
 
 log = logging.getLogger("scheduler")
 
@@ -27,22 +27,22 @@ class Claimer:
         self._publisher = publisher
         self._metrics = metrics
         self._batch_size = batch_size
-        self.unpublished: list[db.Claimed] = []
+        self.unpublished: list[Message] = []
 
     async def run_once(self) -> int:
         """Publish what is left over, then claim and publish one batch; return the batch size."""
         if self.unpublished:
-            self.unpublished = await self._publish(self.unpublished)
+            self._count(*await self._publisher.publish(self.unpublished))
             if self.unpublished:
                 return 0
         with self._metrics.claim_duration.time():
             claimed = await db.claim_due(self._pool, self._batch_size)
         if claimed:
-            self.unpublished = await self._publish(claimed)
+            self._count(*await self._publisher.announce(claimed))
         return len(claimed)
 
-    async def _publish(self, jobs: list[db.Claimed]) -> list[db.Claimed]:
-        published, failed = await self._publisher.publish(jobs)
-        for job in published:
-            self._metrics.jobs_scheduled.labels(job.queue).inc()
-        return failed
+    def _count(self, published: list[Message], failed: list[Message]) -> None:
+        """Count what went out; keep what did not, to publish again (same message ids)."""
+        for message in published:
+            self._metrics.jobs_scheduled.labels(message.queue).inc(len(message.jobs))
+        self.unpublished = failed

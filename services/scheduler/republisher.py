@@ -54,8 +54,11 @@ class Republisher:
         stale = await db.due_for_republish(self._pool, older_than_s=wait_s, limit=BATCH)
         if not stale:
             return 0
-        published, _ = await self._publisher.publish(stale)
-        for job in published:
-            self._metrics.jobs_republished.labels(job.queue).inc()
-            log.warning("job announced again", extra={"job_id": job.id, "attempt": job.attempt})
-        return len(published)
+        published, _ = await self._publisher.announce(stale)
+        count = 0
+        for message in published:
+            self._metrics.jobs_republished.labels(message.queue).inc(len(message.jobs))
+            count += len(message.jobs)
+            for job in message.jobs:
+                log.warning("job announced again", extra={"job_id": job.id, "attempt": job.attempt})
+        return count

@@ -116,7 +116,7 @@ async def serve(settings: Settings) -> None:
     )
     await status.start()
     wakeup = Wakeup(settings.database.url)
-    publisher = Publisher(js, settings.nats)
+    publisher = Publisher(js, settings.nats, settings.scheduler.jobs_per_message)
     claimer = Claimer(pool, publisher, metrics, settings.scheduler.batch_size)
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
     leadership = Leadership(settings.database.url)
@@ -134,6 +134,7 @@ async def serve(settings: Settings) -> None:
         extra={
             "stream": settings.nats.stream,
             "batch_size": settings.scheduler.batch_size,
+            "jobs_per_message": settings.scheduler.jobs_per_message,
             "poll_interval_s": settings.scheduler.poll_interval_s,
         },
     )
@@ -176,7 +177,8 @@ async def serve(settings: Settings) -> None:
         if claimer.unpublished:
             # They stay SCHEDULED with no message: the republisher of whichever
             # scheduler leads maintenance announces them after REPUBLISH_AFTER.
-            log.warning("stopping with unpublished jobs", extra={"count": len(claimer.unpublished)})
+            count = sum(len(message.jobs) for message in claimer.unpublished)
+            log.warning("stopping with unpublished jobs", extra={"count": count})
         await wakeup.close()
         await nc.drain()
         await pool.close()

@@ -1,8 +1,16 @@
 """NATS messages in, acknowledgements out: the worker's main loop.
 
-The worker fetches only as many messages as it has free slots, so a busy worker
-leaves the rest of the queue to the others. A message is acknowledged only after
-the state its job ended in is committed; while a job runs, ``in_progress`` keeps
+A message announces one or more job attempts. The worker keeps pull requests
+outstanding for about as many jobs as it has free slots (WORKER_CONCURRENCY), so
+a busy worker leaves the rest of the queue to the others and an idle one gets a
+message the moment it is published. Announced jobs wait for a slot; the jobs
+that get one move to RUNNING together, in one UPDATE.
+
+A message is acknowledged once every job it announced is settled: its outcome
+committed, or found already taken, cancelled or run. If a job must be run
+again (handed back at shutdown, or not started because the database was away)
+the message is instead given back (nak), and its redelivery starts only the
+jobs still SCHEDULED. While its jobs wait or run, ``in_progress`` keeps
 JetStream from giving the message to another worker, and one UPDATE per beat
 renews the leases of every job this worker runs, so the rescuer leaves them be.
 
@@ -16,18 +24,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from orchestrix import broker, ids
-from orchestrix.backoff import sleep_unless_stopped
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
 from orchestrix.executors import JobContext, Registry
@@ -36,12 +44,15 @@ from orchestrix.models import Job
 from orchestrix.settings import Settings
 
 from services.worker import runner
-from services.worker.batching import Batcher
 from services.worker.completer import Completer
+from services.worker.puller import EXPIRES_S, Puller
 
 log = logging.getLogger("worker")
-FETCH_WAIT_S = 1.0
 WRITE_RETRY_S = 0.5
+# A message whose jobs could not be started (the database was away) comes back after this.
+START_RETRY_S = 1.0
+# Most jobs moved to RUNNING by one UPDATE.
+START_BATCH = 500
 
 
 class Stop(Enum):
@@ -52,12 +63,32 @@ class Stop(Enum):
     LOST = "lost"
 
 
+@dataclass(eq=False)
+class Delivery:
+    """A message and how many of the job attempts it announced are not yet settled."""
+
+    message: Msg
+    unsettled: int
+    redeliver: bool = False
+    delay_s: float | None = None
+
+
 @dataclass
 class Running:
     job: Job
     task: asyncio.Task[None]
-    message: Msg
+    delivery: Delivery
     stop: Stop | None = None
+
+
+@dataclass
+class _Sizes:
+    """Jobs per message lately: how many messages to ask for to fill the free slots."""
+
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=16))
+
+    def mean(self, default: int) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float(default)
 
 
 class Consumer:
@@ -71,7 +102,6 @@ class Consumer:
     ) -> None:
         self._pool = pool
         self._nc = nc
-        self._js = nc.jetstream()
         self._settings = settings
         self._registry = registry
         self._metrics = metrics
@@ -81,54 +111,131 @@ class Consumer:
         self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, Running] = {}
-        # Jobs whose messages arrive together move to RUNNING in one UPDATE.
-        self._starts: Batcher[tuple[str, int], Job | None] = Batcher(
-            lambda attempts: db.start_many(self._pool, attempts, self._lease_s), max_size=500
-        )
+        # Announced, not yet started: (message, job id, attempt), oldest first.
+        self._waiting: deque[tuple[Delivery, str, int]] = deque()
+        self._deliveries: set[Delivery] = set()  # messages not yet settled
+        self._busy = 0  # slots taken by jobs starting or running
+        self._sizes = _Sizes()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._puller = Puller(nc, settings.nats.stream, settings.nats.consumer, self._received)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and run jobs until ``stop``; then drain within the shutdown timeout."""
-        sub = await self._js.pull_subscribe_bind(
-            durable=self._settings.nats.consumer, stream=self._settings.nats.stream
-        )
+        await self._puller.start()
         cancels = await self._nc.subscribe(
             broker.cancel_subject(self._settings.nats), cb=self._on_cancel_request
         )
         beat = asyncio.create_task(self._renew_leases())
+        stopped = asyncio.create_task(stop.wait())
+        stopped.add_done_callback(lambda _: self._wake.set())
         try:
             while not stop.is_set():
-                free = self._concurrency - len(self._tasks)
-                if free == 0:
-                    # Every slot busy: wait for one to free up, or for the stop.
-                    stopping = asyncio.ensure_future(stop.wait())
-                    await asyncio.wait(
-                        {*self._tasks, stopping}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    stopping.cancel()
-                    continue
-                try:
-                    messages = await sub.fetch(batch=free, timeout=FETCH_WAIT_S)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
-                except Exception as exc:  # NATS away: wait and fetch again
-                    log.warning("fetch failed", extra={"error": repr(exc)})
-                    await sleep_unless_stopped(stop, 1.0)
-                    continue
-                for message in messages:
-                    if stop.is_set():
-                        # Not started: give it straight back to another worker.
-                        await _quietly(message.nak())
-                        continue
-                    task = asyncio.create_task(self._handle(message))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                await self._ask_for_more()
+                await self._start_waiting()
+                if self._waiting and self._busy < self._concurrency:
+                    continue  # more can start at once
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(EXPIRES_S / 2):
+                        await self._wake.wait()
+                self._wake.clear()
         finally:
+            self._stopping = True
+            stopped.cancel()
+            await self._puller.stop()
+            # Announced but not started: give them back to another worker now.
+            while self._waiting:
+                await self._settle(self._waiting.popleft()[0], redeliver=True)
             await self._drain()
             beat.cancel()
-            for subscription in (cancels, sub):
-                with contextlib.suppress(Exception):
-                    await subscription.unsubscribe()
+            with contextlib.suppress(Exception):
+                await cancels.unsubscribe()
             self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _received(self, message: Msg) -> None:
+        """A message from the puller: queue its jobs for a slot."""
+        try:
+            announced = broker.Announcement.decode(message.data)
+        except ValueError as exc:
+            log.error("undecodable message dropped", extra={"error": str(exc)})
+            await _quietly(message.term())
+            return
+        attempts = []
+        for job_id, attempt in announced.attempts:
+            if ids.is_valid(job_id):
+                attempts.append((job_id, attempt))
+            else:
+                log.error("announcement of a malformed job id dropped", extra={"job_id": job_id})
+        if not attempts:
+            await _quietly(message.term())
+            return
+        if self._stopping:
+            await _quietly(message.nak())
+            return
+        delivery = Delivery(message, len(attempts))
+        self._deliveries.add(delivery)
+        self._waiting.extend((delivery, job_id, attempt) for job_id, attempt in attempts)
+        self._sizes.recent.append(len(attempts))
+        self._wake.set()
+
+    async def _ask_for_more(self) -> None:
+        """Keep pull requests open for about as many jobs as there are slots not spoken for.
+
+        A new request goes out when there is room for a message of the usual size
+        (or a quarter of the slots), or when none is open at all, so that few
+        requests wait at JetStream and one is always there.
+        """
+        per_message = self._sizes.mean(self._settings.scheduler.jobs_per_message)
+        outstanding = self._puller.outstanding
+        missing = self._concurrency - self._busy - len(self._waiting) - outstanding * per_message
+        if missing <= 0:
+            return
+        if outstanding == 0 or missing >= max(per_message, self._concurrency / 4):
+            await self._puller.request(max(1, math.ceil(missing / per_message)))
+
+    async def _start_waiting(self) -> None:
+        """Move as many waiting jobs to RUNNING as there are free slots, in one UPDATE."""
+        count = min(self._concurrency - self._busy, len(self._waiting), START_BATCH)
+        if count <= 0:
+            return
+        batch = [self._waiting.popleft() for _ in range(count)]
+        self._busy += count
+        try:
+            jobs = await db.start_many(
+                self._pool, [(job_id, attempt) for _, job_id, attempt in batch], self._lease_s
+            )
+        except TRANSIENT as exc:
+            log.warning("cannot start jobs", extra={"jobs": count, "error": repr(exc)})
+            self._busy -= count
+            for delivery, _, _ in batch:
+                await self._settle(delivery, redeliver=True, delay_s=START_RETRY_S)
+            return
+        for (delivery, job_id, _), job in zip(batch, jobs, strict=True):
+            if job is None:
+                # Cancelled, already run, or a duplicate message: nothing to do.
+                log.debug("announcement skipped", extra={"job_id": job_id})
+                self._busy -= 1
+                await self._settle(delivery)
+                continue
+            task = asyncio.create_task(self._run(delivery, job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settle(
+        self, delivery: Delivery, *, redeliver: bool = False, delay_s: float | None = None
+    ) -> None:
+        """One of the message's jobs is done with; when all are, ack or give it back."""
+        delivery.unsettled -= 1
+        if redeliver:
+            delivery.redeliver = True
+            delivery.delay_s = delay_s if delivery.delay_s is None else delivery.delay_s
+        if delivery.unsettled > 0:
+            return
+        self._deliveries.discard(delivery)
+        if delivery.redeliver:
+            await _quietly(delivery.message.nak(delay=delivery.delay_s))
+        else:
+            await _quietly(delivery.message.ack())
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -157,7 +264,7 @@ class Consumer:
         """The worker's heartbeat, for all its running jobs at once.
 
         Every third of the lease (or of the ack wait, if shorter): tell JetStream
-        each job's message is still in progress, and renew all the leases in one
+        each unsettled message is still in progress, and renew all the leases in one
         statement, on a connection of its own so that job writes queueing for the
         pool (after a database outage, say) never hold up the renewal.
         """
@@ -166,9 +273,9 @@ class Consumer:
         try:
             while True:
                 await asyncio.sleep(beat_s)
+                for delivery in list(self._deliveries):
+                    await _quietly(delivery.message.in_progress())
                 live = [r for r in self._running.values() if r.stop is None]
-                for running in live:
-                    await _quietly(running.message.in_progress())
                 mine = {r.job.id: r.job.attempt for r in live}
                 try:
                     if conn is None or conn.is_closed():
@@ -195,43 +302,26 @@ class Consumer:
             if running is not None:
                 self._stop(running, reason)
 
-    async def _handle(self, message: Msg) -> None:
-        try:
-            announced = broker.Announcement.decode(message.data)
-        except ValueError as exc:
-            log.error("undecodable message dropped", extra={"error": str(exc)})
-            await _quietly(message.term())
-            return
-        if not ids.is_valid(announced.job_id):
-            log.error("message for a malformed job id dropped", extra={"job_id": announced.job_id})
-            await _quietly(message.term())
-            return
-        try:
-            job = await self._starts.submit((announced.job_id, announced.attempt))
-        except TRANSIENT as exc:
-            log.warning("cannot start job", extra={"job_id": announced.job_id, "error": repr(exc)})
-            await _quietly(message.nak(delay=1.0))
-            return
-        if job is None:
-            # Cancelled, already run, or a duplicate message: nothing to do.
-            log.debug("message skipped", extra={"job_id": announced.job_id})
-            await _quietly(message.ack())
-            return
+    async def _run(self, delivery: Delivery, job: Job) -> None:
         task = asyncio.current_task()
         assert task is not None
-        running = Running(job, task, message)
+        running = Running(job, task, delivery)
         self._running[job.id] = running
+        redeliver = False
         try:
-            await self._execute(running, message)
+            await self._execute(running)
         except asyncio.CancelledError:
-            await self._stopped(running, message)
+            redeliver = await self._stopped(running)
         except Exception:
-            # Unacknowledged and unrenewed: the rescuer takes the job after its lease.
+            # Its lease is no longer renewed: the rescuer takes the job after it.
             log.exception("job handling failed", extra={"job_id": job.id})
         finally:
             self._running.pop(job.id, None)
+            self._busy -= 1
+            self._wake.set()
+        await self._settle(delivery, redeliver=redeliver)
 
-    async def _execute(self, running: Running, message: Msg) -> None:
+    async def _execute(self, running: Running) -> None:
         job = running.job
         labels = (job.type, job.queue)
         started = job.started_at or job.run_at
@@ -264,10 +354,12 @@ class Consumer:
                 await asyncio.sleep(WRITE_RETRY_S)
         # Written: from here on the job is not ours to stop or to lose.
         self._running.pop(job.id, None)
-        await _quietly(message.ack())
 
-    async def _stopped(self, running: Running, message: Msg) -> None:
-        """The attempt was cancelled from outside: finish it the way its reason asks."""
+    async def _stopped(self, running: Running) -> bool:
+        """The attempt was cancelled from outside: finish it the way its reason asks.
+
+        Returns whether the message must be given back for the job to run again.
+        """
         job = running.job
         extra = {"job_id": job.id, "attempt": job.attempt}
         try:
@@ -275,18 +367,16 @@ class Consumer:
                 if await db.cancel_running(self._pool, job.id, job.attempt) is not None:
                     self._metrics.jobs_cancelled.labels(job.type, job.queue).inc()
                     log.info("job cancelled while running", extra=extra)
-                await _quietly(message.ack())
             elif running.stop is Stop.LOST:
                 log.warning("lease lost; attempt abandoned", extra=extra)
-                await _quietly(message.ack())
-            else:
-                if await db.hand_back(self._pool, job.id, job.attempt):
-                    self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
-                    log.warning("job handed back unfinished", extra=extra)
-                await _quietly(message.nak())
+            elif await db.hand_back(self._pool, job.id, job.attempt):
+                self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
+                log.warning("job handed back unfinished", extra=extra)
+                return True
         except TRANSIENT as exc:
-            # Unacknowledged: the lease runs out and the rescuer takes the job.
+            # Still RUNNING: its lease runs out and the rescuer takes the job.
             log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
+        return False
 
 
 async def _quietly(call: Any) -> None:

@@ -37,11 +37,11 @@ async def run(executor: Executor | None, job: JobContext, threads: ThreadPoolExe
             f"NoExecutor: no executor is registered for job type {job.type!r}", Kind.PERMANENT
         )
     try:
-        if executor.is_async:
-            result = await asyncio.wait_for(executor.fn(job), job.timeout_seconds)
-        else:
-            call = asyncio.get_running_loop().run_in_executor(threads, executor.fn, job)
-            result = await asyncio.wait_for(call, job.timeout_seconds)
+        async with asyncio.timeout(job.timeout_seconds):
+            if executor.is_async:
+                result = await executor.fn(job)
+            else:
+                result = await asyncio.get_running_loop().run_in_executor(threads, executor.fn, job)
     except TimeoutError:
         # A thread cannot be interrupted: the flag asks it to stop, and its
         # eventual result is ignored.

@@ -1,8 +1,9 @@
 """NATS JetStream as Orchestrix uses it: names, the message codec, stream and consumer.
 
-A message says only "job X, attempt N is ready": PostgreSQL holds the job. A
-lost message is recovered from the database; a duplicate is harmless because
-the worker's move to RUNNING is conditional on the state and the attempt.
+A message says only "jobs X, Y, … are ready for these attempts": PostgreSQL
+holds the jobs. A lost message is recovered from the database; a duplicate is
+harmless because the worker's move to RUNNING is conditional on the state and
+the attempt.
 """
 
 from __future__ import annotations
@@ -40,18 +41,27 @@ DUPLICATE_WINDOW_S = 120.0
 ACK_WAIT_S = 30.0
 
 
+# The most job attempts one message may carry; a scheduler sends fewer (its
+# SCHEDULER_JOBS_PER_MESSAGE), this bounds what a worker accepts.
+MAX_JOBS_PER_MESSAGE = 10_000
+
+
 @dataclass(frozen=True)
 class Announcement:
-    """The body of a job message."""
+    """The body of a job message: one or more (job id, attempt) pairs ready to run.
 
-    job_id: str
-    attempt: int
+    One claim's jobs travel together, so a message, its publish ack, its delivery
+    and its worker ack are paid once for many jobs.
+    """
+
+    attempts: tuple[tuple[str, int], ...]
 
     def encode(self) -> bytes:
-        return orjson.dumps({"id": self.job_id, "attempt": self.attempt})
+        return orjson.dumps({"jobs": self.attempts})
 
     def msg_id(self, announced_at: datetime) -> str:
-        """The JetStream message id: job, attempt, and when this announcement was made.
+        """The JetStream message id: first job, its attempt, the size, and when this
+        announcement was made.
 
         JetStream drops a second publish with the same id inside its window, so a
         publish the scheduler retries after an unclear failure is stored once. A
@@ -60,7 +70,9 @@ class Announcement:
         runs out. A duplicate that does get through is harmless (the start is
         conditional on the state and the attempt).
         """
-        return f"{self.job_id}:{self.attempt}:{int(announced_at.timestamp() * 1_000_000)}"
+        job_id, attempt = self.attempts[0]
+        announced_us = int(announced_at.timestamp() * 1_000_000)
+        return f"{job_id}:{attempt}:{announced_us}:{len(self.attempts)}"
 
     @classmethod
     def decode(cls, data: bytes) -> Announcement:
@@ -69,12 +81,17 @@ class Announcement:
             body = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ValueError("not a JSON object")
-        job_id, attempt = body.get("id"), body.get("attempt")
-        if not isinstance(job_id, str) or not isinstance(attempt, int) or attempt < 1:
-            raise ValueError("needs a string id and an attempt of 1 or more")
-        return cls(job_id, attempt)
+        jobs = body.get("jobs") if isinstance(body, dict) else None
+        if not isinstance(jobs, list) or not 1 <= len(jobs) <= MAX_JOBS_PER_MESSAGE:
+            raise ValueError(f"needs a list of 1 to {MAX_JOBS_PER_MESSAGE} jobs")
+        attempts = []
+        for pair in jobs:
+            match pair:
+                case [str(job_id), int(attempt)] if attempt >= 1:
+                    attempts.append((job_id, attempt))
+                case _:
+                    raise ValueError("each job must be [id, attempt], the attempt 1 or more")
+        return cls(tuple(attempts))
 
 
 def subject(settings: NatsSettings, queue: str) -> str:

@@ -158,6 +158,7 @@ class SchedulerSettings:
 
     poll_interval_s: float = 1.0
     batch_size: int = 500
+    jobs_per_message: int = 50
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SchedulerSettings:
@@ -167,6 +168,9 @@ class SchedulerSettings:
                 "SCHEDULER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
             ),
             batch_size=read.integer("SCHEDULER_BATCH_SIZE", cls.batch_size, low=1, high=10_000),
+            jobs_per_message=read.integer(
+                "SCHEDULER_JOBS_PER_MESSAGE", cls.jobs_per_message, low=1, high=1_000
+            ),
         )
 
 
@@ -353,6 +357,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
     ("SCHEDULER_POLL_INTERVAL", "1s", "poll for due jobs this often (NOTIFY wakes it sooner)"),
     ("SCHEDULER_BATCH_SIZE", "500", "most jobs claimed in one transaction"),
+    ("SCHEDULER_JOBS_PER_MESSAGE", "50", "most jobs announced in one NATS message"),
     ("WORKER_CONCURRENCY", "10", "jobs one worker process runs at once"),
     (
         "SHUTDOWN_TIMEOUT",
