@@ -15,13 +15,13 @@ from typing import Any
 
 import asyncpg
 from orchestrix import retry
+from orchestrix.batching import Batcher
 from orchestrix.db import jobs as db
 from orchestrix.errors import Kind
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
 from orchestrix.settings import WorkerSettings
 
-from services.worker.batching import Batcher
 from services.worker.runner import Failure, Outcome, Success
 
 BATCH = 500

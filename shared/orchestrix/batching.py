@@ -1,10 +1,10 @@
-"""Many tasks, one database round trip: a batcher gathers what the worker's tasks
-submit while the event loop is busy, and writes it all with one statement.
+"""Many tasks, one database round trip: a batcher gathers what tasks submit
+while the event loop is busy, and writes it all with one statement.
 
-A burst of messages fetched together starts together and, as jobs finish,
-their outcomes are written together, instead of one UPDATE per job. A batch is
-flushed as soon as the loop is free (no timer, so an idle worker adds no delay),
-and while one flush is in flight the next batch keeps filling.
+Jobs of a worker that finish together have their outcomes written together,
+instead of one UPDATE per job. A batch is flushed as soon as the loop is free
+(no timer, so an idle process adds no delay), and while one flush is in flight
+the next batch keeps filling.
 """
 
 from __future__ import annotations
