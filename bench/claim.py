@@ -112,6 +112,10 @@ async def time_claims(url: str, batch: int, rounds: int = 10) -> dict[str, Any]:
         if isinstance(sql, str):
             try:
                 async with conn.transaction():
+                    # Planner settings the engine's claim makes, if it makes any.
+                    settings = getattr(db, "_CLAIM_SETTINGS", None)
+                    if isinstance(settings, str):
+                        await conn.execute(settings)
                     rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, batch)
                     plan = [row[0] for row in rows]
                     raise _Rollback

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from orchestrix import ids
 from orchestrix.models import Job, NewJob
 from orchestrix.states import CANCELLABLE_AT_ONCE, JobState
@@ -222,6 +224,9 @@ WHERE jobs.id = due.id
 RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at, jobs.scheduled_at
 """
 
+# See claim_due.
+_CLAIM_SETTINGS = "SET LOCAL enable_sort = off"
+
 _START = """
 UPDATE jobs
 SET state = 'RUNNING', started_at = now(), updated_at = now(),
@@ -291,8 +296,19 @@ async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
 
     SKIP LOCKED lets any number of schedulers claim at once: each row goes to
     exactly one of them.
+
+    The claim must walk ``jobs_due_idx`` in order and stop after ``limit`` rows.
+    Right after a burst of inserts, before autovacuum has analyzed the table,
+    the planner believes few jobs are due and sorts all of them instead: 45 ms
+    instead of 10 ms for a claim of 500 from 100,000 due jobs, growing with the
+    backlog. Sorting is therefore switched off for this one transaction.
     """
-    rows = await conn.fetch(_CLAIM_DUE, limit)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as acquired:
+            return await claim_due(acquired, limit)
+    async with conn.transaction():
+        await conn.execute(_CLAIM_SETTINGS)
+        rows = await conn.fetch(_CLAIM_DUE, limit)
     rows = sorted(rows, key=lambda r: (-r["priority"], r["run_at"], r["id"]))
     return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
