@@ -158,7 +158,7 @@ class SchedulerSettings:
 
     poll_interval_s: float = 1.0
     batch_size: int = 500
-    jobs_per_message: int = 50
+    jobs_per_message: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SchedulerSettings:
@@ -178,7 +178,7 @@ class SchedulerSettings:
 class WorkerSettings:
     """How a worker process runs jobs, retries them and stops."""
 
-    concurrency: int = 10
+    concurrency: int = 100
     shutdown_timeout_s: float = 30.0
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 300.0
@@ -357,8 +357,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
     ("SCHEDULER_POLL_INTERVAL", "1s", "poll for due jobs this often (NOTIFY wakes it sooner)"),
     ("SCHEDULER_BATCH_SIZE", "500", "most jobs claimed in one transaction"),
-    ("SCHEDULER_JOBS_PER_MESSAGE", "50", "most jobs announced in one NATS message"),
-    ("WORKER_CONCURRENCY", "10", "jobs one worker process runs at once"),
+    ("SCHEDULER_JOBS_PER_MESSAGE", "100", "most jobs announced in one NATS message"),
+    ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
     (
         "SHUTDOWN_TIMEOUT",
         "30s",
