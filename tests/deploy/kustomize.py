@@ -16,7 +16,12 @@ kustomization that grows a feature fails the tests until this grows it too):
   hash suffix kustomize adds, with references from pod templates renamed;
 - ``patches``: ``path`` to a strategic-merge patch naming its target by kind and
   name, which may only set map fields (a list or a null in it would need merge
-  keys or deletion, which this does not do).
+  keys or deletion, which this does not do);
+- ``configurations``: files holding only ``nameReference`` entries (``kind`` and
+  ``fieldSpecs`` of ``kind`` and ``path``), which rename references to a
+  generated ConfigMap or Secret in other fields, such as a custom resource's.
+  Like kustomize, the entries of every kustomization reached apply to the
+  whole rendering.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ KUSTOMIZATION_FIELDS = frozenset(
         "configMapGenerator",
         "secretGenerator",
         "patches",
+        "configurations",
     }
 )
 GENERATOR_FIELDS = frozenset({"name", "behavior", "literals", "files"})
@@ -59,6 +65,7 @@ NAMESPACED = frozenset(
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "ScaledObject",
+        "TriggerAuthentication",
     }
 )
 # Kinds whose pod template is at spec.template.
@@ -76,11 +83,26 @@ class _Item:
     generated: bool = False
 
 
+@dataclass(frozen=True)
+class _NameReference:
+    """A field of ``referrer`` objects that holds the name of a ``kind`` object."""
+
+    kind: str
+    referrer: str
+    path: tuple[str, ...]  # map keys; a list on the way is crossed element by element
+
+
+@dataclass
+class _Rendering:
+    items: list[_Item]
+    references: list[_NameReference]
+
+
 def build(directory: Path) -> list[Resource]:
     """Render the kustomization in ``directory`` as ``kubectl kustomize`` would."""
-    items = _build(directory.resolve())
-    _add_hash_suffixes(items)
-    return [item.resource for item in items]
+    rendering = _build(directory.resolve())
+    _add_hash_suffixes(rendering)
+    return [item.resource for item in rendering.items]
 
 
 def load_documents(path: Path) -> list[Resource]:
@@ -95,7 +117,7 @@ def load_documents(path: Path) -> list[Resource]:
     return documents
 
 
-def _build(directory: Path) -> list[_Item]:
+def _build(directory: Path) -> _Rendering:
     path = directory / "kustomization.yaml"
     if not path.is_file():
         raise KustomizeError(f"{directory}: no kustomization.yaml")
@@ -105,12 +127,17 @@ def _build(directory: Path) -> list[_Item]:
         raise KustomizeError(f"{path}: unsupported fields {sorted(unknown)}")
 
     items: list[_Item] = []
+    references: list[_NameReference] = []
     for entry in kustomization.get("resources", []):
         target = (directory / entry).resolve()
         if target.is_dir():
-            items.extend(_build(target))
+            below = _build(target)
+            items.extend(below.items)
+            references.extend(below.references)
         else:
             items.extend(_Item(resource) for resource in load_documents(target))
+    for entry in kustomization.get("configurations", []):
+        references.extend(_name_references(directory / entry))
     for resource in items:
         _check_kind(resource.resource, path)
 
@@ -128,7 +155,24 @@ def _build(directory: Path) -> list[_Item]:
         _set_image(items, image)
     for replicas in kustomization.get("replicas", []):
         _set_replicas(items, replicas)
-    return items
+    return _Rendering(items, references)
+
+
+def _name_references(path: Path) -> list[_NameReference]:
+    """The nameReference entries of a ``configurations`` file, and nothing else."""
+    configuration = yaml.safe_load(path.read_text()) or {}
+    if set(configuration) != {"nameReference"}:
+        raise KustomizeError(f"{path}: only nameReference is supported")
+    references: list[_NameReference] = []
+    for entry in configuration["nameReference"]:
+        if set(entry) != {"kind", "fieldSpecs"} or entry["kind"] not in ("ConfigMap", "Secret"):
+            raise KustomizeError(f"{path}: a nameReference names a ConfigMap or Secret kind")
+        for spec in entry["fieldSpecs"]:
+            if set(spec) != {"kind", "path"}:
+                raise KustomizeError(f"{path}: a fieldSpec is only a kind and a path")
+            path_keys = tuple(spec["path"].split("/"))
+            references.append(_NameReference(entry["kind"], spec["kind"], path_keys))
+    return references
 
 
 def _check_kind(resource: Resource, where: Path) -> None:
@@ -291,7 +335,8 @@ def content_hash(resource: Resource) -> str:
     return digest[:10].translate(str.maketrans("013ae", "ghkmt"))
 
 
-def _add_hash_suffixes(items: list[_Item]) -> None:
+def _add_hash_suffixes(rendering: _Rendering) -> None:
+    items = rendering.items
     renamed: dict[tuple[str, str], str] = {}
     for item in items:
         if item.generated:
@@ -316,6 +361,23 @@ def _add_hash_suffixes(items: list[_Item]) -> None:
                 raise KustomizeError("projected volumes are not supported")
             _rename(volume.get("configMap"), "name", "ConfigMap", renamed)
             _rename(volume.get("secret"), "secretName", "Secret", renamed)
+    for reference in rendering.references:
+        for item in items:
+            if item.resource["kind"] == reference.referrer:
+                _rename_along(item.resource, reference.path, reference.kind, renamed)
+
+
+def _rename_along(
+    node: object, path: tuple[str, ...], kind: str, renamed: dict[tuple[str, str], str]
+) -> None:
+    """Rename the reference at ``path`` below ``node``, in every element of a list."""
+    if isinstance(node, list):
+        for element in node:
+            _rename_along(element, path, kind, renamed)
+    elif isinstance(node, dict) and len(path) == 1:
+        _rename(node, path[0], kind, renamed)
+    elif isinstance(node, dict) and path:
+        _rename_along(node.get(path[0]), path[1:], kind, renamed)
 
 
 def _rename(

@@ -137,7 +137,8 @@ def only_container(workload: Resource) -> dict[str, Any]:
     return containers[0]
 
 
-def _data(resource: Resource) -> dict[str, str]:
+def data_of(resource: Resource) -> dict[str, str]:
+    """The entries of a ConfigMap or Secret, a Secret's decoded."""
     data: dict[str, str] = resource.get("data") or {}
     if resource["kind"] == "Secret":
         return {key: base64.b64decode(value).decode() for key, value in data.items()}
@@ -153,9 +154,9 @@ def environment(resources: list[Resource], container: dict[str, Any]) -> dict[st
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
-            env.update(_data(named(resources, "ConfigMap", source["configMapRef"]["name"])))
+            env.update(data_of(named(resources, "ConfigMap", source["configMapRef"]["name"])))
         elif "secretRef" in source:
-            env.update(_data(named(resources, "Secret", source["secretRef"]["name"])))
+            env.update(data_of(named(resources, "Secret", source["secretRef"]["name"])))
         else:
             raise AssertionError(f"unknown envFrom source {source}")
     for variable in container.get("env", []):
@@ -165,10 +166,10 @@ def environment(resources: list[Resource], container: dict[str, Any]) -> dict[st
         reference = variable["valueFrom"]
         if "configMapKeyRef" in reference:
             ref = reference["configMapKeyRef"]
-            env[variable["name"]] = _data(named(resources, "ConfigMap", ref["name"]))[ref["key"]]
+            env[variable["name"]] = data_of(named(resources, "ConfigMap", ref["name"]))[ref["key"]]
         elif "secretKeyRef" in reference:
             ref = reference["secretKeyRef"]
-            env[variable["name"]] = _data(named(resources, "Secret", ref["name"]))[ref["key"]]
+            env[variable["name"]] = data_of(named(resources, "Secret", ref["name"]))[ref["key"]]
         else:
             raise AssertionError(f"unsupported valueFrom {reference}")
     return env

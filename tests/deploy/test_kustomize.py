@@ -86,8 +86,29 @@ spec:
         ),
         ("configMapGenerator:\n  - name: c\n    envs: [e.env]\n", {"e.env": "A=1\n"}),
         ("resources: [r.yaml]\n", {"r.yaml": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"}),
+        (
+            "resources: [s.yaml]\nconfigurations: [c.yaml]\n",
+            {"s.yaml": SERVICE, "c.yaml": "namePrefix:\n  - path: metadata/name\n"},
+        ),
+        (
+            "resources: [s.yaml]\nconfigurations: [c.yaml]\n",
+            {
+                "s.yaml": SERVICE,
+                "c.yaml": "nameReference:\n  - kind: Secret\n    fieldSpecs:\n"
+                "      - {kind: Service, path: spec/x, create: true}\n",
+            },
+        ),
     ],
-    ids=["commonLabels", "namePrefix", "list-patch", "patch-target", "envs", "unknown-kind"],
+    ids=[
+        "commonLabels",
+        "namePrefix",
+        "list-patch",
+        "patch-target",
+        "envs",
+        "unknown-kind",
+        "configurations-other-than-nameReference",
+        "fieldSpec-create",
+    ],
 )
 def test_python_rendering_refuses_what_it_does_not_implement(
     tmp_path: Path, kustomization: str, files: dict[str, str]
@@ -95,3 +116,41 @@ def test_python_rendering_refuses_what_it_does_not_implement(
     directory = _kustomization(tmp_path / "k", kustomization, files)
     with pytest.raises(kustomize.KustomizeError):
         kustomize.build(directory)
+
+
+TRIGGER_AUTHENTICATION = """\
+apiVersion: keda.sh/v1alpha1
+kind: TriggerAuthentication
+metadata:
+  name: t
+spec:
+  secretTargetRef:
+    - {parameter: password, name: s, key: P}
+    - {parameter: connection, name: other, key: C}
+"""
+NAME_REFERENCE = """\
+nameReference:
+  - kind: Secret
+    fieldSpecs:
+      - kind: TriggerAuthentication
+        path: spec/secretTargetRef/name
+"""
+
+
+def test_configurations_rename_references_in_custom_resources(tmp_path: Path) -> None:
+    """A nameReference in one kustomization renames a Secret generated in a sibling."""
+    _kustomization(tmp_path / "secret", "secretGenerator:\n  - {name: s, literals: [P=x]}\n", {})
+    _kustomization(
+        tmp_path / "keda",
+        "resources: [t.yaml]\nconfigurations: [c.yaml]\n",
+        {"t.yaml": TRIGGER_AUTHENTICATION, "c.yaml": NAME_REFERENCE},
+    )
+    top = _kustomization(tmp_path / "top", "resources: [../secret, ../keda]\n", {})
+    resources = {r["kind"]: r for r in kustomize.build(top)}
+    secret_name = resources["Secret"]["metadata"]["name"]
+    assert secret_name.startswith("s-")
+    references = resources["TriggerAuthentication"]["spec"]["secretTargetRef"]
+    assert [r["name"] for r in references] == [secret_name, "other"]
+    # Alone, the folder has no generated Secret to follow.
+    (alone,) = kustomize.build(tmp_path / "keda")
+    assert alone["spec"]["secretTargetRef"][0]["name"] == "s"

@@ -3,11 +3,12 @@
 Each kustomization (the base and every overlay) is rendered and every object is
 validated against the Kubernetes OpenAPI schemas in strict mode (no unknown
 fields), offline, with the schemas the kubernetes-validate package bundles. The
-KEDA ScaledObject, a custom resource those schemas do not cover, gets field
-checks instead. Then the manifests are checked against the code: every variable
-they pass is one of shared/orchestrix/settings.py and parses there, ports and
-probe paths are the ones the processes serve, grace periods outlast the drain,
-and the stream and consumer KEDA watches are the ones the workers use.
+KEDA ScaledObject and TriggerAuthentication, custom resources those schemas do
+not cover, get field checks instead. Then the manifests are checked against the
+code: every variable they pass is one of shared/orchestrix/settings.py and
+parses there, ports and probe paths are the ones the processes serve, grace
+periods outlast the drain, KEDA connects to the workers' database as they do,
+and its query, run on a migrated database, counts the jobs that need a worker.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import functools
 import re
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
+import asyncpg
 import kubernetes_validate  # type: ignore[import-untyped]
 import kubernetes_validate.utils  # type: ignore[import-untyped]
 import pytest
-from orchestrix import status
+from orchestrix import ids, status
 from orchestrix.settings import Settings
+from orchestrix.states import JobState
 
 from services.api import health
 from tests.deploy.manifests import (
@@ -35,6 +38,7 @@ from tests.deploy.manifests import (
     VARIABLE_NAMES,
     Resource,
     component,
+    data_of,
     environment,
     generated,
     load_yaml,
@@ -56,16 +60,28 @@ from tests.deploy.manifests import (
 # schemas of kubernetes-validate cover.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 SECRET_VARIABLES = frozenset({"DATABASE_URL", "DB_PASSWORD"})
+# KEDA's custom resources: no Kubernetes schema covers them (test_keda_*).
+KEDA_KINDS = frozenset({"ScaledObject", "TriggerAuthentication"})
+# The trigger metadata of KEDA's postgresql scaler. The password and a whole
+# connection string are only ever authentication parameters (KEDA_PARAMETERS),
+# or read from the target's environment (passwordFromEnv, connectionFromEnv).
 KEDA_METADATA = frozenset(
     {
-        "natsServerMonitoringEndpoint",
-        "account",
-        "stream",
-        "consumer",
-        "lagThreshold",
-        "activationLagThreshold",
-        "useHttps",
+        "query",
+        "targetQueryValue",
+        "activationTargetQueryValue",
+        "host",
+        "port",
+        "userName",
+        "dbName",
+        "sslmode",
+        "passwordFromEnv",
+        "connectionFromEnv",
     }
+)
+KEDA_PARAMETERS = frozenset({"password", "connection", "host", "port", "userName", "dbName"})
+KEDA_TRIGGER = frozenset(
+    {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
 )
 KEDA_SPEC = frozenset(
     {
@@ -86,6 +102,9 @@ KEDA_SPEC = frozenset(
 # (services/scheduler/leader.py); the worker's lease renewals
 # (services/worker/consumer.py).
 EXTRA_CONNECTIONS = {"api": 0, "scheduler": 2, "worker": 1}
+# KEDA's postgresql scaler, per trigger: its polling loop and the HPA's metric
+# requests both run the query, and may overlap.
+KEDA_CONNECTIONS = 2
 POSTGRES_RESERVED_CONNECTIONS = 3  # superuser_reserved_connections' default
 
 all_targets = pytest.mark.parametrize("target", list(TARGETS))
@@ -110,8 +129,8 @@ def _probe(container: dict[str, Any], kind: str) -> tuple[str, int]:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_object_is_valid_for_kubernetes(target: str, version: str) -> None:
     for resource in render(target):
-        if resource["kind"] == "ScaledObject":
-            continue  # a KEDA custom resource: test_keda_scaled_object
+        if resource["kind"] in KEDA_KINDS:
+            continue  # a KEDA custom resource: test_keda_*
         where = f"{target}: {resource['kind']} {resource['metadata']['name']}"
         try:
             kubernetes_validate.validate(resource, version, strict=True)
@@ -291,6 +310,13 @@ def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(target: str) ->
         assert worker["spec"]["replicas"] >= 1
 
 
+def _keda_trigger(resources: list[Resource]) -> dict[str, Any]:
+    (scaled,) = of_kind(resources, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert isinstance(trigger, dict)
+    return trigger
+
+
 def test_keda_scaled_object() -> None:
     resources = render("production")
     (scaled,) = of_kind(resources, "ScaledObject")
@@ -305,31 +331,19 @@ def test_keda_scaled_object() -> None:
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     assert isinstance(spec["pollingInterval"], int)
 
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "nats-jetstream"
+    trigger = _keda_trigger(resources)
+    assert set(trigger) <= KEDA_TRIGGER, f"unknown trigger fields {set(trigger) - KEDA_TRIGGER}"
+    assert trigger["type"] == "postgresql"
     metadata = trigger["metadata"]
     assert set(metadata) <= KEDA_METADATA, f"unknown metadata {set(metadata) - KEDA_METADATA}"
-    assert {"natsServerMonitoringEndpoint", "account", "stream", "consumer"} <= set(metadata)
+    assert {"query", "targetQueryValue"} <= set(metadata)
     # KEDA's metadata is a map of strings: a YAML number there is refused by the CRD.
     assert all(isinstance(value, str) for value in metadata.values()), metadata
-    assert int(metadata["lagThreshold"]) > 0
-    assert int(metadata.get("activationLagThreshold", "0")) >= 0
-    assert metadata.get("useHttps", "false") in ("true", "false")
-
-    # The stream and durable consumer the workers really use.
+    assert float(metadata.get("activationTargetQueryValue", "0")) >= 0
+    # The query's value is the jobs needing a worker slot (test_keda_query_counts_*),
+    # and KEDA asks for ceil(value / targetQueryValue) workers: one slot per job.
     settings = settings_of(resources, worker)
-    assert metadata["stream"] == settings.nats.stream
-    assert metadata["consumer"] == settings.nats.consumer
-    # One slot per message waiting or running (lag = num_pending + num_ack_pending).
-    assert int(metadata["lagThreshold"]) == settings.worker.concurrency
-
-    # The monitoring port of the `nats` Service, in this namespace.
-    host, _, port = metadata["natsServerMonitoringEndpoint"].rpartition(":")
-    nats_host = urlsplit(settings.nats.url).hostname
-    assert host == f"{nats_host}.{namespace(resources)}.svc.cluster.local"
-    nats = named(resources, "Service", str(nats_host))
-    ports = {p["name"]: p["port"] for p in nats["spec"]["ports"]}
-    assert int(port) == ports["monitoring"] == 8222
+    assert float(metadata["targetQueryValue"]) == settings.worker.concurrency
 
     # The scaling behaviour is an HPA's: validate it as one.
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
@@ -344,6 +358,117 @@ def test_keda_scaled_object() -> None:
         },
     }
     kubernetes_validate.validate(as_hpa, KUBERNETES_VERSIONS[0], strict=True)
+
+
+def _keda_parameters(resources: list[Resource], trigger: dict[str, Any]) -> dict[str, str]:
+    """What KEDA's postgresql scaler connects with: the trigger's metadata, then
+    the TriggerAuthentication's parameters read from their Secrets (which win)."""
+    parameters: dict[str, str] = dict(trigger["metadata"])
+    reference = trigger["authenticationRef"]
+    assert reference.get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+    authentication = named(resources, "TriggerAuthentication", reference["name"])
+    assert authentication["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(authentication["spec"]) == {"secretTargetRef"}
+    for target in authentication["spec"]["secretTargetRef"]:
+        assert set(target) == {"parameter", "name", "key"}, target
+        assert target["parameter"] in KEDA_PARAMETERS, target
+        # The exact name: a reference kustomize did not rename with the generated
+        # Secret's hash names nothing (kustomizeconfig.yaml in deploy/k8s/keda).
+        parameters[target["parameter"]] = data_of(named(resources, "Secret", target["name"]))[
+            target["key"]
+        ]
+    return parameters
+
+
+def test_keda_connects_as_the_workers_do() -> None:
+    resources = render("production")
+    parameters = _keda_parameters(resources, _keda_trigger(resources))
+    worker = component(resources, "worker")
+    env = environment(resources, only_container(worker))
+    # The manifests give the DB_* parts (docs/deploy.md: a whole DATABASE_URL
+    # would be KEDA's `connection` parameter instead).
+    assert "DATABASE_URL" not in env
+    assert "connection" not in parameters
+    # The password is the processes' own: the key of the Secret they get by envFrom.
+    assert parameters["password"] == env["DB_PASSWORD"]
+
+    url = urlsplit(settings_of(resources, worker).database.url)
+    # The `postgres` Service by its full name: KEDA's operator runs in its own namespace.
+    assert parameters["host"] == f"{url.hostname}.{namespace(resources)}.svc.cluster.local"
+    postgres = named(resources, "Service", str(url.hostname))
+    assert [p["port"] for p in postgres["spec"]["ports"]] == [url.port]
+    assert int(parameters["port"]) == url.port
+    assert parameters["userName"] == unquote(url.username or "")
+    assert parameters["password"] == unquote(url.password or "")
+    assert parameters["dbName"] == unquote(url.path.lstrip("/"))
+    assert [parameters["sslmode"]] == parse_qs(url.query)["sslmode"]
+
+
+# (state, run_at in seconds from now, whether the job needs a worker slot now)
+JOBS = [
+    (JobState.PENDING, -60, True),
+    (JobState.PENDING, 3600, False),  # not due yet
+    (JobState.RETRYING, -1, True),
+    (JobState.RETRYING, 60, False),  # backing off
+    (JobState.SCHEDULED, -60, True),  # announced, waiting for a worker
+    (JobState.RUNNING, -60, True),
+    (JobState.SUCCEEDED, -60, False),
+    (JobState.FAILED, -60, False),
+    (JobState.CANCELLED, -60, False),
+    (JobState.CANCELLED, 3600, False),
+]
+
+
+async def _insert(pool: asyncpg.Pool, state: JobState, run_in_s: float, count: int) -> None:
+    """``count`` jobs in ``state``, with the columns that state carries."""
+    attempt = 0 if state is JobState.PENDING else 1
+    await pool.execute(
+        """
+        INSERT INTO jobs (id, type, state, attempt, run_at, scheduled_at, started_at,
+                          lease_expires_at, completed_at)
+        SELECT unnest($1::text[]), 'keda', $2, $3, now() + make_interval(secs => $4),
+               CASE WHEN $2 IN ('SCHEDULED', 'RUNNING') THEN now() END,
+               CASE WHEN $2 = 'RUNNING' THEN now() END,
+               CASE WHEN $2 = 'RUNNING' THEN now() + interval '30 seconds' END,
+               CASE WHEN $2 IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN now() END
+        """,
+        [ids.new_id() for _ in range(count)],
+        str(state),
+        attempt,
+        run_in_s,
+    )
+
+
+async def test_keda_query_counts_the_jobs_that_need_a_worker_slot(pool: asyncpg.Pool) -> None:
+    """The trigger's query, run as KEDA runs it, on the migrated schema."""
+    query = _keda_trigger(render("production"))["metadata"]["query"]
+    assert await pool.fetchval(query) == 0
+    # Row i gets 2**i jobs: the count then says exactly which rows were counted.
+    for i, (state, run_in_s, _) in enumerate(JOBS):
+        await _insert(pool, state, run_in_s, 2**i)
+    counted = await pool.fetchval(query)
+    expected = sum(2**i for i, (_, _, needs_slot) in enumerate(JOBS) if needs_slot)
+    wrong = [
+        f"{state} due in {run_in_s}s"
+        for i, (state, run_in_s, _) in enumerate(JOBS)
+        if (counted ^ expected) >> i & 1
+    ]
+    assert counted == expected, f"miscounted: {wrong}"
+
+
+async def test_keda_query_stays_off_the_finished_jobs(pool: asyncpg.Pool) -> None:
+    """Every part of the count reads an index, never the table of finished jobs."""
+    query = _keda_trigger(render("production"))["metadata"]["query"]
+    await pool.execute(
+        "INSERT INTO jobs (id, type, state, attempt, completed_at) "
+        "SELECT lpad(n::text, 26, '0'), 't', 'SUCCEEDED', 1, now() "
+        "FROM generate_series(1, 20000) AS n"
+    )
+    await _insert(pool, JobState.PENDING, -1, 10)
+    await pool.execute("ANALYZE jobs")
+    plan = "\n".join(row[0] for row in await pool.fetch("EXPLAIN " + query))
+    assert "Seq Scan" not in plan, plan
+    assert plan.count("Index Only Scan") == 3, plan
 
 
 @all_targets
@@ -433,11 +558,15 @@ def _max_replicas(resources: list[Resource], name: str) -> int:
 
 
 def connection_budget(resources: list[Resource]) -> int:
-    """PostgreSQL connections of every Orchestrix process at the largest scale."""
+    """PostgreSQL connections of every Orchestrix process (and of KEDA's trigger,
+    where there is one) at the largest scale."""
     total = 1  # the migration Job: one connection, no pool
     for name in SERVICES:
         pool = settings_of(resources, component(resources, name)).database.pool_max_size
         total += _max_replicas(resources, name) * (pool + EXTRA_CONNECTIONS[name])
+    for scaled in of_kind(resources, "ScaledObject"):
+        triggers = scaled["spec"]["triggers"]
+        total += KEDA_CONNECTIONS * sum(t["type"] == "postgresql" for t in triggers)
     return total
 
 
