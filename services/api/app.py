@@ -16,8 +16,9 @@ from orchestrix.metrics import ApiMetrics
 from orchestrix.settings import Settings
 
 from services.api import health, jobs, openapi
+from services.api.creator import Creator
 from services.api.errors import MAX_BODY, error_middleware
-from services.api.keys import LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
+from services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
 
 log = logging.getLogger("api")
 
@@ -46,6 +47,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
         middlewares=[_metrics_middleware(metrics), error_middleware],
     )
     app[POOL] = pool
+    app[CREATOR] = Creator(pool)
     app[METRICS] = metrics
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes

