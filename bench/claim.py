@@ -93,7 +93,11 @@ async def time_claims(url: str, batch: int, rounds: int = 10) -> dict[str, Any]:
     minimum is the least disturbed figure, the median the typical one. One more
     rolled-back round runs ``EXPLAIN (ANALYZE, BUFFERS)`` of the claim statement.
     """
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(
+        # As the scheduler connects, with its session settings if the engine has any.
+        url,
+        server_settings=getattr(db, "SCHEDULER_SERVER_SETTINGS", {}),
+    )
     times: list[float] = []
     plan: list[str] = []
     claimed = 0
@@ -112,10 +116,6 @@ async def time_claims(url: str, batch: int, rounds: int = 10) -> dict[str, Any]:
         if isinstance(sql, str):
             try:
                 async with conn.transaction():
-                    # Planner settings the engine's claim makes, if it makes any.
-                    settings = getattr(db, "_CLAIM_SETTINGS", None)
-                    if isinstance(settings, str):
-                        await conn.execute(settings)
                     rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, batch)
                     plan = [row[0] for row in rows]
                     raise _Rollback

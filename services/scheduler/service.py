@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from orchestrix import broker
 from orchestrix.backoff import sleep_unless_stopped
+from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import SchedulerMetrics
@@ -103,7 +104,9 @@ async def _maintain(
 
 async def serve(settings: Settings) -> None:
     stop = stop_on_signals()
-    connected = await connect_both(settings, "orchestrix-scheduler", stop)
+    connected = await connect_both(
+        settings, "orchestrix-scheduler", stop, server_settings=db.SCHEDULER_SERVER_SETTINGS
+    )
     if connected is None:
         return
     pool, nc = connected

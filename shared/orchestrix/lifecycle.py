@@ -23,10 +23,10 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def connect_both(
-    settings: Settings, name: str, stop: asyncio.Event
+    settings: Settings, name: str, stop: asyncio.Event, **pool_options: Any
 ) -> tuple[Any, Client] | None:
     """PostgreSQL pool and NATS connection, each waited for; None if stopped first."""
-    pool = await connect_with_backoff(settings.database, stop)
+    pool = await connect_with_backoff(settings.database, stop, **pool_options)
     if pool is None:
         return None
     nc = await broker.connect_with_backoff(settings.nats, name, stop)

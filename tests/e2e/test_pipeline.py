@@ -188,7 +188,7 @@ async def test_metrics_count_outcomes_by_type(running: Running) -> None:
     assert 'orchestrix_jobs_succeeded_total{queue="metrics_q",type="demo_job"} 1.0' in text
     assert 'orchestrix_job_duration_seconds_count{outcome="success",queue="metrics_q"' in text
     assert "orchestrix_job_start_latency_seconds_bucket" in text
-    assert "orchestrix_worker_slots 10.0" in text
+    assert "orchestrix_worker_slots 100.0" in text  # WORKER_CONCURRENCY's default
     async with running.http.get(f"http://127.0.0.1:{running.scheduler.port}/metrics") as response:
         text = await response.text()
     assert 'orchestrix_jobs_scheduled_total{queue="metrics_q"} 1.0' in text

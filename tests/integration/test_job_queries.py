@@ -34,19 +34,22 @@ async def test_claim_takes_due_jobs_by_priority_then_age(pool: asyncpg.Pool) -> 
 
 
 async def test_claim_walks_the_due_index_even_before_the_table_is_analyzed(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, database: str
 ) -> None:
     # A burst of jobs the planner has no statistics for yet: it would sort them all.
     await pool.execute(
         "INSERT INTO jobs (id, type) SELECT lpad(n::text, 26, '0'), 't' "
         "FROM generate_series(1, 20000) AS n"
     )
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(db._CLAIM_SETTINGS)
+    # Connected as the scheduler connects.
+    conn = await asyncpg.connect(database, server_settings=db.SCHEDULER_SERVER_SETTINGS)
+    try:
         plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + db._CLAIM_DUE, 500))
-    assert "Index Scan using jobs_due_idx" in plan
-    assert "Sort" not in plan
-    claimed = await db.claim_due(pool, 500)
+        assert "Index Scan using jobs_due_idx" in plan
+        assert "Sort" not in plan
+        claimed = await db.claim_due(conn, 500)
+    finally:
+        await conn.close()
     assert [c.id for c in claimed] == [f"{n:026d}" for n in range(1, 501)]
 
 

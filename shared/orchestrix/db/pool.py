@@ -28,7 +28,8 @@ RETRYABLE = (
 TRANSIENT = (*RETRYABLE, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
-def _encode(value: Any) -> str:
+def encode_json(value: Any) -> str:
+    """A value as the text PostgreSQL reads into a json or jsonb column."""
     return orjson.dumps(value).decode()
 
 
@@ -36,7 +37,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     """jsonb/json columns come back as Python values and go in from them."""
     for typename in ("jsonb", "json"):
         await conn.set_type_codec(
-            typename, schema="pg_catalog", encoder=_encode, decoder=orjson.loads, format="text"
+            typename, schema="pg_catalog", encoder=encode_json, decoder=orjson.loads, format="text"
         )
 
 
@@ -65,9 +66,9 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
 
 
 async def connect_with_backoff(
-    settings: DatabaseSettings, stop: asyncio.Event
+    settings: DatabaseSettings, stop: asyncio.Event, **overrides: Any
 ) -> asyncpg.Pool | None:
     """Open the pool once PostgreSQL answers; None if stopped first."""
     return await until_connected(
-        lambda: create_pool(settings), what="database", stop=stop, retry_on=RETRYABLE
+        lambda: create_pool(settings, **overrides), what="database", stop=stop, retry_on=RETRYABLE
     )
