@@ -256,16 +256,8 @@ def table(results: dict[str, Any]) -> str:
         )
     if "latency_start_p50_ms" in s:
         rate = results.get("latency", {}).get("rate", 0)
-        rows.append(
-            (
-                f"Latency at {rate:g} jobs/s, create->start p50/p95/p99 (ms)",
-                " / ".join(_ms(s.get(f"latency_start_{p}_ms")) for p in ("p50", "p95", "p99")),
-                "-",
-                "-",
-                "-",
-            )
-        )
-        p50, p99 = s.get("latency_finish_p50_ms"), s.get("latency_finish_p99_ms")
+        # The issue's target, and the peers' figures, are enqueue -> start.
+        p50, p99 = s.get("latency_start_p50_ms"), s.get("latency_start_p99_ms")
         ok = (
             None
             if p50 is None or p99 is None
@@ -273,10 +265,19 @@ def table(results: dict[str, Any]) -> str:
         )
         rows.append(
             (
-                f"Latency at {rate:g} jobs/s, create->finish p50/p95/p99 (ms)",
-                " / ".join(_ms(s.get(f"latency_finish_{p}_ms")) for p in ("p50", "p95", "p99")),
+                f"Latency at {rate:g} jobs/s, create->start p50/p95/p99 (ms)",
+                " / ".join(_ms(s.get(f"latency_start_{p}_ms")) for p in ("p50", "p95", "p99")),
                 f"p50 <= 2, p99 <= 5{_verdict(ok)}",
                 PEERS["latency"],
+                "-",
+            )
+        )
+        rows.append(
+            (
+                f"Latency at {rate:g} jobs/s, create->finish p50/p95/p99 (ms)",
+                " / ".join(_ms(s.get(f"latency_finish_{p}_ms")) for p in ("p50", "p95", "p99")),
+                "-",
+                "-",
                 "-",
             )
         )
