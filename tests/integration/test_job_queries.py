@@ -254,3 +254,34 @@ async def test_batched_writes_keep_the_guards(pool: asyncpg.Pool) -> None:
     job = await db.get(pool, second)
     assert job is not None
     assert job.result == {"ok": 1}
+
+
+@pytest.mark.parametrize(
+    ("sql", "state", "args"),
+    [
+        (db._START_MANY, "SCHEDULED", (30.0,)),
+        (db._SUCCEED_MANY, "RUNNING", ([None] * 100,)),
+        (db._RENEW_LEASES, "RUNNING", (30.0,)),
+    ],
+    ids=["start_many", "succeed_many", "renew_leases"],
+)
+async def test_batched_updates_find_their_jobs_by_primary_key(
+    pool: asyncpg.Pool, sql: str, state: str, args: tuple[object, ...]
+) -> None:
+    # Statistics from before a burst: then no job was in `state`; now 20,000 are.
+    await pool.execute(
+        "INSERT INTO jobs (id, type) SELECT lpad(n::text, 26, '0'), 't' "
+        "FROM generate_series(1, 20000) AS n"
+    )
+    await pool.execute("ANALYZE jobs")
+    await pool.execute(
+        "UPDATE jobs SET state = $1, attempt = 1, scheduled_at = now(), "
+        "started_at = CASE WHEN $1 = 'RUNNING' THEN now() END",
+        state,
+    )
+    batch = [f"{n:026d}" for n in range(1, 101)]
+    plan = "\n".join(row[0] for row in await pool.fetch("EXPLAIN " + sql, batch, [1] * 100, *args))
+    assert "Index Scan on jobs_pkey" in plan or "Index Scan using jobs_pkey" in plan
+    assert "jobs_scheduled_idx" not in plan
+    assert "jobs_running_lease_idx" not in plan
+    assert "jobs_state_id_idx" not in plan

@@ -314,12 +314,20 @@ async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
     return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
 
+# The batched updates below find their rows by primary key, one lookup per
+# (id, attempt) they are given; the state is only their guard. Written as
+# `state = ...`, the guard lets the planner scan a partial index of that state
+# instead (jobs_scheduled_idx, jobs_running_lease_idx) and hash-join the batch
+# against every job in the state. After a burst the table's statistics say that
+# state is nearly empty, so the planner does so, and each start of 100 jobs then
+# read all 20,000 scheduled ones: 7 ms instead of 1.4 ms, and the drain with a
+# million finished jobs ran 88 % slower. `state || ''` matches no index.
 _START_MANY = """
 UPDATE jobs
 SET state = 'RUNNING', started_at = now(), updated_at = now(),
     lease_expires_at = now() + make_interval(secs => $3)
 FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
-WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state = 'SCHEDULED'
+WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state || '' = 'SCHEDULED'
 RETURNING jobs.*
 """
 
@@ -327,7 +335,7 @@ _SUCCEED_MANY = """
 UPDATE jobs
 SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
-WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state = 'RUNNING'
+WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
 RETURNING jobs.id
 """
 
@@ -402,7 +410,8 @@ _RENEW_LEASES = """
 UPDATE jobs
 SET lease_expires_at = now() + make_interval(secs => $3)
 FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
-WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state = 'RUNNING'
+-- By primary key, as _START_MANY.
+WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state || '' = 'RUNNING'
 RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL AS cancel
 """
 
