@@ -49,17 +49,23 @@ async def _step(ctx: Context, stack: Stack, conn: Any, http: Any, rate: float) -
     samples: list[tuple[float, int]] = []
     began = time.monotonic()
     start_backlog = await backlog(conn)
+    # The sampler and the window's end share one connection: one query at a time.
+    one_at_a_time = asyncio.Lock()
+
+    async def count() -> int:
+        async with one_at_a_time:
+            return await backlog(conn)
 
     async def sample() -> None:
         while True:
-            samples.append((round(time.monotonic() - began, 2), await backlog(conn)))
+            samples.append((round(time.monotonic() - began, 2), await count()))
             await asyncio.sleep(SAMPLE_S)
 
     end_backlog = -1
 
     async def at_end() -> None:
         nonlocal end_backlog
-        end_backlog = await backlog(conn)
+        end_backlog = await count()
 
     meter = CpuMeter(stack.roles(), ctx.servers.pids)
     sampler = asyncio.create_task(sample())
