@@ -200,9 +200,10 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                     insert=False,
                 )
                 runs[label].append(run.to_json())
+                waits = ", ".join(f"{k} {v:.0%}" for k, v in list(run.pg_waits.items())[:3])
                 print(
                     f"  claim, {label} table (round {round_ + 1}): drain 1 worker "
-                    f"{run.jobs_per_s:,.0f} jobs/s",
+                    f"{run.jobs_per_s:,.0f} jobs/s (PostgreSQL: {waits})",
                     flush=True,
                 )
     for label, rows in (("empty", 0), ("full", o.finished_rows)):
