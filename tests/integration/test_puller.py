@@ -1,0 +1,78 @@
+"""The worker's pull consumer against a real JetStream: it takes no more messages
+than it asked for, and forgets requests JetStream has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from orchestrix import broker
+from orchestrix.settings import NatsSettings, Settings
+
+from services.worker import puller
+from services.worker.puller import Puller
+
+
+async def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_takes_what_it_asked_for_and_drops_expired_requests(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Requests that expire quickly, so the test sees JetStream end one.
+    monkeypatch.setattr(puller, "EXPIRES_S", 0.5)
+    tag = uuid.uuid4().hex[:8]
+    names = NatsSettings(
+        url=settings.nats.url,
+        stream=f"T_PULLER_{tag}",
+        subject_prefix=f"tpuller.{tag}",
+        consumer=f"tpuller-{tag}",
+    )
+    nc = await nats.connect(names.url)
+    js = nc.jetstream()
+    received: list[Msg] = []
+
+    async def on_message(msg: Msg) -> None:
+        received.append(msg)
+
+    try:
+        await broker.ensure_consumer(js, names)
+        for n in range(5):
+            await js.publish(broker.subject(names, "q"), str(n).encode())
+        pull = Puller(nc, names.stream, names.consumer, on_message)
+        await pull.start()
+
+        await pull.request(3)
+        await _eventually(lambda: len(received) == 3)
+        assert pull.outstanding == 0
+        await asyncio.sleep(0.2)
+        assert len(received) == 3  # no more than asked for
+
+        await pull.request(10)
+        await _eventually(lambda: len(received) == 5)
+        assert pull.outstanding == 8  # the request stays open for 8 more
+        # JetStream ends it when it expires (a 408), well before the puller would
+        # give it up as lost (LOST_AFTER_S): nothing is left to expect.
+        await _eventually(lambda: pull.outstanding == 0, timeout_s=puller.LOST_AFTER_S - 1)
+        assert [m.data for m in received] == [str(n).encode() for n in range(5)]
+
+        # A message published later reaches only an open request.
+        await pull.request(1)
+        await js.publish(broker.subject(names, "q"), b"late")
+        await _eventually(lambda: len(received) == 6)
+        assert received[-1].data == b"late"
+        for msg in received:
+            await msg.ack()
+        await pull.stop()
+    finally:
+        await js.delete_stream(names.stream)
+        await nc.close()
