@@ -45,7 +45,7 @@ from orchestrix.settings import Settings
 
 from services.worker import runner
 from services.worker.completer import Completer
-from services.worker.puller import EXPIRES_S, Puller
+from services.worker.puller import Puller
 
 log = logging.getLogger("worker")
 WRITE_RETRY_S = 0.5
@@ -53,6 +53,8 @@ WRITE_RETRY_S = 0.5
 START_RETRY_S = 1.0
 # Most jobs moved to RUNNING by one UPDATE.
 START_BATCH = 500
+# With no request open (JetStream refused one), look again this often.
+IDLE_WAKE_S = 1.0
 
 
 class Stop(Enum):
@@ -118,7 +120,9 @@ class Consumer:
         self._sizes = _Sizes()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._puller = Puller(nc, settings.nats.stream, settings.nats.consumer, self._received)
+        self._puller = Puller(
+            nc, settings.nats.stream, settings.nats.consumer, self._received, self._wake.set
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and run jobs until ``stop``; then drain within the shutdown timeout."""
@@ -135,8 +139,11 @@ class Consumer:
                 await self._start_waiting()
                 if self._waiting and self._busy < self._concurrency:
                     continue  # more can start at once
+                # Wake for a message, a finished job, a request JetStream ended,
+                # or in time to renew the open request before it expires.
+                renewal = self._puller.next_renewal_s()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(EXPIRES_S / 2):
+                    async with asyncio.timeout(IDLE_WAKE_S if renewal is None else renewal):
                         await self._wake.wait()
                 self._wake.clear()
         finally:

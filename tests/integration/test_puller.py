@@ -29,7 +29,8 @@ async def test_takes_what_it_asked_for_and_drops_expired_requests(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Requests that expire quickly, so the test sees JetStream end one.
-    monkeypatch.setattr(puller, "EXPIRES_S", 0.5)
+    monkeypatch.setattr(puller, "EXPIRES_S", 1.0)
+    monkeypatch.setattr(puller, "RENEW_BEFORE_S", 0.5)
     tag = uuid.uuid4().hex[:8]
     names = NatsSettings(
         url=settings.nats.url,
@@ -48,7 +49,8 @@ async def test_takes_what_it_asked_for_and_drops_expired_requests(
         await broker.ensure_consumer(js, names)
         for n in range(5):
             await js.publish(broker.subject(names, "q"), str(n).encode())
-        pull = Puller(nc, names.stream, names.consumer, on_message)
+        ended: list[None] = []
+        pull = Puller(nc, names.stream, names.consumer, on_message, lambda: ended.append(None))
         await pull.start()
 
         await pull.request(3)
@@ -60,9 +62,17 @@ async def test_takes_what_it_asked_for_and_drops_expired_requests(
         await pull.request(10)
         await _eventually(lambda: len(received) == 5)
         assert pull.outstanding == 8  # the request stays open for 8 more
-        # JetStream ends it when it expires (a 408), well before the puller would
-        # give it up as lost (LOST_AFTER_S): nothing is left to expect.
-        await _eventually(lambda: pull.outstanding == 0, timeout_s=puller.LOST_AFTER_S - 1)
+        renewal = pull.next_renewal_s()
+        assert renewal is not None
+        assert 0 < renewal <= 0.5
+        # Half a second before it expires it stops counting: time to ask again.
+        await asyncio.sleep(renewal + 0.05)
+        assert pull.outstanding == 0
+        assert not ended
+        # JetStream ends it when it expires (a 408), and says so, before the
+        # puller would give it up as lost (LOST_AFTER_S).
+        await _eventually(lambda: len(ended) == 1, timeout_s=0.5 + puller.LOST_AFTER_S)
+        assert pull.next_renewal_s() is None
         assert [m.data for m in received] == [str(n).encode() for n in range(5)]
 
         # A message published later reaches only an open request.
