@@ -53,7 +53,7 @@ WRITE_RETRY_S = 0.5
 START_RETRY_S = 1.0
 # Most jobs moved to RUNNING by one UPDATE.
 START_BATCH = 500
-# With no request open (JetStream refused one), look again this often.
+# The feed loop looks at its requests at least this often.
 IDLE_WAKE_S = 1.0
 
 
@@ -139,11 +139,13 @@ class Consumer:
                 await self._start_waiting()
                 if self._waiting and self._busy < self._concurrency:
                     continue  # more can start at once
-                # Wake for a message, a finished job, a request JetStream ended,
-                # or in time to renew the open request before it expires.
+                # Wake for a message, a finished job, a request JetStream ended, in
+                # time to renew the open request before it expires, and at least
+                # every IDLE_WAKE_S (after a reconnect, the requests are gone).
                 renewal = self._puller.next_renewal_s()
+                wait_s = IDLE_WAKE_S if renewal is None else min(renewal, IDLE_WAKE_S)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(IDLE_WAKE_S if renewal is None else renewal):
+                    async with asyncio.timeout(wait_s):
                         await self._wake.wait()
                 self._wake.clear()
         finally:

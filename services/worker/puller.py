@@ -11,8 +11,9 @@ Each request asks for up to ``n`` messages and expires after ``EXPIRES_S``;
 JetStream serves requests in the order they came. The puller counts what each
 request may still bring, so the worker never asks for much more than it can
 hold: a message uses up the oldest request, and a request ends when JetStream
-says so (a 408 or 409 status) or, should that word be lost (a NATS restart
-forgets requests), shortly after it expired. A request stops counting
+says so (a 408 or 409 status), when the connection to NATS is re-established
+(a restarted server forgets its requests), or at the latest shortly after it
+expired. A request stops counting
 ``RENEW_BEFORE_S`` before it expires, so that the worker asks again in time
 and there is never a moment with no request open.
 """
@@ -67,6 +68,7 @@ class Puller:
         self._requests: deque[_Request] = deque()
         self._sub: Subscription | None = None
         self._paused_until = 0.0
+        self._reconnects = nc.stats["reconnects"]
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -86,6 +88,10 @@ class Puller:
     @property
     def outstanding(self) -> int:
         """Messages the open requests, not yet due for renewal, may still bring."""
+        if self._nc.stats["reconnects"] != self._reconnects:
+            # Requests went to a connection (perhaps a server) that is gone.
+            self._reconnects = self._nc.stats["reconnects"]
+            self._requests.clear()
         now = time.monotonic()
         while self._requests and (
             self._requests[0].remaining <= 0 or self._requests[0].lost_at <= now

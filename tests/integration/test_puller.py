@@ -80,6 +80,11 @@ async def test_takes_what_it_asked_for_and_drops_expired_requests(
         await js.publish(broker.subject(names, "q"), b"late")
         await _eventually(lambda: len(received) == 6)
         assert received[-1].data == b"late"
+        # A reconnect (as nats-py counts them) forgets the requests sent before.
+        await pull.request(4)
+        assert pull.outstanding == 4
+        nc.stats["reconnects"] += 1
+        assert pull.outstanding == 0
         for msg in received:
             await msg.ack()
         await pull.stop()
