@@ -53,6 +53,30 @@ async def test_claim_walks_the_due_index_even_before_the_table_is_analyzed(
     assert [c.id for c in claimed] == [f"{n:026d}" for n in range(1, 501)]
 
 
+async def test_claim_finds_its_rows_again_by_key_on_a_mid_sized_table(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    # 50,000 finished jobs, analyzed: the size at which the planner would hash
+    # the whole table to join the 500 picked rows back.
+    await pool.execute(
+        "INSERT INTO jobs (id, type, state, attempt, completed_at) "
+        "SELECT lpad(n::text, 26, '0'), 't', 'SUCCEEDED', 1, now() "
+        "FROM generate_series(1, 50000) AS n"
+    )
+    await pool.execute(
+        "INSERT INTO jobs (id, type) SELECT '7' || lpad(n::text, 25, '0'), 't' "
+        "FROM generate_series(1, 1000) AS n"
+    )
+    await pool.execute("ANALYZE jobs")
+    conn = await asyncpg.connect(database, server_settings=db.SCHEDULER_SERVER_SETTINGS)
+    try:
+        plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + db._CLAIM_DUE, 500))
+    finally:
+        await conn.close()
+    assert "Index Scan using jobs_pkey" in plan
+    assert "Seq Scan" not in plan
+
+
 async def test_claim_marks_scheduled_and_counts_the_attempt(pool: asyncpg.Pool) -> None:
     job_id = await add(pool, queue="emails")
     [claimed] = await db.claim_due(pool, 10)
