@@ -111,7 +111,12 @@ async def serve(settings: Settings) -> None:
         return
     pool, nc = connected
     js = nc.jetstream()
-    await broker.ensure_stream(js, settings.nats)
+    if not await broker.ensure_with_backoff(
+        lambda: broker.ensure_stream(js, settings.nats), "jetstream stream", stop
+    ):
+        await nc.close()
+        await pool.close()
+        return
 
     metrics = SchedulerMetrics()
     status = StatusServer(

@@ -27,7 +27,13 @@ async def serve(settings: Settings) -> None:
     if connected is None:
         return
     pool, nc = connected
-    await broker.ensure_consumer(nc.jetstream(), settings.nats)
+    js = nc.jetstream()
+    if not await broker.ensure_with_backoff(
+        lambda: broker.ensure_consumer(js, settings.nats), "jetstream consumer", stop
+    ):
+        await nc.close()
+        await pool.close()
+        return
 
     metrics = WorkerMetrics(settings.worker.concurrency)
     status = StatusServer(

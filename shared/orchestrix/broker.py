@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import nats
 import orjson
+from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js import JetStreamContext
@@ -27,12 +29,23 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from orchestrix.backoff import until_connected
 from orchestrix.settings import NatsSettings
 
 log = logging.getLogger("broker")
+
+# What a JetStream API call raises while NATS restarts or is unreachable: worth
+# waiting out.
+UNAVAILABLE = (
+    nats_errors.TimeoutError,
+    nats_errors.NoRespondersError,
+    nats_errors.ConnectionClosedError,
+    nats_errors.ConnectionReconnectingError,
+    nats_errors.StaleConnectionError,
+    ServiceUnavailableError,
+)
 
 # How long JetStream remembers a message id to drop a republished duplicate.
 DUPLICATE_WINDOW_S = 120.0
@@ -162,6 +175,23 @@ async def connect_with_backoff(
         stop=stop,
         retry_on=(OSError, TimeoutError, NoServersError),
     )
+
+
+async def ensure_with_backoff(
+    ensure: Callable[[], Awaitable[None]], what: str, stop: asyncio.Event
+) -> bool:
+    """Run ``ensure`` (ensure_stream or ensure_consumer) until NATS answers it.
+
+    A service that starts while NATS restarts waits instead of exiting. False
+    when stopped first.
+    """
+
+    async def ensured() -> bool:
+        await ensure()
+        return True
+
+    done = await until_connected(ensured, what=what, stop=stop, retry_on=UNAVAILABLE)
+    return done is True
 
 
 def cancel_subject(settings: NatsSettings) -> str:
