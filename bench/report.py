@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -395,16 +396,18 @@ def table(results: dict[str, Any]) -> str:
         "Peers (same machine, from the issue)",
         "Ceiling (this run)",
     )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
-    lines = [
-        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(header)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
-        for row in rows
-    ]
-    return "\n".join(lines)
+    return _markdown(header, rows)
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table with every column padded to its widest cell."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 def cpu_table(results: dict[str, Any]) -> str:
@@ -428,16 +431,7 @@ def cpu_table(results: dict[str, Any]) -> str:
         busy = [cpu.get(g, 0.0) / wall for g in groups]
         idle = max(0.0, cores - cpu.get("machine", 0.0) / wall)
         rows.append([label, *(f"{b:.2f}" for b in busy), f"{idle:.2f}"])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(header)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |"
-        for row in rows
-    ]
-    return "\n".join(lines)
+    return _markdown(header, rows)
 
 
 def waits_table(results: dict[str, Any]) -> str:

@@ -133,13 +133,20 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                 # Warm-up: open connections, fill caches.
                 await open_loop(http, stack.api_url + "/api/v1/jobs", o.sustained_rates[0], 0.5)
                 await _wait_empty(conn, stack, DRAIN_WAIT_S)
-                for rate in o.sustained_rates:
+
+                async def measure(rate: float) -> dict[str, Any]:
+                    nonlocal held, failed
                     step = await _step(ctx, stack, conn, http, rate)
                     steps.append(step)
                     if step["held"]:
                         held = step
                     else:
                         failed = step
+                    return step
+
+                for rate in o.sustained_rates:
+                    step = await measure(rate)
+                    if not step["held"]:
                         break
                 for _ in range(o.sustained_refine):
                     if held is None or failed is None or step["drained_after_s"] is None:
@@ -147,12 +154,7 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                     rate = round((held["rate"] + failed["rate"]) / 2, -1)
                     if rate in (held["rate"], failed["rate"]):
                         break
-                    step = await _step(ctx, stack, conn, http, rate)
-                    steps.append(step)
-                    if step["held"]:
-                        held = step
-                    else:
-                        failed = step
+                    step = await measure(rate)
         finally:
             await conn.close()
     return {

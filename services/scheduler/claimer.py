@@ -32,17 +32,17 @@ class Claimer:
     async def run_once(self) -> int:
         """Publish what is left over, then claim and publish one batch; return the batch size."""
         if self.unpublished:
-            self._count(*await self._publisher.publish(self.unpublished))
+            self.unpublished = self._count(*await self._publisher.publish(self.unpublished))
             if self.unpublished:
                 return 0
         with self._metrics.claim_duration.time():
             claimed = await db.claim_due(self._pool, self._batch_size)
         if claimed:
-            self._count(*await self._publisher.announce(claimed))
+            self.unpublished = self._count(*await self._publisher.announce(claimed))
         return len(claimed)
 
-    def _count(self, published: list[Message], failed: list[Message]) -> None:
-        """Count what went out; keep what did not, to publish again (same message ids)."""
+    def _count(self, published: list[Message], failed: list[Message]) -> list[Message]:
+        """Count what went out; return what did not, to publish again (same message ids)."""
         for message in published:
             self._metrics.jobs_scheduled.labels(message.queue).inc(len(message.jobs))
-        self.unpublished = failed
+        return failed

@@ -55,10 +55,8 @@ class Republisher:
         if not stale:
             return 0
         published, _ = await self._publisher.announce(stale)
-        count = 0
         for message in published:
             self._metrics.jobs_republished.labels(message.queue).inc(len(message.jobs))
-            count += len(message.jobs)
             for job in message.jobs:
                 log.warning("job announced again", extra={"job_id": job.id, "attempt": job.attempt})
-        return count
+        return sum(len(message.jobs) for message in published)

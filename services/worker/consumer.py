@@ -28,7 +28,7 @@ import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -79,18 +79,7 @@ class Delivery:
 class Running:
     job: Job
     task: asyncio.Task[None]
-    delivery: Delivery
     stop: Stop | None = None
-
-
-@dataclass
-class _Sizes:
-    """Jobs per message lately: how many messages to ask for to fill the free slots."""
-
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=16))
-
-    def mean(self, default: int) -> float:
-        return sum(self.recent) / len(self.recent) if self.recent else float(default)
 
 
 class Consumer:
@@ -111,13 +100,13 @@ class Consumer:
         self._concurrency = settings.worker.concurrency
         self._lease_s = settings.recovery.lease_timeout_s
         self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # one per running job: its slot
         self._running: dict[str, Running] = {}
         # Announced, not yet started: (message, job id, attempt), oldest first.
         self._waiting: deque[tuple[Delivery, str, int]] = deque()
         self._deliveries: set[Delivery] = set()  # messages not yet settled
-        self._busy = 0  # slots taken by jobs starting or running
-        self._sizes = _Sizes()
+        # Jobs per message lately: how many messages to ask for to fill the slots.
+        self._sizes: deque[int] = deque(maxlen=16)
         self._wake = asyncio.Event()
         self._stopping = False
         self._puller = Puller(
@@ -137,7 +126,7 @@ class Consumer:
             while not stop.is_set():
                 await self._ask_for_more()
                 await self._start_waiting()
-                if self._waiting and self._busy < self._concurrency:
+                if self._waiting and len(self._tasks) < self._concurrency:
                     continue  # more can start at once
                 # Wake for a message, a finished job, a request JetStream ended, in
                 # time to renew the open request before it expires, and at least
@@ -184,7 +173,7 @@ class Consumer:
         delivery = Delivery(message, len(attempts))
         self._deliveries.add(delivery)
         self._waiting.extend((delivery, job_id, attempt) for job_id, attempt in attempts)
-        self._sizes.recent.append(len(attempts))
+        self._sizes.append(len(attempts))
         self._wake.set()
 
     async def _ask_for_more(self) -> None:
@@ -194,9 +183,14 @@ class Consumer:
         (or a quarter of the slots), or when none is open at all, so that few
         requests wait at JetStream and one is always there.
         """
-        per_message = self._sizes.mean(self._settings.scheduler.jobs_per_message)
+        sizes = self._sizes
+        per_message = (
+            sum(sizes) / len(sizes) if sizes else self._settings.scheduler.jobs_per_message
+        )
         outstanding = self._puller.outstanding
-        missing = self._concurrency - self._busy - len(self._waiting) - outstanding * per_message
+        missing = (
+            self._concurrency - len(self._tasks) - len(self._waiting) - outstanding * per_message
+        )
         if missing <= 0:
             return
         if outstanding == 0 or missing >= max(per_message, self._concurrency / 4):
@@ -204,18 +198,16 @@ class Consumer:
 
     async def _start_waiting(self) -> None:
         """Move as many waiting jobs to RUNNING as there are free slots, in one UPDATE."""
-        count = min(self._concurrency - self._busy, len(self._waiting), START_BATCH)
+        count = min(self._concurrency - len(self._tasks), len(self._waiting), START_BATCH)
         if count <= 0:
             return
         batch = [self._waiting.popleft() for _ in range(count)]
-        self._busy += count
         try:
             jobs = await db.start_many(
                 self._pool, [(job_id, attempt) for _, job_id, attempt in batch], self._lease_s
             )
         except TRANSIENT as exc:
             log.warning("cannot start jobs", extra={"jobs": count, "error": repr(exc)})
-            self._busy -= count
             for delivery, _, _ in batch:
                 await self._settle(delivery, redeliver=True, delay_s=START_RETRY_S)
             return
@@ -223,12 +215,15 @@ class Consumer:
             if job is None:
                 # Cancelled, already run, or a duplicate message: nothing to do.
                 log.debug("announcement skipped", extra={"job_id": job_id})
-                self._busy -= 1
                 await self._settle(delivery)
                 continue
             task = asyncio.create_task(self._run(delivery, job))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._slot_freed)
+
+    def _slot_freed(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
 
     async def _settle(
         self, delivery: Delivery, *, redeliver: bool = False, delay_s: float | None = None
@@ -237,7 +232,8 @@ class Consumer:
         delivery.unsettled -= 1
         if redeliver:
             delivery.redeliver = True
-            delivery.delay_s = delay_s if delivery.delay_s is None else delivery.delay_s
+            if delivery.delay_s is None:
+                delivery.delay_s = delay_s
         if delivery.unsettled > 0:
             return
         self._deliveries.discard(delivery)
@@ -314,7 +310,7 @@ class Consumer:
     async def _run(self, delivery: Delivery, job: Job) -> None:
         task = asyncio.current_task()
         assert task is not None
-        running = Running(job, task, delivery)
+        running = Running(job, task)
         self._running[job.id] = running
         redeliver = False
         try:
@@ -326,8 +322,6 @@ class Consumer:
             log.exception("job handling failed", extra={"job_id": job.id})
         finally:
             self._running.pop(job.id, None)
-            self._busy -= 1
-            self._wake.set()
         await self._settle(delivery, redeliver=redeliver)
 
     async def _execute(self, running: Running) -> None:

@@ -112,12 +112,16 @@ class Job:
 def rfc3339(moment: datetime | None) -> str | None:
     if moment is None:
         return None
-    if moment.tzinfo is UTC:  # as asyncpg reads every timestamptz
-        return _utc_text(moment)
     if moment.tzinfo is None:
         # asyncpg reads timestamptz -infinity / infinity (what it writes for
         # datetime.min / max, e.g. a run_at of 0001-01-01T00:00:00Z) as naive values.
         moment = moment.replace(tzinfo=UTC)
+    if moment.tzinfo is UTC:  # as asyncpg reads every timestamptz
+        return _utc_text(moment)
+    return _format(moment)
+
+
+def _format(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -133,6 +137,6 @@ def _utc_text(moment: datetime) -> str:
     last = _last_utc
     if last[0] == moment:  # both UTC: equal instants, same text
         return last[1]
-    text = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    text = _format(moment)
     _last_utc = (moment, text)
     return text

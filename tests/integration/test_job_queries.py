@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -15,6 +18,20 @@ from orchestrix.states import JobState
 async def add(pool: asyncpg.Pool, **fields: object) -> str:
     job, _ = await db.insert(pool, NewJob(type=str(fields.pop("type", "t")), **fields))  # type: ignore[arg-type]
     return job.id
+
+
+@contextlib.asynccontextmanager
+async def as_scheduler(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection opened as the scheduler opens its own."""
+    conn = await asyncpg.connect(database, server_settings=db.SCHEDULER_SERVER_SETTINGS)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def explain(conn: Any, sql: str, *args: object) -> str:
+    return "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + sql, *args))
 
 
 async def test_claim_takes_due_jobs_by_priority_then_age(pool: asyncpg.Pool) -> None:
@@ -41,15 +58,11 @@ async def test_claim_walks_the_due_index_even_before_the_table_is_analyzed(
         "INSERT INTO jobs (id, type) SELECT lpad(n::text, 26, '0'), 't' "
         "FROM generate_series(1, 20000) AS n"
     )
-    # Connected as the scheduler connects.
-    conn = await asyncpg.connect(database, server_settings=db.SCHEDULER_SERVER_SETTINGS)
-    try:
-        plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + db._CLAIM_DUE, 500))
+    async with as_scheduler(database) as conn:
+        plan = await explain(conn, db._CLAIM_DUE, 500)
         assert "Index Scan using jobs_due_idx" in plan
         assert "Sort" not in plan
         claimed = await db.claim_due(conn, 500)
-    finally:
-        await conn.close()
     assert [c.id for c in claimed] == [f"{n:026d}" for n in range(1, 501)]
 
 
@@ -68,11 +81,8 @@ async def test_claim_finds_its_rows_again_by_key_on_a_mid_sized_table(
         "FROM generate_series(1, 1000) AS n"
     )
     await pool.execute("ANALYZE jobs")
-    conn = await asyncpg.connect(database, server_settings=db.SCHEDULER_SERVER_SETTINGS)
-    try:
-        plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN " + db._CLAIM_DUE, 500))
-    finally:
-        await conn.close()
+    async with as_scheduler(database) as conn:
+        plan = await explain(conn, db._CLAIM_DUE, 500)
     assert "Index Scan using jobs_pkey" in plan
     assert "Seq Scan" not in plan
 
@@ -304,7 +314,7 @@ async def test_batched_updates_find_their_jobs_by_primary_key(
         state,
     )
     batch = [f"{n:026d}" for n in range(1, 101)]
-    plan = "\n".join(row[0] for row in await pool.fetch("EXPLAIN " + sql, batch, [1] * 100, *args))
+    plan = await explain(pool, sql, batch, [1] * 100, *args)
     assert "Index Scan on jobs_pkey" in plan or "Index Scan using jobs_pkey" in plan
     assert "jobs_scheduled_idx" not in plan
     assert "jobs_running_lease_idx" not in plan
