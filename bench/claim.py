@@ -7,8 +7,8 @@ generate_series`` (ids of the ULID form the schema checks, type
 200k, then all), each followed by ``VACUUM ANALYZE``. In each database, and at
 each step of the full one:
 
-- the claim itself is timed: ``claim_due`` (the scheduler's claim, batch
-  ``SCHEDULER_BATCH_SIZE``) 10 times, each in a transaction that is rolled back
+- the claim itself is timed: ``claim`` (a worker's claim, of CLAIM_BATCH jobs,
+  as the old scheduler claimed 500) 10 times, each in a transaction that is rolled back
   (so each claims the same jobs), plus ``EXPLAIN (ANALYZE, BUFFERS)`` of the
   claim statement; the minimum is compared, being the least disturbed. The
   plan's join method is kept: a ``Hash Join`` means the UPDATE scanned the
@@ -32,13 +32,13 @@ from typing import Any
 
 import asyncpg
 from orchestrix.db import jobs as db
-from orchestrix.settings import SchedulerSettings
 
 from bench.context import Context
 from bench.drain import drain
 from bench.infra import checkpoint, insert_noop_jobs
 
 FILL_CHUNK = 200_000
+CLAIM_BATCH = 500
 # Table sizes (finished rows) at which the claim is also timed on the way to the full one.
 CURVE = (20_000, 50_000, 200_000)
 
@@ -96,7 +96,7 @@ async def time_claims(url: str, batch: int, rounds: int = 10) -> dict[str, Any]:
     conn = await asyncpg.connect(
         # As the scheduler connects, with its session settings if the engine has any.
         url,
-        server_settings=getattr(db, "SCHEDULER_SERVER_SETTINGS", {}),
+        server_settings=db.CLAIM_SERVER_SETTINGS,
     )
     times: list[float] = []
     plan: list[str] = []
@@ -106,17 +106,28 @@ async def time_claims(url: str, batch: int, rounds: int = 10) -> dict[str, Any]:
             try:
                 async with conn.transaction():
                     started = time.perf_counter()
-                    claimed = len(await db.claim_due(conn, batch))
+                    claimed = len(
+                        await db.claim(
+                            conn,
+                            worker_id="bench",
+                            queues=None,
+                            types=["noop"],
+                            limit=batch,
+                            lease_s=30,
+                        )
+                    )
                     times.append(time.perf_counter() - started)
                     raise _Rollback
             except _Rollback:
                 pass
         # The statement itself, when the module still names it so.
-        sql = getattr(db, "_CLAIM_DUE", None)
+        sql = getattr(db, "_CLAIM", None)
         if isinstance(sql, str):
             try:
                 async with conn.transaction():
-                    rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, batch)
+                    rows = await conn.fetch(
+                        "EXPLAIN (ANALYZE, BUFFERS) " + sql, None, ["noop"], batch, "bench", 30.0
+                    )
                     plan = [row[0] for row in rows]
                     raise _Rollback
             except _Rollback:
@@ -148,7 +159,7 @@ async def _add_pending(url: str, jobs: int, *, truncate: bool) -> None:
 
 async def run_phase(ctx: Context) -> dict[str, Any]:
     o = ctx.options
-    batch = SchedulerSettings.from_env(ctx.service_env()).batch_size
+    batch = CLAIM_BATCH
     result: dict[str, Any] = {
         "finished_rows": o.finished_rows,
         "jobs": o.jobs,

@@ -34,7 +34,7 @@ POLL_S = 0.1
 # Cheap on any table size (the (state, id) index): a claim has happened once a
 # job is announced or running, or once none is pending any more.
 _CLAIMED_ANY = (
-    "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('SCHEDULED', 'RUNNING'))"
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'RUNNING')"
     " OR NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'PENDING')"
 )
 

@@ -467,7 +467,7 @@ class Stack:
 
 # --- the jobs table ----------------------------------------------------------
 
-NON_TERMINAL = "('PENDING', 'SCHEDULED', 'RUNNING', 'RETRYING')"
+NON_TERMINAL = "('PENDING', 'RUNNING', 'RETRYING')"
 
 
 async def backlog(conn: Any) -> int:

@@ -125,8 +125,7 @@ def engine_config(env: dict[str, str]) -> dict[str, Any]:
     settings = Settings.from_env({"DATABASE_URL": "postgresql://x/y", **env})
     return {
         "WORKER_CONCURRENCY": settings.worker.concurrency,
-        "SCHEDULER_BATCH_SIZE": settings.scheduler.batch_size,
-        "SCHEDULER_POLL_INTERVAL_s": settings.scheduler.poll_interval_s,
+        "WORKER_POLL_INTERVAL_s": settings.worker.poll_interval_s,
         "DB_POOL_MAX_SIZE": settings.database.pool_max_size,
         "LOG_LEVEL": "warning",
     }

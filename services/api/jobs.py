@@ -9,6 +9,7 @@ from collections import Counter
 from aiohttp import web
 from orchestrix import broker, ids
 from orchestrix.db import jobs as db
+from orchestrix.db import workers
 from orchestrix.models import Job
 from orchestrix.states import TERMINAL, JobState
 
@@ -22,6 +23,8 @@ from services.api.parsing import (
 )
 
 log = logging.getLogger("api")
+# /api/v1/stats names at most this many types waiting for an executor.
+STATS_TYPES_MAX = 20
 routes = web.RouteTableDef()
 # Any id but "batch", which is its own resource: a 405 on /api/v1/jobs/batch must
 # not advertise this route's GET and DELETE in its Allow header.
@@ -84,7 +87,7 @@ async def cancel_job(request: web.Request) -> web.Response:
         )
     if job.state is JobState.RUNNING:
         return await _request_cancel(request, job)
-    # It moved between our update and our read (e.g. SCHEDULED -> RUNNING): try once more.
+    # It moved between our update and our read (e.g. PENDING -> RUNNING): try once more.
     cancelled = await db.cancel(request.app[POOL], job_id)
     if cancelled is not None:
         return _cancelled(request, cancelled)
@@ -114,9 +117,23 @@ def _cancelled(request: web.Request, job: Job) -> web.Response:
 
 @routes.get("/api/v1/stats")
 async def stats(request: web.Request) -> web.Response:
-    counts = await db.count_by_state(request.app[POOL])
+    pool = request.app[POOL]
+    counts = await db.count_by_state(pool)
+    served = await workers.served(pool)
+    unserved: Counter[str] = Counter()
+    for queue, job_type, waiting in await db.waiting_pairs(pool):
+        if not served.covers(queue, job_type):
+            unserved[job_type] += waiting
     return json_response(
-        {"jobs": {state.value: n for state, n in counts.items()}, "total": sum(counts.values())}
+        {
+            "jobs": {state.value: n for state, n in counts.items()},
+            "total": sum(counts.values()),
+            "workers": len(served.pairs),
+            "waiting_for_executor": {
+                "total": sum(unserved.values()),
+                "types": dict(unserved.most_common(STATS_TYPES_MAX)),
+            },
+        }
     )
 
 

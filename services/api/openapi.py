@@ -28,6 +28,7 @@ from orchestrix.settings import ApiSettings
 from orchestrix.states import JobState
 
 from services.api.errors import MAX_BODY
+from services.api.jobs import STATS_TYPES_MAX
 from services.api.parsing import (
     BATCH_MAX,
     CREATE_FIELDS,
@@ -84,7 +85,7 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
     "priority": _range(PRIORITY_RANGE),
     "attempt": {
         "minimum": 0,
-        "description": "the attempt running or run last; 0 until a scheduler first claims it",
+        "description": "the attempt running or run last; 0 until a worker first claims it",
     },
     "max_attempts": _range(MAX_ATTEMPTS_RANGE),
     "timeout_seconds": _range(TIMEOUT_SECONDS_RANGE),
@@ -97,8 +98,13 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
     "result": {"description": "what the executor returned, once the job has SUCCEEDED"},
     "last_error": {"description": "the newest entry of errors"},
     "errors": {"items": _ref("AttemptError"), "description": "one entry per failed attempt"},
-    "scheduled_at": {"description": "when the latest attempt was claimed"},
+    "scheduled_at": {"description": "when a worker claimed the latest attempt"},
     "started_at": {"description": "when the latest attempt started"},
+    "worker_id": {"description": "the worker process running the latest attempt, or that ran it"},
+    "handoffs": {
+        "minimum": 0,
+        "description": "hand-backs in a row by stopping workers (attempts not counted)",
+    },
     "completed_at": {"description": "set only in SUCCEEDED, FAILED and CANCELLED"},
 }
 
@@ -284,8 +290,24 @@ def _schemas() -> dict[str, Schema]:
                     "additionalProperties": False,
                 },
                 "total": count,
+                "workers": {**count, "description": "worker processes registered now"},
+                "waiting_for_executor": {
+                    "type": "object",
+                    "description": "due jobs that no registered worker can run (their type "
+                    "or queue is served by none): they wait, they do not fail",
+                    "properties": {
+                        "total": count,
+                        "types": {
+                            "type": "object",
+                            "additionalProperties": count,
+                            "description": f"by job type, the {STATS_TYPES_MAX} largest",
+                        },
+                    },
+                    "required": ["total", "types"],
+                    "additionalProperties": False,
+                },
             },
-            "required": ["jobs", "total"],
+            "required": ["jobs", "total", "workers", "waiting_for_executor"],
             "additionalProperties": False,
         },
         "Error": {
@@ -445,7 +467,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
             "delete": {
                 "operationId": "cancelJob",
                 "summary": "Cancel a job",
-                "description": "A job that has not started (PENDING, SCHEDULED, RETRYING) is "
+                "description": "A job that has not started (PENDING, RETRYING) is "
                 "CANCELLED at once: 200. For a RUNNING job, cancellation is requested of its "
                 "worker: 202.",
                 "responses": {
@@ -460,7 +482,8 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
         "/api/v1/stats": {
             "get": {
                 "operationId": "stats",
-                "summary": "Count jobs by state; every state is listed",
+                "summary": "Count jobs by state (every state is listed), workers, and jobs "
+                "waiting for an executor",
                 "responses": {
                     "200": _json(_ref("Stats"), "the counts"),
                     "503": _UNAVAILABLE,

@@ -42,7 +42,7 @@ class Leadership:
             return False
         self._conn = conn
         self.since = time.monotonic()
-        log.info("this scheduler now runs maintenance (rescuer, republisher)")
+        log.info("this scheduler now runs maintenance (lifeline, rescuer)")
         return True
 
     async def _drop(self) -> None:

@@ -1,4 +1,4 @@
-"""The worker process: load executors, join the shared consumer, run jobs until stopped.
+"""The worker process: load executors, register, claim and run jobs until stopped.
 
 On SIGTERM or SIGINT: stop fetching, let running jobs finish within
 SHUTDOWN_TIMEOUT, hand back the ones that could not, and exit. No job is lost or
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from orchestrix import broker, executors
+from orchestrix import executors
+from orchestrix.db import jobs as db
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.settings import Settings
@@ -23,17 +24,12 @@ log = logging.getLogger("worker")
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; executors must be loaded (``executors.load``) first."""
     stop = stop_on_signals()
-    connected = await connect_both(settings, "orchestrix-worker", stop)
+    connected = await connect_both(
+        settings, "orchestrix-worker", stop, server_settings=db.CLAIM_SERVER_SETTINGS
+    )
     if connected is None:
         return
     pool, nc = connected
-    js = nc.jetstream()
-    if not await broker.ensure_with_backoff(
-        lambda: broker.ensure_consumer(js, settings.nats), "jetstream consumer", stop
-    ):
-        await nc.close()
-        await pool.close()
-        return
 
     metrics = WorkerMetrics(settings.worker.concurrency)
     status = StatusServer(
@@ -46,7 +42,8 @@ async def serve(settings: Settings) -> None:
         extra={
             "concurrency": settings.worker.concurrency,
             "executors": ",".join(executors.registry.types()),
-            "consumer": settings.nats.consumer,
+            "queues": ",".join(settings.worker.queues or ("*",)),
+            "worker_id": consumer.id,
         },
     )
     try:

@@ -26,7 +26,7 @@ _DB = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME"
 _POOL = ("DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
 _LOG = ("LOG_FORMAT", "LOG_LEVEL")
 _API = ("API_HOST", "API_PORT", "API_MAX_BODY_BYTES")
-_NATS = ("NATS_URL", "NATS_STREAM", "NATS_SUBJECT_PREFIX", "NATS_CONSUMER")
+_NATS = ("NATS_URL", "NATS_SUBJECT_PREFIX")
 _STATUS = ("METRICS_HOST", "METRICS_PORT")
 
 
@@ -141,22 +141,36 @@ def _parser() -> argparse.ArgumentParser:
 
     add(
         "scheduler",
-        "Run a scheduler: claim due jobs, publish them to NATS JetStream.",
-        (*_DB, *_POOL, *_NATS, "SCHEDULER_POLL_INTERVAL", "SCHEDULER_BATCH_SIZE", *_STATUS, *_LOG),
+        "Run a scheduler: wake workers when jobs arrive; rescue the jobs of dead workers.",
+        (
+            *_DB,
+            *_POOL,
+            *_NATS,
+            "LEASE_TIMEOUT",
+            "MAINTENANCE_INTERVAL",
+            "RETRY_BASE_DELAY",
+            "RETRY_MAX_DELAY",
+            *_STATUS,
+            *_LOG,
+        ),
         _scheduler,
-        "Wakes on PostgreSQL NOTIFY when jobs are created, and polls as a fallback.\n"
-        "Run as many as you like: each due job is claimed by exactly one.\n"
+        "Turns PostgreSQL NOTIFY on job creation into a NATS wake-up for the workers.\n"
+        "The one holding the maintenance lock takes back the jobs of dead workers\n"
+        "(within seconds) and of expired leases. Run two for availability.\n"
         "Serves /health, /ready and /metrics on METRICS_PORT.",
     )
 
     worker = add(
         "worker",
-        "Run a worker: consume job messages and execute them.",
+        "Run a worker: claim due jobs for its free slots and execute them.",
         (
             *_DB,
             *_POOL,
             *_NATS,
             "WORKER_CONCURRENCY",
+            "WORKER_QUEUES",
+            "WORKER_POLL_INTERVAL",
+            "LEASE_TIMEOUT",
             "SHUTDOWN_TIMEOUT",
             "RETRY_BASE_DELAY",
             "RETRY_MAX_DELAY",
@@ -165,9 +179,10 @@ def _parser() -> argparse.ArgumentParser:
             *_LOG,
         ),
         _worker,
-        "Runs up to WORKER_CONCURRENCY jobs at once. Executors come from the modules\n"
-        "in ORCHESTRIX_EXECUTORS (or --executors); demo_job and noop are built in.\n"
-        "SIGTERM or SIGINT: stop fetching, let running jobs finish within\n"
+        "Runs up to WORKER_CONCURRENCY jobs at once, of the queues in WORKER_QUEUES and\n"
+        "only of the types it has executors for. Executors come from the modules in\n"
+        "ORCHESTRIX_EXECUTORS (or --executors); demo_job and noop are built in.\n"
+        "SIGTERM or SIGINT: stop claiming, let running jobs finish within\n"
         "SHUTDOWN_TIMEOUT, hand back the rest for another worker.\n"
         "Serves /health, /ready and /metrics on METRICS_PORT.",
     )

@@ -99,7 +99,7 @@ class SchedulerMetrics:
         self.registry = registry or CollectorRegistry()
         self.queue_depth = Gauge(
             "orchestrix_queue_depth",
-            "Jobs waiting to run (PENDING, RETRYING or SCHEDULED), per queue.",
+            "Jobs waiting to run (PENDING or RETRYING), per queue.",
             ["queue"],
             registry=self.registry,
         )
@@ -109,28 +109,15 @@ class SchedulerMetrics:
             ["queue"],
             registry=self.registry,
         )
-        self.jobs_scheduled = Counter(
-            "orchestrix_jobs_scheduled_total",
-            "Job attempts claimed and published to NATS.",
-            ["queue"],
-            registry=self.registry,
-        )
         self.jobs_rescued = Counter(
             "orchestrix_jobs_rescued_total",
-            "Running jobs taken back after their worker's lease ran out, by the state given.",
+            "Running jobs taken back from a dead worker or an expired lease, by the state given.",
             ["queue", "state"],
             registry=self.registry,
         )
-        self.jobs_republished = Counter(
-            "orchestrix_jobs_republished_total",
-            "Scheduled jobs announced again because they did not start in time.",
-            ["queue"],
-            registry=self.registry,
-        )
-        self.claim_duration = Histogram(
-            "orchestrix_scheduler_claim_duration_seconds",
-            "Time to claim one batch of due jobs.",
-            buckets=_HTTP_BUCKETS,
+        self.workers_lost = Counter(
+            "orchestrix_workers_lost_total",
+            "Workers found dead by the lifeline (PostgreSQL session and NATS connection gone).",
             registry=self.registry,
         )
 
@@ -139,6 +126,18 @@ class WorkerMetrics:
     def __init__(self, concurrency: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         labels = ["type", "queue"]
+        self.jobs_claimed = Counter(
+            "orchestrix_jobs_claimed_total",
+            "Job attempts this worker claimed (moved to RUNNING).",
+            labels,
+            registry=self.registry,
+        )
+        self.claim_duration = Histogram(
+            "orchestrix_worker_claim_duration_seconds",
+            "Time to claim one batch of due jobs.",
+            buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
         self.jobs_succeeded = Counter(
             "orchestrix_jobs_succeeded_total",
             "Jobs that succeeded.",
@@ -159,7 +158,7 @@ class WorkerMetrics:
         )
         self.jobs_handed_back = Counter(
             "orchestrix_jobs_handed_back_total",
-            "Running attempts returned unfinished by a stopping worker.",
+            "Running attempts returned unfinished (to PENDING) by a stopping worker.",
             labels,
             registry=self.registry,
         )

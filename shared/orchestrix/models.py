@@ -52,6 +52,8 @@ class Job:
     completed_at: datetime | None
     updated_at: datetime
     cancel_requested_at: datetime | None = None
+    worker_id: str | None = None
+    handoffs: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -80,6 +82,8 @@ class Job:
             completed_at=row["completed_at"],
             updated_at=row["updated_at"],
             cancel_requested_at=row["cancel_requested_at"],
+            worker_id=row["worker_id"],
+            handoffs=row["handoffs"],
         )
         return job
 
@@ -106,6 +110,8 @@ class Job:
             "completed_at": rfc3339(self.completed_at),
             "updated_at": rfc3339(self.updated_at),
             "cancel_requested_at": rfc3339(self.cancel_requested_at),
+            "worker_id": self.worker_id,
+            "handoffs": self.handoffs,
         }
 
 

@@ -120,69 +120,41 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 @dataclass(frozen=True)
 class NatsSettings:
-    """Where NATS (with JetStream) is, and the names Orchestrix uses on it.
+    """Where NATS is, and the subjects Orchestrix uses on it.
 
-    Jobs of queue Q are announced on ``<subject_prefix>.Q`` in ``stream``; all
-    workers share the durable pull consumer ``consumer``.
+    NATS carries signals only, never the record: wake-ups for workers with free
+    slots, cancel requests, and the lifeline's question to a worker that seems
+    dead. PostgreSQL holds every job.
     """
 
     url: str = "nats://127.0.0.1:4222"
-    stream: str = "ORCHESTRIX_JOBS"
     subject_prefix: str = "orchestrix.jobs"
-    consumer: str = "orchestrix-workers"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
         read = _Reader(env)
-        names = {}
-        for variable, default in (("NATS_STREAM", cls.stream), ("NATS_CONSUMER", cls.consumer)):
-            names[variable] = read.text(variable, default)
-            if not _TOKEN.match(names[variable]):
-                raise SettingsError(variable, "may hold only letters, digits, '_' and '-'")
         prefix = read.text("NATS_SUBJECT_PREFIX", cls.subject_prefix)
         if not all(_TOKEN.match(token) for token in prefix.split(".")):
             raise SettingsError(
                 "NATS_SUBJECT_PREFIX", "must be dot-separated tokens of letters, digits, '_', '-'"
             )
-        return cls(
-            url=read.url("NATS_URL", cls.url, ("nats", "tls")),
-            stream=names["NATS_STREAM"],
-            subject_prefix=prefix,
-            consumer=names["NATS_CONSUMER"],
-        )
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    """How the scheduler claims due jobs."""
-
-    poll_interval_s: float = 1.0
-    batch_size: int = 500
-    jobs_per_message: int = 100
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SchedulerSettings:
-        read = _Reader(env)
-        return cls(
-            poll_interval_s=read.seconds(
-                "SCHEDULER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
-            ),
-            batch_size=read.integer("SCHEDULER_BATCH_SIZE", cls.batch_size, low=1, high=10_000),
-            jobs_per_message=read.integer(
-                "SCHEDULER_JOBS_PER_MESSAGE", cls.jobs_per_message, low=1, high=1_000
-            ),
-        )
+        return cls(url=read.url("NATS_URL", cls.url, ("nats", "tls")), subject_prefix=prefix)
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """How a worker process runs jobs, retries them and stops."""
+    """How a worker process takes jobs, runs them, retries them and stops.
+
+    ``queues`` None means every queue.
+    """
 
     concurrency: int = 100
     shutdown_timeout_s: float = 30.0
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 300.0
     executors: tuple[str, ...] = ()
+    queues: tuple[str, ...] | None = None
+    poll_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -197,6 +169,15 @@ class WorkerSettings:
         for module in modules:
             if not all(part.isidentifier() for part in module.split(".")):
                 raise SettingsError("ORCHESTRIX_EXECUTORS", f"{module!r} is not an import path")
+        queues: tuple[str, ...] | None = None
+        listed = read.raw("WORKER_QUEUES")
+        if listed is not None and listed != "*":
+            queues = tuple(dict.fromkeys(q.strip() for q in listed.split(",") if q.strip()))
+            if not queues:
+                raise SettingsError("WORKER_QUEUES", "must name at least one queue, or be *")
+            for queue in queues:
+                if len(queue) > 64:
+                    raise SettingsError("WORKER_QUEUES", f"{queue[:20]!r}... is over 64 characters")
         return cls(
             concurrency=read.integer("WORKER_CONCURRENCY", cls.concurrency, low=1, high=10_000),
             shutdown_timeout_s=read.seconds(
@@ -205,6 +186,10 @@ class WorkerSettings:
             retry_base_delay_s=base,
             retry_max_delay_s=most,
             executors=modules,
+            queues=queues,
+            poll_interval_s=read.seconds(
+                "WORKER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
+            ),
         )
 
 
@@ -213,12 +198,13 @@ class RecoverySettings:
     """How jobs whose owner vanished are found and taken back.
 
     A worker renews the lease of each job it runs every third of
-    ``lease_timeout_s``; a job whose lease ran out is rescued. A job announced
-    but not started within ``republish_after_s`` is announced again.
+    ``lease_timeout_s`` and stops a job whose lease it could not renew before
+    the lease runs out; the rescuer takes the job back once it has. A worker
+    whose process died is noticed sooner, by the lifeline (its PostgreSQL
+    session and its NATS connection are both gone).
     """
 
     lease_timeout_s: float = 30.0
-    republish_after_s: float = 60.0
     maintenance_interval_s: float = 5.0
 
     @classmethod
@@ -226,9 +212,6 @@ class RecoverySettings:
         read = _Reader(env)
         return cls(
             lease_timeout_s=read.seconds("LEASE_TIMEOUT", cls.lease_timeout_s, low=1, high=3600),
-            republish_after_s=read.seconds(
-                "REPUBLISH_AFTER", cls.republish_after_s, low=1, high=86400
-            ),
             maintenance_interval_s=read.seconds(
                 "MAINTENANCE_INTERVAL", cls.maintenance_interval_s, low=0.05, high=3600
             ),
@@ -313,7 +296,6 @@ class Settings:
     nats: NatsSettings
     api: ApiSettings
     log: LogSettings
-    scheduler: SchedulerSettings
     worker: WorkerSettings
     metrics: MetricsSettings
     recovery: RecoverySettings
@@ -327,7 +309,6 @@ class Settings:
             nats=NatsSettings.from_env(env),
             api=ApiSettings.from_env(env),
             log=LogSettings.from_env(env),
-            scheduler=SchedulerSettings.from_env(env),
             worker=WorkerSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
             recovery=RecoverySettings.from_env(env),
@@ -346,19 +327,20 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("DB_SSLMODE", "disable", "libpq sslmode: " + ", ".join(SSL_MODES)),
     ("DB_POOL_MIN_SIZE", "1", "connections each process keeps open"),
     ("DB_POOL_MAX_SIZE", "10", "most connections each process opens"),
-    ("NATS_URL", "nats://127.0.0.1:4222", "NATS server with JetStream"),
-    ("NATS_STREAM", "ORCHESTRIX_JOBS", "JetStream stream that carries job messages"),
-    ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "jobs of queue Q go to <prefix>.Q"),
-    ("NATS_CONSUMER", "orchestrix-workers", "durable consumer shared by all workers"),
+    ("NATS_URL", "nats://127.0.0.1:4222", "NATS server"),
+    ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "prefix of the NATS subjects Orchestrix uses"),
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
-    ("SCHEDULER_POLL_INTERVAL", "1s", "poll for due jobs this often (NOTIFY wakes it sooner)"),
-    ("SCHEDULER_BATCH_SIZE", "500", "most jobs claimed in one transaction"),
-    ("SCHEDULER_JOBS_PER_MESSAGE", "100", "most jobs announced in one NATS message"),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
+    ("WORKER_QUEUES", "*", "comma-separated queues this worker takes jobs from; * for all"),
+    (
+        "WORKER_POLL_INTERVAL",
+        "1s",
+        "a worker with free slots looks for due jobs this often (wake-ups come sooner)",
+    ),
     (
         "SHUTDOWN_TIMEOUT",
         "30s",
@@ -366,9 +348,8 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
-    ("LEASE_TIMEOUT", "30s", "lease of a running job; rescued half a lease after it runs out"),
-    ("REPUBLISH_AFTER", "60s", "a scheduled job not started this long is announced again"),
-    ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues and republishes"),
+    ("LEASE_TIMEOUT", "30s", "lease of a running job; its worker renews it every third"),
+    ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues expired leases"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),
     ("SCHEDULERS", "1", "schedulers `orchestrix dev` runs"),
     ("WORKERS", "2", "workers `orchestrix dev` runs"),

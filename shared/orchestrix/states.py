@@ -1,4 +1,4 @@
-"""The job lifecycle: the seven states and the moves allowed between them.
+"""The job lifecycle: the six states and the moves allowed between them.
 
 Pure: no I/O. Every SQL update in ``orchestrix.db.jobs`` names the state it
 expects to move from, and the tests check those guards against this table.
@@ -11,12 +11,11 @@ from enum import StrEnum
 
 class JobState(StrEnum):
     PENDING = "PENDING"
-    """Created by the API; waits for ``run_at``. The scheduler claims it."""
-    SCHEDULED = "SCHEDULED"
-    """Claimed by a scheduler and published to NATS; a worker starts it."""
+    """Created by the API; waits for ``run_at``, then for a free slot of a worker
+    that serves its queue and type. That worker claims it."""
     RUNNING = "RUNNING"
-    """A worker is executing this attempt; that worker finishes it, or hands it
-    back to SCHEDULED (same attempt) when it must stop before the job is done."""
+    """A worker claimed this attempt and is executing it; that worker finishes it,
+    or hands it back to PENDING (attempt not counted) when it must stop first."""
     SUCCEEDED = "SUCCEEDED"
     """Terminal: the executor returned a result."""
     FAILED = "FAILED"
@@ -28,20 +27,21 @@ class JobState(StrEnum):
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
-    JobState.SCHEDULED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # A worker's claim moves a due job straight to RUNNING.
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
         {
             JobState.SUCCEEDED,
             JobState.FAILED,
             JobState.RETRYING,
             JobState.CANCELLED,
-            # Handed back by a worker shutting down: not a failed attempt, so the
-            # attempt number stays and its NATS message is returned for redelivery.
-            JobState.SCHEDULED,
+            # Handed back by a worker shutting down (or one that could not start
+            # it): not a failed attempt, so the attempt is not counted and any
+            # worker may claim the job again at once.
+            JobState.PENDING,
         }
     ),
-    JobState.RETRYING: frozenset({JobState.SCHEDULED, JobState.CANCELLED}),
+    JobState.RETRYING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
@@ -49,13 +49,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 TERMINAL: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
-# States from which the scheduler claims a job once its run_at has passed.
+# States from which a worker claims a job once its run_at has passed.
 CLAIMABLE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})
 
 # States a user can cancel at once, without asking a worker to stop anything.
-CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset(
-    {JobState.PENDING, JobState.SCHEDULED, JobState.RETRYING}
-)
+CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})
 
 
 class InvalidTransition(ValueError):

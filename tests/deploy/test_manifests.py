@@ -410,7 +410,6 @@ JOBS = [
     (JobState.PENDING, 3600, False),  # not due yet
     (JobState.RETRYING, -1, True),
     (JobState.RETRYING, 60, False),  # backing off
-    (JobState.SCHEDULED, -60, True),  # announced, waiting for a worker
     (JobState.RUNNING, -60, True),
     (JobState.SUCCEEDED, -60, False),
     (JobState.FAILED, -60, False),

@@ -128,10 +128,6 @@ async def test_a_retrying_job_is_visible_as_retrying(running: Running) -> None:
             "PermanentError: demo_job was asked to fail permanently",
         ),
         (
-            {"type": "nobody_handles_this"},
-            "NoExecutor: no executor is registered for job type 'nobody_handles_this'",
-        ),
-        (
             {"type": "demo_job", "payload": {"sleep_ms": "soon"}},
             "InvalidPayload: sleep_ms must be a number of milliseconds",
         ),
@@ -146,6 +142,18 @@ async def test_permanent_failures_fail_after_one_attempt(
     assert job["attempt"] == 1
     assert job["last_error"] == error
     assert len(job["errors"]) == 1
+
+
+async def test_a_job_no_worker_can_run_waits_and_is_counted(running: Running) -> None:
+    created = await running.create(type="nobody_handles_this", max_attempts=5)
+    known = await running.create(type="demo_job")
+    await running.settled(known["id"])  # a worker claimed past the unknown one
+    async with running.http.get(f"{running.url}/api/v1/stats") as response:
+        stats = await response.json()
+    assert stats["workers"] >= 1
+    assert stats["waiting_for_executor"]["types"]["nobody_handles_this"] == 1
+    job = await running.get(created["id"])
+    assert (job["state"], job["attempt"]) == ("PENDING", 0)
 
 
 async def test_a_timeout_is_a_retryable_failure(running: Running) -> None:
@@ -189,7 +197,7 @@ async def test_metrics_count_outcomes_by_type(running: Running) -> None:
     assert 'orchestrix_job_duration_seconds_count{outcome="success",queue="metrics_q"' in text
     assert "orchestrix_job_start_latency_seconds_bucket" in text
     assert "orchestrix_worker_slots 100.0" in text  # WORKER_CONCURRENCY's default
+    assert 'orchestrix_jobs_claimed_total{queue="metrics_q",type="demo_job"} 1.0' in text
     async with running.http.get(f"http://127.0.0.1:{running.scheduler.port}/metrics") as response:
         text = await response.text()
-    assert 'orchestrix_jobs_scheduled_total{queue="metrics_q"} 1.0' in text
     assert "orchestrix_queue_depth" in text

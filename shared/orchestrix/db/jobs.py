@@ -210,48 +210,73 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
     return counts
 
 
-# --- the pipeline: scheduler claims, worker starts and finishes --------------
+# --- the pipeline: a worker claims, runs and finishes ---------------------------
 
-_CLAIM_DUE = """
-WITH due AS (
-    SELECT id FROM jobs
-    WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
+# A claim for one worker: up to $3 due jobs of the queues ($1, NULL for all) and
+# types ($2) it serves, moved to RUNNING for it at once.
+#
+# `pairs` skips through jobs_claim_idx to each (queue, type) that has waiting
+# jobs: one index probe per pair, however long the backlog. For each pair the
+# worker serves, `due` walks its jobs in priority order (SKIP LOCKED: claims of
+# other workers go past each other). The jobs of a queue take turns in priority
+# order, and the queues take turns with each other: with two queues backlogged,
+# each gets half the slots, and a quiet queue's job goes in the first turn.
+_CLAIM = """
+WITH RECURSIVE pairs AS (
+    (SELECT queue, type FROM jobs WHERE state IN ('PENDING', 'RETRYING')
+     ORDER BY queue, type LIMIT 1)
+    UNION ALL
+    SELECT next.queue, next.type FROM pairs CROSS JOIN LATERAL (
+        SELECT queue, type FROM jobs
+        WHERE state IN ('PENDING', 'RETRYING') AND (queue, type) > (pairs.queue, pairs.type)
+        ORDER BY queue, type LIMIT 1
+    ) AS next
+), candidates AS (
+    SELECT due.* FROM pairs CROSS JOIN LATERAL (
+        SELECT id, queue, priority, run_at FROM jobs
+        WHERE state IN ('PENDING', 'RETRYING') AND queue = pairs.queue AND type = pairs.type
+          AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE ($1::text[] IS NULL OR pairs.queue = ANY($1::text[])) AND pairs.type = ANY($2::text[])
+), turns AS (
+    SELECT id, priority, run_at,
+           row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn
+    FROM candidates
+), chosen AS (
+    SELECT id FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
 )
 UPDATE jobs
-SET state = 'SCHEDULED', attempt = jobs.attempt + 1, scheduled_at = now(), updated_at = now()
-FROM due
-WHERE jobs.id = due.id
-RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.priority, jobs.run_at, jobs.scheduled_at
+SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
+    scheduled_at = now(), started_at = now(), updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => $5)
+FROM chosen
+WHERE jobs.id = chosen.id
+RETURNING jobs.*
 """
 
-# The scheduler's connections, for claim_due and the maintenance queries.
+# The sessions that claim (workers) and maintain (schedulers).
 #
-# Each of those walks a partial index in order and stops after its LIMIT. Right
-# after a burst of inserts, before autovacuum has analyzed the table, the
-# planner believes few jobs are due and sorts all of them instead: 45 ms instead
-# of 10 ms for a claim of 500 from 100,000 due jobs, growing with the backlog
-# (the 100k drain ran at 2,500 jobs/s). With sorting off, the index order wins.
-# Their UPDATE then joins the few rows it picked back to `jobs`; on tables of
-# about 20,000 to 100,000 rows the planner hashed the whole table for that
-# (20 ms instead of 6 for a claim of 500 at 70,000 rows). With hash and merge
-# joins off it looks each row up by primary key.
+# Each claim and maintenance query walks a partial index in order and stops
+# after its LIMIT. Right after a burst of inserts, before autovacuum has
+# analyzed the table, the planner believes few jobs are due and sorts all of
+# them instead: 45 ms instead of 10 ms for a claim of 500 from 100,000 due jobs,
+# growing with the backlog. With sorting off, the index order wins. Their UPDATE
+# then joins the few rows it picked back to `jobs`; on tables of about 20,000 to
+# 100,000 rows the planner hashed the whole table for that (20 ms instead of 6
+# for a claim of 500 at 70,000 rows). With hash and merge joins off it looks each
+# row up by primary key. The penalty that "off" puts on a sort (the claim still
+# sorts its few candidates) makes the estimated cost huge, and JIT would then
+# compile the claim at each execution (200 ms instead of 2): JIT is off too.
 # As settings of the session, not of each transaction, they cost no round trip.
-SCHEDULER_SERVER_SETTINGS = {
+CLAIM_SERVER_SETTINGS = {
     "enable_sort": "off",
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
+    "jit": "off",
 }
-
-_START = """
-UPDATE jobs
-SET state = 'RUNNING', started_at = now(), updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = $1 AND attempt = $2 AND state = 'SCHEDULED'
-RETURNING *
-"""
 
 _SUCCEED = """
 UPDATE jobs
@@ -260,17 +285,22 @@ WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
 
+
 # Each failed attempt's error is appended to `errors`, its time in RFC 3339 UTC
 # like every other time the API shows; `last_error` repeats the newest.
-_ERROR_ENTRY = """jsonb_build_object(
-        'attempt', attempt, 'error', $3::text,
+def _error_entry(param: str) -> str:
+    return f"""jsonb_build_object(
+        'attempt', attempt, 'error', {param}::text,
         'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))"""
+
+
+_ERROR_ENTRY = _error_entry("$3")
 
 _RETRY = f"""
 UPDATE jobs
 SET state = 'RETRYING', run_at = now() + make_interval(secs => $4), last_error = $3,
     errors = errors || jsonb_build_array({_ERROR_ENTRY}),
-    updated_at = now()
+    lease_expires_at = NULL, handoffs = 0, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
@@ -278,67 +308,103 @@ RETURNING *
 _FAIL = f"""
 UPDATE jobs
 SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
-    errors = errors || jsonb_build_array({_ERROR_ENTRY})
+    errors = errors || jsonb_build_array({_ERROR_ENTRY}), lease_expires_at = NULL
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING *
 """
 
-# A stopping worker returns an unfinished attempt: same attempt, not counted as failed.
+# A worker returns an attempt it must stop before it is done: the attempt is not
+# counted and the job is due at once for any worker. A job whose cancellation
+# was asked for ends CANCELLED instead. `handoffs` counts hand-backs in a row;
+# the worker decides (with `hand_back`'s limit) when one counts as a failure.
 _HAND_BACK = """
 UPDATE jobs
-SET state = 'SCHEDULED', started_at = NULL, lease_expires_at = NULL, updated_at = now()
+SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
+    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
+    handoffs = handoffs + $3::int,
+    run_at = CASE WHEN cancel_requested_at IS NULL THEN now() ELSE run_at END,
+    started_at = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-RETURNING id
+RETURNING state
+"""
+
+# Jobs RUNNING for a worker that does not know it runs them: a claim whose
+# commit the worker never saw (the connection broke after the server committed).
+_ORPHANS = """
+SELECT id, attempt FROM jobs
+WHERE worker_id = $1 AND state = 'RUNNING' AND NOT (id = ANY($2::text[]))
 """
 
 _WAITING_BY_QUEUE = """
 SELECT queue, count(*) AS n, min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
 FROM jobs
-WHERE state IN ('PENDING', 'RETRYING', 'SCHEDULED')
+WHERE state IN ('PENDING', 'RETRYING')
 GROUP BY queue
 """
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A job a scheduler has just moved to SCHEDULED, to be announced on NATS."""
-
-    id: str
-    queue: str
-    attempt: int
-    announced_at: datetime  # its scheduled_at: one value per announcement
+# Due jobs waiting, per (queue, type): one pass over the claim index.
+_WAITING_PAIRS = """
+SELECT queue, type, count(*) AS n FROM jobs
+WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now()
+GROUP BY queue, type
+"""
 
 
-async def claim_due(conn: Conn, limit: int) -> list[Claimed]:
-    """Move up to ``limit`` due jobs to SCHEDULED, highest priority then oldest first.
+async def waiting_pairs(conn: Conn) -> list[tuple[str, str, int]]:
+    """How many due jobs wait in each (queue, type)."""
+    return [(row["queue"], row["type"], row["n"]) for row in await conn.fetch(_WAITING_PAIRS)]
 
-    SKIP LOCKED lets any number of schedulers claim at once: each row goes to
-    exactly one of them.
 
-    Run it on a connection opened with :data:`SCHEDULER_SERVER_SETTINGS`.
+async def claim(
+    conn: Conn,
+    *,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    types: Sequence[str],
+    limit: int,
+    lease_s: float,
+) -> list[Job]:
+    """Move up to ``limit`` due jobs of these queues (None: all) and types to RUNNING
+    for ``worker_id``, leased for ``lease_s``: by priority within a queue, the
+    queues taking turns.
+
+    SKIP LOCKED lets any number of workers claim at once: each job goes to one.
+    Run it on a connection opened with :data:`CLAIM_SERVER_SETTINGS`.
     """
-    rows = await conn.fetch(_CLAIM_DUE, limit)
-    rows = sorted(rows, key=lambda r: (-r["priority"], r["run_at"], r["id"]))
-    return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
+    if limit <= 0 or not types:
+        return []
+    queue_list = None if queues is None else list(queues)
+    rows = await conn.fetch(_CLAIM, queue_list, list(types), limit, worker_id, lease_s)
+    jobs = [Job.from_row(row) for row in rows]
+    jobs.sort(key=lambda job: (-job.priority, job.run_at, job.id))
+    return jobs
+
+
+async def hand_back(
+    conn: Conn, job_id: str, attempt: int, *, counted: bool = True
+) -> JobState | None:
+    """RUNNING → PENDING, the attempt not counted (CANCELLED if a cancel was asked
+    for); None when the job had moved on. ``counted`` adds one to ``handoffs``."""
+    state = await conn.fetchval(_HAND_BACK, job_id, attempt, 1 if counted else 0)
+    return None if state is None else JobState(state)
+
+
+async def orphans(conn: Conn, worker_id: str, known: Sequence[str]) -> list[tuple[str, int]]:
+    """(id, attempt) of jobs RUNNING for ``worker_id`` other than ``known``."""
+    rows = await conn.fetch(_ORPHANS, worker_id, list(known))
+    return [(row["id"], row["attempt"]) for row in rows]
 
 
 # The batched updates below find their rows by primary key, one lookup per
 # (id, attempt) they are given; the state is only their guard. Written as
 # `state = ...`, the guard lets the planner scan a partial index of that state
-# instead (jobs_scheduled_idx, jobs_running_lease_idx) and hash-join the batch
-# against every job in the state. After a burst the table's statistics say that
-# state is nearly empty, so the planner does so, and each start of 100 jobs then
-# read all 20,000 scheduled ones: 7 ms instead of 1.4 ms, and the drain with a
-# million finished jobs ran 88 % slower. `state || ''` matches no index.
-_START_MANY = """
-UPDATE jobs
-SET state = 'RUNNING', started_at = now(), updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
-WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state || '' = 'SCHEDULED'
-RETURNING jobs.*
-"""
-
+# instead (jobs_running_lease_idx) and hash-join the batch against every job in
+# the state. After a burst the table's statistics say that state is nearly
+# empty, so the planner does so: each write of 100 jobs then read all 20,000
+# running ones, and the drain with a million finished jobs ran 88 % slower.
+# `state || ''` matches no index.
 _SUCCEED_MANY = """
 UPDATE jobs
 SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
@@ -346,18 +412,6 @@ FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
 WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
 RETURNING jobs.id
 """
-
-
-async def start_many(
-    conn: Conn, attempts: Sequence[tuple[str, int]], lease_s: float
-) -> list[Job | None]:
-    """``start`` for many (job id, attempt) pairs in one statement, results in order."""
-    rows = await conn.fetch(
-        _START_MANY, [a[0] for a in attempts], [a[1] for a in attempts], lease_s
-    )
-    started = {row["id"]: Job.from_row(row) for row in rows}
-    # pop: a duplicate message in the same batch must not start the attempt twice.
-    return [started.pop(job_id, None) for job_id, _ in attempts]
 
 
 async def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, int, Any]]) -> list[bool]:
@@ -371,13 +425,6 @@ async def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, int, Any]]) -> 
     )
     written = {row["id"] for row in rows}
     return [job_id in written for job_id, _, _ in outcomes]
-
-
-async def start(conn: Conn, job_id: str, attempt: int, lease_s: float) -> Job | None:
-    """SCHEDULED → RUNNING for this attempt, leased for ``lease_s``; None when the job
-    is no longer waiting for this attempt."""
-    row = await conn.fetchrow(_START, job_id, attempt, lease_s)
-    return None if row is None else Job.from_row(row)
 
 
 async def succeed(conn: Conn, job_id: str, attempt: int, result: Any) -> Job | None:
@@ -395,10 +442,6 @@ async def fail(conn: Conn, job_id: str, attempt: int, error: str) -> Job | None:
     return None if row is None else Job.from_row(row)
 
 
-async def hand_back(conn: Conn, job_id: str, attempt: int) -> bool:
-    return await conn.fetchval(_HAND_BACK, job_id, attempt) is not None
-
-
 @dataclass(frozen=True)
 class QueueDepth:
     queue: str
@@ -412,61 +455,50 @@ async def waiting_by_queue(conn: Conn) -> list[QueueDepth]:
     return [QueueDepth(row["queue"], row["n"], row["oldest_due"]) for row in rows]
 
 
-# --- recovery: leases, rescue, republishing, cancelling running jobs ----------
+# --- recovery: leases, rescue, cancelling running jobs ------------------------
 
 _RENEW_LEASES = """
 UPDATE jobs
 SET lease_expires_at = now() + make_interval(secs => $3)
 FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
--- By primary key, as _START_MANY.
+-- By primary key, as _SUCCEED_MANY.
 WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state || '' = 'RUNNING'
 RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL AS cancel
 """
 
-# A lost attempt counts as failed: RETRYING with backoff while attempts remain,
-# else FAILED; a job whose cancellation was asked for ends CANCELLED instead.
-_RESCUE = f"""
-WITH lost AS (
-    SELECT id FROM jobs
-    WHERE state = 'RUNNING' AND lease_expires_at < now() - make_interval(secs => $2)
-    ORDER BY lease_expires_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), outcome AS (
-    SELECT jobs.id,
-           CASE WHEN jobs.cancel_requested_at IS NOT NULL THEN 'CANCELLED'
-                WHEN jobs.attempt < jobs.max_attempts THEN 'RETRYING'
-                ELSE 'FAILED' END AS state
-    FROM jobs JOIN lost USING (id)
-)
-UPDATE jobs
-SET state = outcome.state,
-    run_at = CASE WHEN outcome.state = 'RETRYING'
-                  THEN now() + make_interval(secs => LEAST($5, $4 * power(2, attempt - 1)))
-                  ELSE run_at END,
-    completed_at = CASE WHEN outcome.state = 'RETRYING' THEN NULL ELSE now() END,
-    last_error = $3,
-    errors = errors || jsonb_build_array({_ERROR_ENTRY}),
-    lease_expires_at = NULL,
-    updated_at = now()
-FROM outcome
-WHERE jobs.id = outcome.id
-RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
+# Running jobs whose lease ran out more than $2 s ago, locked for `take_back`.
+_LOST_BY_LEASE = """
+SELECT id, type, queue, attempt, max_attempts, cancel_requested_at IS NOT NULL AS cancel
+FROM jobs
+WHERE state = 'RUNNING' AND lease_expires_at < now() - make_interval(secs => $2)
+ORDER BY lease_expires_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
 """
 
-# Touching scheduled_at makes the next republish of the same job wait its turn again.
-_REPUBLISH_DUE = """
-WITH stale AS (
-    SELECT id FROM jobs
-    WHERE state = 'SCHEDULED' AND scheduled_at < now() - make_interval(secs => $2)
-    ORDER BY scheduled_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs SET scheduled_at = now(), updated_at = now()
-FROM stale
-WHERE jobs.id = stale.id
-RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.scheduled_at
+# Running jobs of workers that are gone, locked for `take_back`.
+_LOST_BY_WORKER = """
+SELECT id, type, queue, attempt, max_attempts, cancel_requested_at IS NOT NULL AS cancel
+FROM jobs
+WHERE state = 'RUNNING' AND worker_id = ANY($1::text[])
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+# The rescuer's decision for each lost attempt: RETRYING after a delay,
+# FAILED, or CANCELLED (a cancel was asked for). By primary key, as _SUCCEED_MANY.
+_TAKE_BACK = f"""
+UPDATE jobs
+SET state = lost.state,
+    run_at = CASE WHEN lost.state = 'RETRYING'
+                  THEN now() + make_interval(secs => lost.delay_s) ELSE run_at END,
+    completed_at = CASE WHEN lost.state = 'RETRYING' THEN NULL ELSE now() END,
+    last_error = $5,
+    errors = errors || jsonb_build_array({_error_entry("$5")}),
+    lease_expires_at = NULL, handoffs = 0, updated_at = now()
+FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[]) AS lost(id, attempt, state, delay_s)
+WHERE jobs.id = lost.id AND jobs.attempt = lost.attempt AND jobs.state || '' = 'RUNNING'
+RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
 """
 
 _REQUEST_CANCEL = """
@@ -502,6 +534,36 @@ async def renew_leases(conn: Conn, running: dict[str, int], lease_s: float) -> R
 
 
 @dataclass(frozen=True)
+class Lost:
+    """A running attempt whose worker is gone or stopped renewing its lease."""
+
+    id: str
+    type: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+
+
+def _lost(rows: Sequence[Any]) -> list[Lost]:
+    return [
+        Lost(r["id"], r["type"], r["queue"], r["attempt"], r["max_attempts"], r["cancel"])
+        for r in rows
+    ]
+
+
+async def lost_by_lease(conn: Conn, *, limit: int, grace_s: float) -> list[Lost]:
+    """Running jobs whose lease ran out more than ``grace_s`` ago, locked until the
+    transaction ends: run it in the transaction that calls ``take_back``."""
+    return _lost(await conn.fetch(_LOST_BY_LEASE, limit, grace_s))
+
+
+async def lost_by_worker(conn: Conn, worker_ids: Sequence[str], *, limit: int) -> list[Lost]:
+    """Running jobs of these workers, locked as ``lost_by_lease``."""
+    return _lost(await conn.fetch(_LOST_BY_WORKER, list(worker_ids), limit))
+
+
+@dataclass(frozen=True)
 class Rescued:
     id: str
     type: str
@@ -510,21 +572,25 @@ class Rescued:
     state: JobState
 
 
-async def rescue_expired(
-    conn: Conn, *, limit: int, grace_s: float, error: str, base_s: float, max_s: float
+async def take_back(
+    conn: Conn, decisions: Sequence[tuple[Lost, JobState, float]], error: str
 ) -> list[Rescued]:
-    """Take back running jobs whose lease ran out more than ``grace_s`` ago."""
-    rows = await conn.fetch(_RESCUE, limit, grace_s, error, base_s, max_s)
+    """Move lost attempts to RETRYING (after their delay in seconds), FAILED or
+    CANCELLED, recording ``error`` as the attempt's error."""
+    if not decisions:
+        return []
+    rows = await conn.fetch(
+        _TAKE_BACK,
+        [lost.id for lost, _, _ in decisions],
+        [lost.attempt for lost, _, _ in decisions],
+        [state.value for _, state, _ in decisions],
+        [delay_s for _, _, delay_s in decisions],
+        error,
+    )
     return [
         Rescued(row["id"], row["type"], row["queue"], row["attempt"], JobState(row["state"]))
         for row in rows
     ]
-
-
-async def due_for_republish(conn: Conn, *, older_than_s: float, limit: int) -> list[Claimed]:
-    """Scheduled jobs not started within ``older_than_s`` of their announcement."""
-    rows = await conn.fetch(_REPUBLISH_DUE, limit, older_than_s)
-    return [Claimed(row["id"], row["queue"], row["attempt"], row["scheduled_at"]) for row in rows]
 
 
 async def request_cancel(conn: Conn, job_id: str) -> Job | None:

@@ -1,0 +1,116 @@
+"""The three ways a running attempt is stopped from outside, and what each writes.
+
+- SHUTDOWN: the worker is stopping and the attempt did not finish in time. It is
+  handed back to PENDING, not counted, so another worker runs it at once; after
+  MAX_HANDOFFS hand-backs in a row, a further one counts as a failed attempt,
+  so a job that never fits in SHUTDOWN_TIMEOUT is not handed back forever.
+- CANCEL: a user asked for it to stop. It ends CANCELLED.
+- LOST: the attempt is no longer this worker's: the rescuer took it, or the
+  worker could not renew its lease and stopped it before the lease ran out
+  (fenced). Nothing is written: whoever owns the job now decides.
+
+A stop arrives only while the executor runs. Once an outcome is being written
+nothing stops it: the write is guarded by the attempt, so a late one changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any, TypeVar
+
+from orchestrix.db import jobs as db
+from orchestrix.db.pool import TRANSIENT
+from orchestrix.errors import Kind
+from orchestrix.metrics import WorkerMetrics
+from orchestrix.models import Job
+from orchestrix.states import JobState
+
+from services.worker.completer import Completer
+from services.worker.runner import Failure
+
+log = logging.getLogger("worker")
+
+MAX_HANDOFFS = 3
+# A stop's write is retried this long while the database is away.
+WRITE_PATIENCE_S = 10.0
+WRITE_RETRY_S = 0.5
+
+T = TypeVar("T")
+
+
+class Stop(Enum):
+    """Why a running job's task was cancelled."""
+
+    SHUTDOWN = "shutdown"
+    CANCEL = "cancel"
+    LOST = "lost"
+
+
+async def persist(
+    write: Callable[[], Awaitable[T]],
+    what: str,
+    extra: dict[str, Any],
+    *,
+    patience_s: float | None = WRITE_PATIENCE_S,
+) -> T:
+    """Run ``write`` until it gets through, for at most ``patience_s`` of outage
+    (None: as long as it takes)."""
+    deadline = None if patience_s is None else time.monotonic() + patience_s
+    while True:
+        try:
+            return await write()
+        except TRANSIENT as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            log.warning(f"cannot {what}; retrying", extra={**extra, "error": repr(exc)})
+            await asyncio.sleep(WRITE_RETRY_S)
+
+
+class Stopper:
+    def __init__(self, pool: Any, completer: Completer, metrics: WorkerMetrics) -> None:
+        self._pool = pool
+        self._completer = completer
+        self._metrics = metrics
+
+    async def finish(self, job: Job, reason: Stop) -> None:
+        """Write what ``reason`` asks for the stopped attempt of ``job``."""
+        extra = {"job_id": job.id, "attempt": job.attempt}
+        labels = (job.type, job.queue)
+        try:
+            if reason is Stop.LOST:
+                log.warning("lease lost; attempt abandoned", extra=extra)
+            elif reason is Stop.CANCEL:
+                cancelled = await persist(
+                    lambda: db.cancel_running(self._pool, job.id, job.attempt), "cancel", extra
+                )
+                if cancelled is not None:
+                    self._metrics.jobs_cancelled.labels(*labels).inc()
+                    log.info("job cancelled while running", extra=extra)
+            elif job.handoffs >= MAX_HANDOFFS:
+                error = (
+                    f"Interrupted: the attempt was stopped by a worker shutdown after "
+                    f"{job.handoffs} hand-backs in a row; this one counts as a failed attempt"
+                )
+                await persist(
+                    lambda: self._completer.record(job, Failure(error, Kind.RETRYABLE)),
+                    "record the interrupted attempt",
+                    extra,
+                )
+            else:
+                state = await persist(
+                    lambda: db.hand_back(self._pool, job.id, job.attempt), "hand back", extra
+                )
+                if state is JobState.PENDING:
+                    self._metrics.jobs_handed_back.labels(*labels).inc()
+                    log.warning("job handed back unfinished", extra=extra)
+                elif state is JobState.CANCELLED:
+                    self._metrics.jobs_cancelled.labels(*labels).inc()
+                    log.info("job cancelled at hand-back", extra=extra)
+        except TRANSIENT as exc:
+            # Still RUNNING: its lease runs out and the rescuer takes the job.
+            log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
