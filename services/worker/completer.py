@@ -103,13 +103,16 @@ class Completer:
             log.warning(
                 "job attempt failed; retrying", extra={**extra, "retry_in_s": round(delay_s, 3)}
             )
+        elif written.state is JobState.CANCELLED:
+            self._metrics.jobs_cancelled.labels(*labels).inc()
+            log.info("job attempt failed; cancelled as requested instead of retried", extra=extra)
         else:
             self._metrics.jobs_failed.labels(*labels).inc()
             log.warning("job failed", extra={**extra, "kind": outcome.kind.value})
         return True
 
     async def _write_failure(self, job: Job, error: str, delay_s: float | None) -> Job | None:
-        """RETRYING after ``delay_s``, or FAILED
+        """RETRYING after ``delay_s`` (CANCELLED if that was asked for), or FAILED
         without one; None when the job had moved on."""
         if delay_s is None:
             return await db.fail(self._pool, job.id, job.attempt, error)

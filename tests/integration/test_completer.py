@@ -1,4 +1,5 @@
-"""The completer's failure writes on a real database: error texts PostgreSQL would refuse."""
+"""The completer's failure writes on a real database: error texts PostgreSQL would
+refuse, and cancellations asked for while the attempt ran."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ async def running(pool: asyncpg.Pool, max_attempts: int = 3) -> Job:
     job = await db.start(pool, new.id, 1, 30)
     assert job is not None
     return job
+
+
+def count(metrics: WorkerMetrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name, {"type": "t", "queue": "default"})
+    return value or 0.0
 
 
 async def stored(pool: asyncpg.Pool, job_id: str) -> Job:
@@ -101,3 +107,26 @@ async def test_an_error_postgres_still_refuses_is_recorded_as_unstorable(
     assert after.state is JobState.RETRYING  # the attempt counts, and the next one comes
     assert after.last_error == UNSTORABLE_ERROR
     assert [e["error"] for e in after.errors] == [UNSTORABLE_ERROR]
+
+
+async def test_a_retryable_failure_of_a_job_asked_to_cancel_ends_it_cancelled(
+    pool: asyncpg.Pool,
+) -> None:
+    job, doomed = await running(pool), await running(pool)
+    for asked in (job, doomed):
+        assert await db.request_cancel(pool, asked.id) is not None  # DELETE answered 202
+    metrics = WorkerMetrics(1)
+    completer = Completer(pool, SETTINGS, metrics)
+    assert await completer.record(job, Failure("ValueError: interrupted", Kind.RETRYABLE))
+    after = await stored(pool, job.id)
+    assert after.state is JobState.CANCELLED
+    assert after.completed_at is not None
+    assert after.last_error == "ValueError: interrupted"
+    assert [e["attempt"] for e in after.errors] == [1]
+    assert await db.claim_due(pool, 10) == []  # no further attempt
+    assert count(metrics, "orchestrix_jobs_cancelled_while_running_total") == 1
+    assert count(metrics, "orchestrix_jobs_retried_total") == 0
+    # A failure for good stands: it is what the attempt came to.
+    assert await completer.record(doomed, Failure("InvalidPayload: no", Kind.PERMANENT))
+    assert (await stored(pool, doomed.id)).state is JobState.FAILED
+    assert count(metrics, "orchestrix_jobs_failed_total") == 1
