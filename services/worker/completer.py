@@ -88,22 +88,22 @@ class Completer:
         error = storable_error(outcome.error)
         extra = {"job_id": job.id, "attempt": job.attempt, "error": error}
         try:
-            written = await self._write_failure(job, error, delay_s)
+            after = await self._write_failure(job, error, delay_s)
         except asyncpg.DataError as exc:
             log.error(
                 "error text refused; recording a placeholder",
                 extra={**extra, "refusal": repr(exc)},
             )
-            written = await self._write_failure(job, UNSTORABLE_ERROR, delay_s)
-        if written is None:
+            after = await self._write_failure(job, UNSTORABLE_ERROR, delay_s)
+        if after is None:
             return False
-        if written.state is JobState.RETRYING:
+        if after.state is JobState.RETRYING:
             assert delay_s is not None  # only a retry leaves it RETRYING
             self._metrics.jobs_retried.labels(*labels).inc()
             log.warning(
                 "job attempt failed; retrying", extra={**extra, "retry_in_s": round(delay_s, 3)}
             )
-        elif written.state is JobState.CANCELLED:
+        elif after.state is JobState.CANCELLED:
             self._metrics.jobs_cancelled.labels(*labels).inc()
             log.info("job attempt failed; cancelled as requested instead of retried", extra=extra)
         else:
