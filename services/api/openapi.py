@@ -2,10 +2,11 @@
 
 Every pattern, range and default comes from the module that applies it:
 ``services.api.parsing`` (request limits), ``orchestrix.models`` (defaults and the
-fields of a job) and ``orchestrix.states`` (the states). The ``Job`` schema is
-derived from the fields of :class:`orchestrix.models.Job`, so a new field shows
-up here without anyone editing this file, and a field of a type this module does
-not know how to describe fails the build of the document (and so the tests).
+fields of a job), ``orchestrix.states`` (the states) and ``orchestrix.errors``
+(the length of an error text). The ``Job`` schema is derived from the fields of
+:class:`orchestrix.models.Job`, so a new field shows up here without anyone
+editing this file, and a field of a type this module does not know how to
+describe fails the build of the document (and so the tests).
 ``GET /openapi.json`` serves the document, built once per body limit;
 ``tests/integration/test_openapi.py`` checks that it lists every route and that
 real answers match it, and ``tests/e2e/test_fuzz.py`` fuzzes the API against it.
@@ -23,6 +24,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
 from orchestrix.settings import ApiSettings
 from orchestrix.states import JobState
@@ -75,6 +77,13 @@ def _range(bounds: tuple[int, int]) -> Schema:
 
 _DATE_TIME: Schema = {"type": "string", "format": "date-time"}
 
+# What orchestrix.errors.storable_error makes of an attempt's error.
+_ERROR_TEXT = (
+    f"`ClassName: message`, at most {MAX_ERROR_CHARS} characters: U+0000 and lone "
+    "surrogates become U+FFFD, and a longer text keeps its beginning and ends with "
+    "`… [N of M characters cut]`. `UnstorableError: ...` when PostgreSQL refused the text."
+)
+
 # What each field of a job means, and the limits the API enforces on it. Types
 # and nullability come from the dataclass; this only adds to them.
 _JOB_FIELD_DETAILS: dict[str, Schema] = {
@@ -96,7 +105,10 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
     },
     "run_at": {"description": "when the job is due; after a failed attempt, when the retry is"},
     "result": {"description": "what the executor returned, once the job has SUCCEEDED"},
-    "last_error": {"description": "the newest entry of errors"},
+    "last_error": {
+        "maxLength": MAX_ERROR_CHARS,
+        "description": f"the error of the newest entry of errors. {_ERROR_TEXT}",
+    },
     "errors": {"items": _ref("AttemptError"), "description": "one entry per failed attempt"},
     "scheduled_at": {"description": "when a worker claimed the latest attempt"},
     "started_at": {"description": "when the latest attempt started"},
@@ -231,7 +243,11 @@ def _schemas() -> dict[str, Schema]:
             "type": "object",
             "properties": {
                 "attempt": {"type": "integer", "minimum": 1},
-                "error": {"type": "string"},
+                "error": {
+                    "type": "string",
+                    "maxLength": MAX_ERROR_CHARS,
+                    "description": _ERROR_TEXT,
+                },
                 "at": dict(_DATE_TIME),
             },
             "required": ["attempt", "error", "at"],

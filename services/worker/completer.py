@@ -4,6 +4,10 @@ Every write is conditional on the job still being RUNNING this attempt; zero row
 means someone else moved it first (e.g. a cancel), and that stands. Successes,
 the common case, are written in batches: one UPDATE for all the jobs of this
 worker that finished while the previous write was in flight.
+
+A failure is always written, so the job never stays RUNNING for the rescuer:
+its error text is made storable first (``storable_error``), and should
+PostgreSQL still refuse it, ``UNSTORABLE_ERROR`` is recorded in its place.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import asyncpg
 from orchestrix import retry
 from orchestrix.batching import Batcher
 from orchestrix.db import jobs as db
-from orchestrix.errors import Kind
+from orchestrix.errors import UNSTORABLE_ERROR, Kind, storable_error
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
 from orchestrix.settings import WorkerSettings
+from orchestrix.states import JobState
 
 from services.worker.runner import Failure, Outcome, Success
 
@@ -79,20 +84,36 @@ class Completer:
             max_s=self._settings.retry_max_delay_s,
             jitter=random.random(),
         )
-        extra = {"job_id": job.id, "attempt": job.attempt, "error": outcome.error}
-        if isinstance(decision, retry.Retry):
-            retried = await db.retry(
-                self._pool, job.id, job.attempt, outcome.error, decision.delay_s
+        delay_s = decision.delay_s if isinstance(decision, retry.Retry) else None
+        error = storable_error(outcome.error)
+        extra = {"job_id": job.id, "attempt": job.attempt, "error": error}
+        try:
+            after = await self._write_failure(job, error, delay_s)
+        except asyncpg.DataError as exc:
+            log.error(
+                "error text refused; recording a placeholder",
+                extra={**extra, "refusal": repr(exc)},
             )
-            if retried is not None:
-                self._metrics.jobs_retried.labels(*labels).inc()
-                log.warning(
-                    "job attempt failed; retrying",
-                    extra={**extra, "retry_in_s": round(decision.delay_s, 3)},
-                )
-            return retried is not None
-        failed = await db.fail(self._pool, job.id, job.attempt, outcome.error)
-        if failed is not None:
+            after = await self._write_failure(job, UNSTORABLE_ERROR, delay_s)
+        if after is None:
+            return False
+        if after.state is JobState.RETRYING:
+            assert delay_s is not None  # only a retry leaves it RETRYING
+            self._metrics.jobs_retried.labels(*labels).inc()
+            log.warning(
+                "job attempt failed; retrying", extra={**extra, "retry_in_s": round(delay_s, 3)}
+            )
+        elif after.state is JobState.CANCELLED:
+            self._metrics.jobs_cancelled.labels(*labels).inc()
+            log.info("job attempt failed; cancelled as requested instead of retried", extra=extra)
+        else:
             self._metrics.jobs_failed.labels(*labels).inc()
             log.warning("job failed", extra={**extra, "kind": outcome.kind.value})
-        return failed is not None
+        return True
+
+    async def _write_failure(self, job: Job, error: str, delay_s: float | None) -> Job | None:
+        """RETRYING after ``delay_s`` (CANCELLED if that was asked for), or FAILED
+        without one; None when the job had moved on."""
+        if delay_s is None:
+            return await db.fail(self._pool, job.id, job.attempt, error)
+        return await db.retry(self._pool, job.id, job.attempt, error, delay_s)

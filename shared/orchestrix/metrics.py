@@ -164,7 +164,7 @@ class WorkerMetrics:
         )
         self.jobs_cancelled = Counter(
             "orchestrix_jobs_cancelled_while_running_total",
-            "Running jobs stopped because a user cancelled them.",
+            "Running jobs that ended CANCELLED because a user cancelled them.",
             labels,
             registry=self.registry,
         )

@@ -273,6 +273,23 @@ async def test_cancel_running_is_guarded_by_attempt(pool: asyncpg.Pool) -> None:
     assert cancelled.completed_at is not None
 
 
+async def test_a_retry_after_a_cancel_request_cancels_instead(pool: asyncpg.Pool) -> None:
+    asked, failing = await running_job(pool), await running_job(pool)
+    for job_id in (asked, failing):
+        await db.request_cancel(pool, job_id)
+    cancelled = await db.retry(pool, asked, 1, "boom", 0.0)
+    assert cancelled is not None
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.completed_at is not None
+    assert cancelled.last_error == "boom"
+    assert [e["error"] for e in cancelled.errors] == ["boom"]
+    assert await db.claim_due(pool, 10) == []
+    # A failure for good stands: it is what the attempt came to.
+    failed = await db.fail(pool, failing, 1, "boom")
+    assert failed is not None
+    assert failed.state is JobState.FAILED
+
+
 async def test_batched_writes_keep_the_guards(pool: asyncpg.Pool) -> None:
     first, second = await add(pool), await add(pool)
     await db.claim_due(pool, 10)

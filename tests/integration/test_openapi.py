@@ -15,6 +15,7 @@ from aiohttp import web
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from openapi_spec_validator import validate as validate_spec
 from orchestrix import ids
+from orchestrix.errors import MAX_ERROR_CHARS, storable_error
 from orchestrix.models import Job
 from orchestrix.settings import ApiSettings, Settings
 
@@ -161,6 +162,17 @@ def test_documented_string_lengths_are_the_enforced_ones(
     for refused in ("", character * (longest + 1), character + "\n"):
         with pytest.raises(ApiError):
             parse_new_job({**body, field: refused})
+
+
+def test_documented_error_length_is_what_the_worker_stores() -> None:
+    components = openapi.build_document()["components"]["schemas"]
+    for schema in (
+        components["Job"]["properties"]["last_error"],
+        components["AttemptError"]["properties"]["error"],
+    ):
+        validator = OAS30Validator(schema, format_checker=oas30_format_checker)
+        assert validator.is_valid(storable_error("E: " + "x\x00" * 10**6))
+        assert not validator.is_valid("x" * (MAX_ERROR_CHARS + 1))
 
 
 @pytest.mark.parametrize("limit", ["+5", "5_0", "\u0665", " 5", "5 ", "1" * 5000])

@@ -296,9 +296,16 @@ def _error_entry(param: str) -> str:
 
 _ERROR_ENTRY = _error_entry("$3")
 
+# A cancellation asked for while the attempt ran (DELETE answered 202) outlives
+# the attempt: instead of another attempt the job ends CANCELLED, as when the
+# rescuer takes it. A failure for good or a success stands.
 _RETRY = f"""
 UPDATE jobs
-SET state = 'RETRYING', run_at = now() + make_interval(secs => $4), last_error = $3,
+SET state = CASE WHEN cancel_requested_at IS NULL THEN 'RETRYING' ELSE 'CANCELLED' END,
+    run_at = CASE WHEN cancel_requested_at IS NULL
+                  THEN now() + make_interval(secs => $4) ELSE run_at END,
+    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    last_error = $3,
     errors = errors || jsonb_build_array({_ERROR_ENTRY}),
     lease_expires_at = NULL, handoffs = 0, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
@@ -433,6 +440,8 @@ async def succeed(conn: Conn, job_id: str, attempt: int, result: Any) -> Job | N
 
 
 async def retry(conn: Conn, job_id: str, attempt: int, error: str, delay_s: float) -> Job | None:
+    """RUNNING → RETRYING, due again in ``delay_s``; CANCELLED instead when a
+    cancellation was asked for. None when the job had moved on."""
     row = await conn.fetchrow(_RETRY, job_id, attempt, error, delay_s)
     return None if row is None else Job.from_row(row)
 
