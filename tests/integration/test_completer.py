@@ -26,12 +26,15 @@ SETTINGS = WorkerSettings(retry_base_delay_s=0.001, retry_max_delay_s=0.001)
 
 
 async def running(pool: asyncpg.Pool, max_attempts: int = 3) -> Job:
-    """A job moved to RUNNING (attempt 1) the way the scheduler and a worker move it."""
+    """A job moved to RUNNING (attempt 1) the way a worker claims it."""
     new, _ = await db.insert(pool, NewJob(type="t", max_attempts=max_attempts))
-    assert [c.id for c in await db.claim_due(pool, 10)] == [new.id]
-    job = await db.start(pool, new.id, 1, 30)
-    assert job is not None
+    (job,) = await claim(pool)
+    assert (job.id, job.attempt) == (new.id, 1)
     return job
+
+
+async def claim(pool: asyncpg.Pool) -> list[Job]:
+    return await db.claim(pool, worker_id="test", queues=None, types=["t"], limit=10, lease_s=30)
 
 
 def count(metrics: WorkerMetrics, name: str) -> float:
@@ -123,7 +126,7 @@ async def test_a_retryable_failure_of_a_job_asked_to_cancel_ends_it_cancelled(
     assert after.completed_at is not None
     assert after.last_error == "ValueError: interrupted"
     assert [e["attempt"] for e in after.errors] == [1]
-    assert await db.claim_due(pool, 10) == []  # no further attempt
+    assert await claim(pool) == []  # no further attempt
     assert count(metrics, "orchestrix_jobs_cancelled_while_running_total") == 1
     assert count(metrics, "orchestrix_jobs_retried_total") == 0
     # A failure for good stands: it is what the attempt came to.
