@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -46,6 +45,7 @@ from orchestrix.settings import Settings
 from services.worker import runner
 from services.worker.completer import Completer
 from services.worker.puller import Puller
+from services.worker.threads import Threads
 
 log = logging.getLogger("worker")
 WRITE_RETRY_S = 0.5
@@ -99,7 +99,7 @@ class Consumer:
         self._completer = Completer(pool, settings.worker, metrics)
         self._concurrency = settings.worker.concurrency
         self._lease_s = settings.recovery.lease_timeout_s
-        self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
+        self._threads = Threads(self._concurrency, "executor")
         self._tasks: set[asyncio.Task[None]] = set()  # one per running job: its slot
         self._running: dict[str, Running] = {}
         # Announced, not yet started: (message, job id, attempt), oldest first.
@@ -148,7 +148,7 @@ class Consumer:
             beat.cancel()
             with contextlib.suppress(Exception):
                 await cancels.unsubscribe()
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
 
     async def _received(self, message: Msg) -> None:
         """A message from the puller: queue its jobs for a slot."""
