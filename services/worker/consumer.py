@@ -126,7 +126,7 @@ class Consumer:
             while not stop.is_set():
                 await self._ask_for_more()
                 await self._start_waiting()
-                if self._waiting and len(self._tasks) < self._concurrency:
+                if self._waiting and self._busy_slots() < self._concurrency:
                     continue  # more can start at once
                 # Wake for a message, a finished job, a request JetStream ended, in
                 # time to renew the open request before it expires, and at least
@@ -189,7 +189,7 @@ class Consumer:
         )
         outstanding = self._puller.outstanding
         missing = (
-            self._concurrency - len(self._tasks) - len(self._waiting) - outstanding * per_message
+            self._concurrency - self._busy_slots() - len(self._waiting) - outstanding * per_message
         )
         if missing <= 0:
             return
@@ -198,7 +198,7 @@ class Consumer:
 
     async def _start_waiting(self) -> None:
         """Move as many waiting jobs to RUNNING as there are free slots, in one UPDATE."""
-        count = min(self._concurrency - len(self._tasks), len(self._waiting), START_BATCH)
+        count = min(self._concurrency - self._busy_slots(), len(self._waiting), START_BATCH)
         if count <= 0:
             return
         batch = [self._waiting.popleft() for _ in range(count)]
@@ -220,6 +220,10 @@ class Consumer:
             task = asyncio.create_task(self._run(delivery, job))
             self._tasks.add(task)
             task.add_done_callback(self._slot_freed)
+
+    def _busy_slots(self) -> int:
+        # A thread still running an abandoned attempt's function holds a slot.
+        return len(self._tasks) + self._threads.abandoned
 
     def _slot_freed(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
