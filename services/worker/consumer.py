@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -46,6 +45,7 @@ from services.worker import runner
 from services.worker.completer import Completer
 from services.worker.heartbeat import Heartbeat
 from services.worker.stops import WRITE_PATIENCE_S, Stop, Stopper, persist
+from services.worker.threads import Threads
 
 log = logging.getLogger("worker")
 # A claim that has not answered in this long is abandoned; its jobs, if it did
@@ -90,7 +90,7 @@ class Consumer:
         self._queues = settings.worker.queues
         self._types = tuple(registry.types())
         self._lease_s = settings.recovery.lease_timeout_s
-        self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
+        self._threads = Threads(self._concurrency, "executor")
         self._running: dict[str, Running] = {}  # one per held job: its slot
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
         self._freed = asyncio.Event()  # a slot was freed
@@ -142,10 +142,11 @@ class Consumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
             await self._heartbeat.deregister()
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
 
     def _free(self) -> int:
-        return self._concurrency - len(self._running)
+        # A thread still running an abandoned attempt's function holds a slot.
+        return self._concurrency - len(self._running) - self._threads.abandoned
 
     async def _wait(self) -> None:
         """Until a wake-up, the poll, or (while jobs are there) enough freed slots."""

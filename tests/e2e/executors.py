@@ -43,3 +43,16 @@ def record_sync(job: JobContext) -> Any:
         time.sleep(0.01)
     _append(job, started)
     return {"pid": os.getpid()}
+
+
+@executor("stuck_sync")
+def stuck_sync(job: JobContext) -> Any:
+    """A plain function that ignores ``job.cancelled`` until the file ``release`` exists.
+
+    It gives up after ``max_s`` (30 s), so that no test leaves it running for ever.
+    """
+    release = str(job.payload["release"])
+    deadline = time.monotonic() + float(job.payload.get("max_s", 30))
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"released": os.path.exists(release)}

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +12,7 @@ from orchestrix.errors import Kind
 from orchestrix.executors import JobContext, Registry, registry
 
 from services.worker.runner import Failure, Success, run
+from services.worker.threads import Threads
 
 
 def context(job_type: str = "t", timeout_seconds: int = 5, **payload: Any) -> JobContext:
@@ -30,8 +30,9 @@ def context(job_type: str = "t", timeout_seconds: int = 5, **payload: Any) -> Jo
 
 @pytest.fixture(scope="module")
 def threads() -> Any:
-    with ThreadPoolExecutor(2) as pool:
-        yield pool
+    pool = Threads(2)
+    yield pool
+    pool.shutdown()
 
 
 def test_the_decorator_registers_in_the_default_registry() -> None:
@@ -58,7 +59,7 @@ def test_registering_a_type_twice_is_refused() -> None:
     assert local.types() == ["x"]
 
 
-async def test_async_and_plain_functions(threads: ThreadPoolExecutor) -> None:
+async def test_async_and_plain_functions(threads: Threads) -> None:
     local = Registry()
     loop_thread = threading.get_ident()
 
@@ -74,7 +75,7 @@ async def test_async_and_plain_functions(threads: ThreadPoolExecutor) -> None:
     assert await run(local.get("p"), context(), threads) == Success({"thread": False})
 
 
-async def test_failures_are_classified(threads: ThreadPoolExecutor) -> None:
+async def test_failures_are_classified(threads: Threads) -> None:
     local = Registry()
 
     async def boom(job: JobContext) -> None:
@@ -105,7 +106,7 @@ async def test_failures_are_classified(threads: ThreadPoolExecutor) -> None:
     )
 
 
-async def test_timeouts_are_retryable_and_flag_the_job(threads: ThreadPoolExecutor) -> None:
+async def test_timeouts_are_retryable_and_flag_the_job(threads: Threads) -> None:
     local = Registry()
 
     async def slow(job: JobContext) -> None:
@@ -127,7 +128,7 @@ async def test_timeouts_are_retryable_and_flag_the_job(threads: ThreadPoolExecut
         assert job.cancelled
 
 
-async def test_demo_job(threads: ThreadPoolExecutor) -> None:
+async def test_demo_job(threads: Threads) -> None:
     from orchestrix import builtin  # noqa: F401  (registers demo_job)
 
     demo = registry.get("demo_job")
