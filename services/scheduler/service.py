@@ -21,6 +21,7 @@ from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import SchedulerMetrics
+from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
 
@@ -119,6 +120,7 @@ async def serve(settings: Settings) -> None:
         return
 
     metrics = SchedulerMetrics()
+    metrics.preset((DEFAULT_QUEUE,))
     status = StatusServer(
         settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
     )

@@ -12,6 +12,7 @@ import logging
 from orchestrix import broker, executors
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
+from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
 
@@ -36,6 +37,7 @@ async def serve(settings: Settings) -> None:
         return
 
     metrics = WorkerMetrics(settings.worker.concurrency)
+    metrics.preset(executors.registry.types(), (DEFAULT_QUEUE,))
     status = StatusServer(
         settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
     )
