@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrix.db import jobs as db
 from orchestrix.metrics import SchedulerMetrics
-from orchestrix.settings import RecoverySettings, WorkerSettings
+from orchestrix.settings import RecoverySettings, RetrySettings
 
 log = logging.getLogger("scheduler")
 BATCH = 1000
@@ -23,7 +23,7 @@ class Rescuer:
         self,
         pool: Any,
         recovery: RecoverySettings,
-        retry: WorkerSettings,
+        retry: RetrySettings,
         metrics: SchedulerMetrics,
     ) -> None:
         self._pool = pool
@@ -39,8 +39,8 @@ class Rescuer:
             # then it has missed at least four renewals in a row.
             grace_s=self._recovery.lease_timeout_s / 2,
             error=WORKER_LOST,
-            base_s=self._retry.retry_base_delay_s,
-            max_s=self._retry.retry_max_delay_s,
+            base_s=self._retry.base_delay_s,
+            max_s=self._retry.max_delay_s,
         )
         for job in rescued:
             self._metrics.jobs_rescued.labels(job.queue, job.state.value).inc()

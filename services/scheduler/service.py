@@ -133,7 +133,7 @@ async def serve(settings: Settings) -> None:
     maintenance = asyncio.create_task(
         _maintain(
             leadership,
-            Rescuer(pool, settings.recovery, settings.worker, metrics),
+            Rescuer(pool, settings.recovery, settings.retry, metrics),
             Republisher(pool, js, publisher, settings.nats, settings.recovery, metrics),
             settings,
             stop,

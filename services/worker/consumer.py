@@ -96,7 +96,7 @@ class Consumer:
         self._settings = settings
         self._registry = registry
         self._metrics = metrics
-        self._completer = Completer(pool, settings.worker, metrics)
+        self._completer = Completer(pool, settings.retry, metrics)
         self._concurrency = settings.worker.concurrency
         self._lease_s = settings.recovery.lease_timeout_s
         self._threads = ThreadPoolExecutor(self._concurrency, thread_name_prefix="executor")
