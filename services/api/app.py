@@ -77,7 +77,7 @@ async def serve(settings: Settings) -> None:
         app,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=settings.worker.shutdown_timeout_s,
+        shutdown_timeout=settings.api.shutdown_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)

@@ -18,9 +18,20 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+# What the API cannot serve without. Creating, reading and cancelling jobs need
+# PostgreSQL alone; NATS only carries the fast path of a running job's cancel (its
+# worker also finds the request at its next lease renewal). Failing /ready for
+# NATS would take every API pod out of its Service during a NATS outage, so
+# without it the API is degraded, and still ready.
+REQUIRED = frozenset({"postgres", "shutdown"})
+
+
 @routes.get("/ready")
 async def ready(request: web.Request) -> web.Response:
-    """200 only while this process can do its work: dependencies answer, not draining."""
+    """200 while this process can serve jobs: PostgreSQL answers and it is not draining.
+
+    The status is "degraded" (still 200) while NATS is away.
+    """
     lifecycle = request.app[LIFECYCLE]
     checks = await check_dependencies(request.app[POOL], lifecycle.nats)
     if lifecycle.nats is None:
@@ -28,12 +39,18 @@ async def ready(request: web.Request) -> web.Response:
     if lifecycle.draining:
         checks["shutdown"] = "draining"
     failing = {name: state for name, state in checks.items() if state != "ok"}
-    if failing:
-        reason = "; ".join(f"{name} {state}" for name, state in failing.items())
+    blocking = {name: state for name, state in failing.items() if name in REQUIRED}
+    if blocking:
         return json_response(
-            {"status": "unavailable", "error": reason, "checks": checks}, status=503
+            {"status": "unavailable", "error": _reasons(blocking), "checks": checks}, status=503
         )
+    if failing:
+        return json_response({"status": "degraded", "warning": _reasons(failing), "checks": checks})
     return json_response({"status": "ready", "checks": checks})
+
+
+def _reasons(failing: dict[str, str]) -> str:
+    return "; ".join(f"{name} {state}" for name, state in failing.items())
 
 
 @routes.get("/metrics")

@@ -340,8 +340,17 @@ def _schemas() -> dict[str, Schema]:
         "Ready": {
             "type": "object",
             "properties": {
-                "status": {"type": "string", "enum": ["ready", "unavailable"]},
+                "status": {
+                    "type": "string",
+                    "enum": ["ready", "degraded", "unavailable"],
+                    "description": (
+                        "degraded (still 200): NATS is away; jobs are created, read and"
+                        " cancelled as usual, and a running job's worker learns of its"
+                        " cancellation at its next lease renewal"
+                    ),
+                },
                 "error": {"type": "string", "description": "why, when unavailable"},
+                "warning": {"type": "string", "description": "what is away, when degraded"},
                 "checks": {
                     "type": "object",
                     "additionalProperties": {"type": "string"},
@@ -516,10 +525,12 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
         "/ready": {
             "get": {
                 "operationId": "ready",
-                "summary": "Readiness: PostgreSQL and NATS answer, and not shutting down",
+                "summary": "Readiness: PostgreSQL answers and not shutting down (NATS is reported)",
                 "responses": {
-                    "200": _json(_ref("Ready"), "ready"),
-                    "503": _json(_ref("Ready"), "unavailable; error names the reason"),
+                    "200": _json(_ref("Ready"), "ready, or degraded while NATS is away"),
+                    "503": _json(
+                        _ref("Ready"), "PostgreSQL is away or shutting down; error names why"
+                    ),
                 },
             }
         },

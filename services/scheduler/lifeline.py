@@ -28,7 +28,7 @@ from orchestrix.db import jobs as db
 from orchestrix.db import workers
 from orchestrix.liveness import CONFIRM_S, LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
-from orchestrix.settings import NatsSettings, WorkerSettings
+from orchestrix.settings import NatsSettings, RetrySettings
 
 from services.scheduler.rescuer import BATCH, decide
 
@@ -43,7 +43,7 @@ class Lifeline:
         pool: Any,
         nc: Client,
         nats: NatsSettings,
-        retry_settings: WorkerSettings,
+        retry_settings: RetrySettings,
         metrics: SchedulerMetrics,
     ) -> None:
         self._pool = pool

@@ -18,7 +18,7 @@ from orchestrix import retry
 from orchestrix.db import jobs as db
 from orchestrix.errors import Kind
 from orchestrix.metrics import SchedulerMetrics
-from orchestrix.settings import RecoverySettings, WorkerSettings
+from orchestrix.settings import RecoverySettings, RetrySettings
 from orchestrix.states import JobState
 
 log = logging.getLogger("scheduler")
@@ -30,7 +30,7 @@ WORKER_LOST = "WorkerLost: the worker running this attempt stopped renewing its 
 
 
 def decide(
-    lost: Sequence[db.Lost], retry_settings: WorkerSettings, *, delay: bool = True
+    lost: Sequence[db.Lost], retry_settings: RetrySettings, *, delay: bool = True
 ) -> list[tuple[db.Lost, JobState, float]]:
     """What becomes of each lost attempt: the retry policy's decision, or CANCELLED.
 
@@ -46,8 +46,8 @@ def decide(
             Kind.RETRYABLE,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            base_s=retry_settings.retry_base_delay_s,
-            max_s=retry_settings.retry_max_delay_s,
+            base_s=retry_settings.base_delay_s,
+            max_s=retry_settings.max_delay_s,
             jitter=random.random(),
         )
         if isinstance(decision, retry.Retry):
@@ -62,7 +62,7 @@ class Rescuer:
         self,
         pool: Any,
         recovery: RecoverySettings,
-        retry_settings: WorkerSettings,
+        retry_settings: RetrySettings,
         metrics: SchedulerMetrics,
     ) -> None:
         self._pool = pool

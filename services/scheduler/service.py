@@ -26,6 +26,7 @@ from orchestrix.db.pool import TRANSIENT
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.liveness import LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
+from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
 
@@ -88,6 +89,7 @@ async def serve(settings: Settings) -> None:
         return
     pool, nc = connected
     metrics = SchedulerMetrics()
+    metrics.preset((DEFAULT_QUEUE,))
     status = StatusServer(
         settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
     )
@@ -98,8 +100,8 @@ async def serve(settings: Settings) -> None:
     maintenance = asyncio.create_task(
         _maintain(
             leadership,
-            Lifeline(pool, nc, settings.nats, settings.worker, metrics),
-            Rescuer(pool, settings.recovery, settings.worker, metrics),
+            Lifeline(pool, nc, settings.nats, settings.retry, metrics),
+            Rescuer(pool, settings.recovery, settings.retry, metrics),
             settings,
             stop,
         )

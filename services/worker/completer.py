@@ -24,7 +24,7 @@ from orchestrix.db import jobs as db
 from orchestrix.errors import UNSTORABLE_ERROR, Kind, storable_error
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
-from orchestrix.settings import WorkerSettings
+from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
 
 from services.worker.runner import Failure, Outcome, Success
@@ -40,9 +40,9 @@ Refused = str  # PostgreSQL refused this result; the reason
 
 
 class Completer:
-    def __init__(self, pool: Any, settings: WorkerSettings, metrics: WorkerMetrics) -> None:
+    def __init__(self, pool: Any, retry: RetrySettings, metrics: WorkerMetrics) -> None:
         self._pool = pool
-        self._settings = settings
+        self._retry = retry
         self._metrics = metrics
         self._successes: Batcher[tuple[str, int, Any], bool | Refused] = Batcher(
             self._write_successes, max_size=BATCH
@@ -80,8 +80,8 @@ class Completer:
             outcome.kind,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            base_s=self._settings.retry_base_delay_s,
-            max_s=self._settings.retry_max_delay_s,
+            base_s=self._retry.base_delay_s,
+            max_s=self._retry.max_delay_s,
             jitter=random.random(),
         )
         delay_s = decision.delay_s if isinstance(decision, retry.Retry) else None

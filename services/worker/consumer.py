@@ -84,7 +84,7 @@ class Consumer:
         self._settings = settings
         self._registry = registry
         self._metrics = metrics
-        self._completer = Completer(pool, settings.worker, metrics)
+        self._completer = Completer(pool, settings.retry, metrics)
         self._stopper = Stopper(pool, self._completer, metrics)
         self._concurrency = settings.worker.concurrency
         self._queues = settings.worker.queues

@@ -13,6 +13,7 @@ from orchestrix import executors
 from orchestrix.db import jobs as db
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
+from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
 
@@ -32,6 +33,7 @@ async def serve(settings: Settings) -> None:
     pool, nc = connected
 
     metrics = WorkerMetrics(settings.worker.concurrency)
+    metrics.preset(executors.registry.types(), settings.worker.queues or (DEFAULT_QUEUE,))
     status = StatusServer(
         settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
     )

@@ -25,7 +25,7 @@ log = logging.getLogger("orchestrix")
 _DB = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "DB_SSLMODE")
 _POOL = ("DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
 _LOG = ("LOG_FORMAT", "LOG_LEVEL")
-_API = ("API_HOST", "API_PORT", "API_MAX_BODY_BYTES")
+_API = ("API_HOST", "API_PORT", "API_MAX_BODY_BYTES", "API_SHUTDOWN_TIMEOUT")
 _NATS = ("NATS_URL", "NATS_SUBJECT_PREFIX")
 _STATUS = ("METRICS_HOST", "METRICS_PORT")
 
@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         (*_DB, *_POOL, "NATS_URL", *_API, *_LOG),
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
-        "SIGTERM or SIGINT: stop accepting, finish requests in flight, exit.",
+        "SIGTERM or SIGINT: stop accepting, finish requests in flight within\n"
+        "API_SHUTDOWN_TIMEOUT, exit.",
     )
 
     add(

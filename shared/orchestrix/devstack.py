@@ -180,6 +180,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 "",
             )
         )
-        return asyncio.run(
-            supervise(plan, banner, shutdown_timeout_s=settings.worker.shutdown_timeout_s)
-        )
+        # Each service drains within its own timeout; wait for the longer one.
+        drain_s = max(settings.api.shutdown_timeout_s, settings.worker.shutdown_timeout_s)
+        return asyncio.run(supervise(plan, banner, shutdown_timeout_s=drain_s))

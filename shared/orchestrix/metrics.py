@@ -3,12 +3,22 @@
 A registry per process (not the library's global one) lets tests build several
 applications in one interpreter. Labels are bounded: job type and queue, HTTP
 route templates; never a job id.
+
+A labelled counter has no series until its first increment, and a query or an
+alert over a missing series sees nothing rather than 0 (``rate()`` of a failure
+count that appears with its first failure misses that failure). So each service
+presets its counters at 0 for the types and queues it knows of at start.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import product
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from orchestrix.states import JobState
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "SchedulerMetrics", "WorkerMetrics", "expose"]
 
@@ -17,6 +27,9 @@ _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class ApiMetrics:
+    """Nothing is preset: the API loads no executors, so it knows no job types, and
+    its counters are all per type and queue. Each series appears with its first job."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.jobs_created = Counter(
@@ -94,6 +107,10 @@ _LATENCY_BUCKETS = (
 )
 
 
+# The states the rescuer gives a job it takes back (see db.jobs.rescue_expired).
+RESCUED_STATES = (JobState.RETRYING, JobState.FAILED, JobState.CANCELLED)
+
+
 class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -120,6 +137,12 @@ class SchedulerMetrics:
             "Workers found dead by the lifeline (PostgreSQL session and NATS connection gone).",
             registry=self.registry,
         )
+
+    def preset(self, queues: Iterable[str]) -> None:
+        """Export the per-queue counters at 0 for ``queues``."""
+        for queue in queues:
+            for state in RESCUED_STATES:
+                self.jobs_rescued.labels(queue, state.value)
 
 
 class WorkerMetrics:
@@ -193,6 +216,20 @@ class WorkerMetrics:
             "Jobs this worker is running now.",
             registry=self.registry,
         )
+
+    def preset(self, types: Iterable[str], queues: Iterable[str]) -> None:
+        """Export every outcome counter at 0 for each of ``types`` in each of ``queues``."""
+        counters = (
+            self.jobs_claimed,
+            self.jobs_succeeded,
+            self.jobs_failed,
+            self.jobs_retried,
+            self.jobs_handed_back,
+            self.jobs_cancelled,
+        )
+        for job_type, queue in product(types, tuple(queues)):
+            for counter in counters:
+                counter.labels(job_type, queue)
 
 
 def expose(registry: CollectorRegistry) -> bytes:

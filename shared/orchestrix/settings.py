@@ -150,8 +150,6 @@ class WorkerSettings:
 
     concurrency: int = 100
     shutdown_timeout_s: float = 30.0
-    retry_base_delay_s: float = 1.0
-    retry_max_delay_s: float = 300.0
     executors: tuple[str, ...] = ()
     queues: tuple[str, ...] | None = None
     poll_interval_s: float = 1.0
@@ -159,10 +157,6 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
         read = _Reader(env)
-        base = read.seconds("RETRY_BASE_DELAY", cls.retry_base_delay_s, low=0.001, high=86400)
-        most = read.seconds("RETRY_MAX_DELAY", cls.retry_max_delay_s, low=0.001, high=7 * 86400)
-        if most < base:
-            raise SettingsError("RETRY_MAX_DELAY", f"must be at least RETRY_BASE_DELAY ({base:g}s)")
         modules = tuple(
             m.strip() for m in read.text("ORCHESTRIX_EXECUTORS", "").split(",") if m.strip()
         )
@@ -183,14 +177,32 @@ class WorkerSettings:
             shutdown_timeout_s=read.seconds(
                 "SHUTDOWN_TIMEOUT", cls.shutdown_timeout_s, low=0, high=86400
             ),
-            retry_base_delay_s=base,
-            retry_max_delay_s=most,
             executors=modules,
             queues=queues,
             poll_interval_s=read.seconds(
                 "WORKER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
             ),
         )
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The backoff before a job's next attempt: ``base_delay_s`` doubled per attempt,
+    at most ``max_delay_s``. Read by the worker's completer (a failed attempt) and
+    the scheduler's rescuer (a lost one), so both back off alike.
+    """
+
+    base_delay_s: float = 1.0
+    max_delay_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RetrySettings:
+        read = _Reader(env)
+        base = read.seconds("RETRY_BASE_DELAY", cls.base_delay_s, low=0.001, high=86400)
+        most = read.seconds("RETRY_MAX_DELAY", cls.max_delay_s, low=0.001, high=7 * 86400)
+        if most < base:
+            raise SettingsError("RETRY_MAX_DELAY", f"must be at least RETRY_BASE_DELAY ({base:g}s)")
+        return cls(base_delay_s=base, max_delay_s=most)
 
 
 @dataclass(frozen=True)
@@ -236,11 +248,12 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """The REST API's listener and request limits."""
+    """The REST API's listener, request limits, and how long it drains when stopped."""
 
     host: str = "0.0.0.0"
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
+    shutdown_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ApiSettings:
@@ -250,6 +263,9 @@ class ApiSettings:
             port=read.integer("API_PORT", cls.port, low=1, high=65535),
             max_body_bytes=read.integer(
                 "API_MAX_BODY_BYTES", cls.max_body_bytes, low=1024, high=64 * 1024 * 1024
+            ),
+            shutdown_timeout_s=read.seconds(
+                "API_SHUTDOWN_TIMEOUT", cls.shutdown_timeout_s, low=0, high=86400
             ),
         )
 
@@ -297,6 +313,7 @@ class Settings:
     api: ApiSettings
     log: LogSettings
     worker: WorkerSettings
+    retry: RetrySettings
     metrics: MetricsSettings
     recovery: RecoverySettings
     dev: DevSettings
@@ -310,6 +327,7 @@ class Settings:
             api=ApiSettings.from_env(env),
             log=LogSettings.from_env(env),
             worker=WorkerSettings.from_env(env),
+            retry=RetrySettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
             recovery=RecoverySettings.from_env(env),
             dev=DevSettings.from_env(env),
@@ -332,6 +350,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
+    ("API_SHUTDOWN_TIMEOUT", "30s", "how long a stopping API lets requests in flight finish"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
@@ -341,11 +360,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
         "1s",
         "a worker with free slots looks for due jobs this often (wake-ups come sooner)",
     ),
-    (
-        "SHUTDOWN_TIMEOUT",
-        "30s",
-        "how long a stopping worker lets running jobs finish (and the API its requests)",
-    ),
+    ("SHUTDOWN_TIMEOUT", "30s", "how long a stopping worker lets running jobs finish"),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
     ("LEASE_TIMEOUT", "30s", "lease of a running job; its worker renews it every third"),

@@ -71,7 +71,8 @@ def test_compose_waits_for_the_drain_and_checks_readiness() -> None:
         service = services[name]
         settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
         grace = parse_seconds(service["stop_grace_period"])
-        assert grace > settings.worker.shutdown_timeout_s, f"{name} is killed mid-drain"
+        drain = (settings.api if name == "api" else settings.worker).shutdown_timeout_s
+        assert grace > drain, f"{name} is killed mid-drain"
         port = settings.api.port if name == "api" else settings.metrics.port
         assert f"http://127.0.0.1:{port}/ready" in " ".join(service["healthcheck"]["test"])
 

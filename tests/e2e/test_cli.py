@@ -34,8 +34,28 @@ def orchestrix(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 @pytest.mark.parametrize(
     ("command", "variables"),
     [
-        ("api", ["DATABASE_URL", "DB_HOST", "API_PORT", "NATS_URL", "LOG_FORMAT"]),
-        ("scheduler", ["DATABASE_URL", "NATS_STREAM", "SCHEDULER_POLL_INTERVAL", "METRICS_PORT"]),
+        (
+            "api",
+            [
+                "DATABASE_URL",
+                "DB_HOST",
+                "API_PORT",
+                "API_SHUTDOWN_TIMEOUT",
+                "NATS_URL",
+                "LOG_FORMAT",
+            ],
+        ),
+        (
+            "scheduler",
+            [
+                "DATABASE_URL",
+                "NATS_STREAM",
+                "SCHEDULER_POLL_INTERVAL",
+                "RETRY_BASE_DELAY",
+                "RETRY_MAX_DELAY",
+                "METRICS_PORT",
+            ],
+        ),
         (
             "worker",
             [

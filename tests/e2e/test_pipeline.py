@@ -188,6 +188,26 @@ async def test_ready_reports_both_dependencies(running: Running) -> None:
             assert (await response.json())["checks"] == {"postgres": "ok", "nats": "ok"}
 
 
+async def test_metrics_exist_at_zero_before_the_first_job(running: Running) -> None:
+    # No test here runs a noop job, nor loses a worker: these stay at 0 all along.
+    async with running.http.get(f"http://127.0.0.1:{running.worker.port}/metrics") as response:
+        text = await response.text()
+    counters = (
+        "claimed",
+        "succeeded",
+        "failed",
+        "retried",
+        "handed_back",
+        "cancelled_while_running",
+    )
+    for counter in counters:
+        assert f'orchestrix_jobs_{counter}_total{{queue="default",type="noop"}} 0.0' in text
+    async with running.http.get(f"http://127.0.0.1:{running.scheduler.port}/metrics") as response:
+        text = await response.text()
+    assert 'orchestrix_jobs_rescued_total{queue="default",state="FAILED"} 0.0' in text
+    assert "orchestrix_workers_lost_total 0.0" in text
+
+
 async def test_metrics_count_outcomes_by_type(running: Running) -> None:
     created = await running.create(type="demo_job", queue="metrics_q")
     await running.settled(created["id"])

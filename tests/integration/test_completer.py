@@ -14,7 +14,7 @@ from orchestrix.devstack import database_url
 from orchestrix.errors import MAX_ERROR_CHARS, UNSTORABLE_ERROR, Kind
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job, NewJob
-from orchestrix.settings import WorkerSettings
+from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
 
 from services.worker.completer import Completer
@@ -22,7 +22,7 @@ from services.worker.runner import Failure
 from tests.conftest import RUN_ID, Servers
 
 # Retries due at once: a job left RETRYING is claimable straight away.
-SETTINGS = WorkerSettings(retry_base_delay_s=0.001, retry_max_delay_s=0.001)
+SETTINGS = RetrySettings(base_delay_s=0.001, max_delay_s=0.001)
 
 
 async def running(pool: asyncpg.Pool, max_attempts: int = 3) -> Job:

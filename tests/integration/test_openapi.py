@@ -335,3 +335,14 @@ async def test_unavailable_database_answers_match_the_document(settings: Setting
             await responses.call(api, "GET", "/ready", "/ready", 503)
     finally:
         await dead.close()
+
+
+async def test_a_degraded_ready_matches_the_document(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    app = build_app(settings, pool)  # no NATS connection: the API is degraded, still ready
+    async with served(app) as url, aiohttp.ClientSession() as http:
+        api = Api(url=url, http=http, app=app)
+        responses = Responses(openapi.build_document(settings.api.max_body_bytes))
+        body = await responses.call(api, "GET", "/ready", "/ready", 200)
+    assert body["status"] == "degraded"

@@ -6,8 +6,11 @@ from orchestrix.settings import (
     DatabaseSettings,
     LogSettings,
     NatsSettings,
+    RetrySettings,
     Settings,
     SettingsError,
+    WorkerSettings,
+    describe,
 )
 
 
@@ -19,6 +22,9 @@ def test_defaults() -> None:
     assert settings.nats.url == "nats://127.0.0.1:4222"
     assert settings.api.port == 8080
     assert settings.api.max_body_bytes == 1024 * 1024
+    assert settings.api.shutdown_timeout_s == 30.0
+    assert settings.worker.shutdown_timeout_s == 30.0
+    assert settings.retry == RetrySettings(base_delay_s=1.0, max_delay_s=300.0)
     assert settings.log == LogSettings(format="text", level="INFO")
 
 
@@ -58,6 +64,13 @@ def test_database_url_overrides_the_parts() -> None:
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "must be one of debug"),
         ({"API_MAX_BODY_BYTES": "10"}, "API_MAX_BODY_BYTES", "must be between 1024"),
         ({"DB_POOL_MAX_SIZE": "0"}, "DB_POOL_MAX_SIZE", "must be between 1 and 1000"),
+        ({"API_SHUTDOWN_TIMEOUT": "soon"}, "API_SHUTDOWN_TIMEOUT", "must be a duration"),
+        ({"RETRY_BASE_DELAY": "0"}, "RETRY_BASE_DELAY", "must be between 0.001s and 86400s"),
+        (
+            {"RETRY_BASE_DELAY": "10s", "RETRY_MAX_DELAY": "5s"},
+            "RETRY_MAX_DELAY",
+            "must be at least RETRY_BASE_DELAY (10s)",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str, message: str) -> None:
@@ -73,10 +86,35 @@ def test_blank_means_default() -> None:
 
 
 def test_values_are_read() -> None:
-    assert ApiSettings.from_env({"API_PORT": "9000", "API_MAX_BODY_BYTES": "2048"}) == (
-        ApiSettings(host="0.0.0.0", port=9000, max_body_bytes=2048)
+    assert ApiSettings.from_env(
+        {"API_PORT": "9000", "API_MAX_BODY_BYTES": "2048", "API_SHUTDOWN_TIMEOUT": "5s"}
+    ) == ApiSettings(host="0.0.0.0", port=9000, max_body_bytes=2048, shutdown_timeout_s=5.0)
+    assert RetrySettings.from_env({"RETRY_BASE_DELAY": "500ms", "RETRY_MAX_DELAY": "1m"}) == (
+        RetrySettings(base_delay_s=0.5, max_delay_s=60.0)
     )
     assert NatsSettings.from_env({"NATS_URL": "nats://n:4222"}).url == "nats://n:4222"
     assert LogSettings.from_env({"LOG_FORMAT": "JSON", "LOG_LEVEL": "debug"}) == LogSettings(
         format="json", level="DEBUG"
     )
+
+
+def test_each_process_reads_its_own_shutdown_timeout() -> None:
+    """The API drains for API_SHUTDOWN_TIMEOUT, a worker for SHUTDOWN_TIMEOUT."""
+    worker_only = Settings.from_env({"SHUTDOWN_TIMEOUT": "2m"})
+    assert (worker_only.api.shutdown_timeout_s, worker_only.worker.shutdown_timeout_s) == (30, 120)
+    api_only = Settings.from_env({"API_SHUTDOWN_TIMEOUT": "10s"})
+    assert (api_only.api.shutdown_timeout_s, api_only.worker.shutdown_timeout_s) == (10, 30)
+
+
+def test_retry_delays_are_their_own_concern() -> None:
+    """The worker's completer and the scheduler's rescuer both read Settings.retry."""
+    settings = Settings.from_env({"RETRY_BASE_DELAY": "2s", "RETRY_MAX_DELAY": "1h"})
+    assert settings.retry == RetrySettings(base_delay_s=2.0, max_delay_s=3600.0)
+    assert not {"retry_base_delay_s", "retry_max_delay_s"} & set(vars(WorkerSettings()))
+
+
+def test_the_variable_table_lists_the_new_variables() -> None:
+    table = describe(("API_SHUTDOWN_TIMEOUT", "SHUTDOWN_TIMEOUT", "RETRY_BASE_DELAY"))
+    assert "  API_SHUTDOWN_TIMEOUT  how long a stopping API lets requests in flight finish" in table
+    assert "(and the API its requests)" not in table
+    assert "RETRY_BASE_DELAY" in table
