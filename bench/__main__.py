@@ -23,7 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench import api, ceiling, claim, drain, latency, report, sustained
+from bench import api, ceiling, claim, dispatch, drain, latency, report, sustained
 from bench.context import PHASES, Context, Options
 from bench.infra import REPO, RUN_TAG, BenchError, Databases, Servers, kill_leftovers
 
@@ -32,6 +32,8 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "claim": claim.run_phase,
     "latency": latency.run_phase,
     "api": api.run_phase,
+    "priority": dispatch.run_priority,
+    "fairness": dispatch.run_fairness,
     "sustained": sustained.run_phase,
     "ceiling": ceiling.run_phase,
 }

@@ -12,7 +12,7 @@ from bench.infra import Databases, Servers, ServiceReport, Stack, checkpoint
 # The order. The claim-cost phase writes a million rows; run after the
 # latency phase, its write-back slowed that phase's commits (create->start p50
 # 2.2 to 2.4 ms after it, 1.6 to 2.0 ms alone).
-PHASES = ("drain", "sustained", "latency", "api", "claim", "ceiling")
+PHASES = ("drain", "sustained", "latency", "api", "priority", "fairness", "claim", "ceiling")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class Options:
     insert_single: int = 20_000
     insert_single_connections: int = 10  # the API's default pool size
     insert_bulk: int = 200_000
+    dispatch_backlog: int = 100_000
+    priority_jobs: int = 20
+    priority_gap_s: float = 0.05
+    fair_rate: float = 20.0
+    fair_duration_s: float = 10.0
     phase_timeout_s: float = 900.0
 
     @classmethod
@@ -70,6 +75,9 @@ class Options:
             ceiling_jobs=2_000,
             insert_single=500,
             insert_bulk=5_000,
+            dispatch_backlog=2_000,
+            priority_jobs=5,
+            fair_duration_s=1.0,
             phase_timeout_s=120.0,
         )
 

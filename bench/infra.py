@@ -33,7 +33,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
-import nats
 import psutil
 from orchestrix import migrate
 from orchestrix.devstack import database_url
@@ -342,14 +341,11 @@ class Stack:
         self.db_url = db_url
         self.nats_url = servers.nats_url
         self.workdir = workdir
-        self.stream = f"ORX_BENCH_{tag}"
         self.env: dict[str, str] = {
             **os.environ,
             "DATABASE_URL": db_url,
             "NATS_URL": servers.nats_url,
-            "NATS_STREAM": self.stream,
             "NATS_SUBJECT_PREFIX": f"orxbench.{tag}.jobs",
-            "NATS_CONSUMER": f"orxbench-{tag}",
             "LOG_FORMAT": "text",
             "LOG_LEVEL": "warning",
             "API_HOST": "127.0.0.1",
@@ -453,16 +449,7 @@ class Stack:
                 service.process.wait()
             _LIVE.pop(service.pid, None)
         self.services.clear()
-        await self._delete_stream()
         return self.reports
-
-    async def _delete_stream(self) -> None:
-        with contextlib.suppress(Exception):
-            nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=0)
-            try:
-                await nc.jetstream().delete_stream(self.stream)
-            finally:
-                await nc.close()
 
 
 # --- the jobs table ----------------------------------------------------------

@@ -44,6 +44,7 @@ TARGETS = {
     "api_bulk": 50_000.0,
     "claim_within": 0.20,
     "rss_worker_mib": 80.0,
+    "dispatch_p99_ms": 1000.0,
 }
 
 
@@ -166,6 +167,13 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         for p in ("p50", "p95", "p99"):
             if key in latency:
                 out[f"latency_{name}_{p}_ms"] = latency[key][p]
+    for phase in ("priority", "fairness"):
+        figures = results.get(phase, {}).get("create_to_start_ms")
+        if figures:
+            out[f"{phase}_start_p50_ms"] = figures["p50"]
+            out[f"{phase}_start_p99_ms"] = figures["p99"]
+    if "bulk_jobs_per_s" in results.get("fairness", {}):
+        out["fairness_bulk_jobs_per_s"] = results["fairness"]["bulk_jobs_per_s"]
     api = results.get("api", {})
     if "single" in api:
         out["api_single_jobs_per_s"] = api["single"]["jobs_per_s"]
@@ -279,6 +287,25 @@ def table(results: dict[str, Any]) -> str:
                 "-",
                 "-",
                 "-",
+            )
+        )
+    for phase, label in (
+        ("priority", "Priority 100 behind {backlog:,} due jobs, 2 workers"),
+        ("fairness", "Queue interactive at {rate:g}/s beside {backlog:,} bulk jobs"),
+    ):
+        if f"{phase}_start_p99_ms" not in s:
+            continue
+        figures = results.get(phase, {})
+        p99 = s[f"{phase}_start_p99_ms"]
+        rows.append(
+            (
+                label.format(**figures) + ", create->start p50/p99 (ms)",
+                f"{_ms(s[f'{phase}_start_p50_ms'])} / {_ms(p99)}",
+                f"p99 < 1,000{_verdict(p99 < TARGETS['dispatch_p99_ms'])}",
+                "-",
+                f"bulk drained {_n(s.get('fairness_bulk_jobs_per_s'))}/s meanwhile"
+                if phase == "fairness"
+                else f"{_n(figures.get('backlog_left'))} still waiting after",
             )
         )
     if "api_single_jobs_per_s" in s:

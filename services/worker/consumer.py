@@ -187,8 +187,8 @@ class Consumer:
                         lease_s=self._lease_s,
                     )
         except (*TRANSIENT, TimeoutError) as exc:
-            # The server may have committed: the heartbeat looks for jobs held for us.
-            self._heartbeat.reconcile = True
+            # The server may have committed: the heartbeat finds such jobs and hands
+            # them back.
             log.warning("claim failed", extra={"error": repr(exc)})
             await asyncio.sleep(CLAIM_RETRY_S)
             return False

@@ -15,7 +15,10 @@ for CUT_OFF_S, every job is stopped: the lifeline may soon take them
 (``orchestrix.liveness`` says why that is safe).
 
 The heartbeat also says whether the database answers (``reachable``): a worker
-that cannot reach it claims nothing.
+that cannot reach it claims nothing. With each renewal it looks for jobs held
+for this worker that it does not know of (a claim the server committed but
+whose answer was lost) and hands them back, uncounted, so they run at once
+instead of after their lease.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from orchestrix.db import workers
 from orchestrix.liveness import BEAT_S, CUT_OFF_S
 
 log = logging.getLogger("worker")
+# A job RUNNING for this worker that it does not know of, claimed this long ago,
+# came from a claim whose answer never arrived (it gave up on it after
+# consumer.CLAIM_TIMEOUT_S); a claim answering now is younger.
+ORPHAN_AFTER_S = 15.0
 
 
 class Heartbeat:
@@ -62,7 +69,6 @@ class Heartbeat:
         self.nats_ok_at = time.monotonic()
         self._lease_until: dict[str, float] = {}
         self.registered = asyncio.Event()
-        self.reconcile = False  # a claim's commit is unclear: look for orphans
 
     def leased(self, job_ids: list[str], sent_at: float) -> None:
         """Jobs just claimed, leased by a statement sent at ``sent_at``."""
@@ -147,13 +153,13 @@ class Heartbeat:
         sent = time.monotonic()
         async with asyncio.timeout(self._timeout_s):
             renewal = await db.renew_leases(conn, mine, self._lease_s)
-            if self.reconcile:
-                orphans = await db.orphans(conn, self._registration.id, list(mine))
-                for job_id, attempt in orphans:
-                    # Claimed for us by a commit we never saw: give it back, uncounted.
-                    await db.hand_back(conn, job_id, attempt, counted=False)
-                    log.warning("orphaned claim handed back", extra={"job_id": job_id})
-                self.reconcile = False
+            # Claimed for us by a commit we never saw: give them back, uncounted.
+            orphans = await db.orphans(
+                conn, self._registration.id, list(mine), older_than_s=ORPHAN_AFTER_S
+            )
+            for job_id, attempt in orphans:
+                await db.hand_back(conn, job_id, attempt, counted=False)
+                log.warning("orphaned claim handed back", extra={"job_id": job_id})
         self._renewed_at = sent
         for job_id in mine:
             if job_id not in renewal.lost:

@@ -90,9 +90,9 @@ async def test_sigterm_mid_job_hands_back_and_every_job_still_succeeds(
     assert doomed.wait(15) == 0
     log = doomed.log()
     assert "grace period over; handing back" in log
-    assert (await states(pool)) == {"SCHEDULED": 5}
+    assert (await states(pool)) == {"PENDING": 5}
 
-    # Another worker gets the returned messages and finishes every job.
+    # Another worker claims the returned jobs and finishes every one.
     rescuer = system.start("worker")
     await system.ready(rescuer)
 
@@ -100,9 +100,12 @@ async def test_sigterm_mid_job_hands_back_and_every_job_still_succeeds(
         return (await states(pool)) == {"SUCCEEDED": 5}
 
     await until(all_succeeded, 30, "the handed-back jobs to succeed", rescuer.log)
-    rows = await pool.fetch("SELECT attempt, errors FROM jobs WHERE id = ANY($1)", job_ids)
-    # A hand-back is not a failed attempt.
+    rows = await pool.fetch(
+        "SELECT attempt, errors, handoffs FROM jobs WHERE id = ANY($1)", job_ids
+    )
+    # A hand-back is not a failed attempt, but it is counted.
     assert all(row["attempt"] == 1 and row["errors"] == [] for row in rows)
+    assert [row["handoffs"] for row in rows] == [1] * 5
     finished = [
         r for r in read_executions(system.executions) if r["pid"] == str(rescuer.process.pid)
     ]

@@ -40,11 +40,11 @@ async def _tables(url: str) -> set[str]:
 
 async def test_upgrade_downgrade_upgrade(scratch: str) -> None:
     migrate.up(scratch)
-    assert await _tables(scratch) == {"jobs", "alembic_version"}
+    assert await _tables(scratch) == {"jobs", "workers", "alembic_version"}
     migrate.down(scratch, "base")
     assert await _tables(scratch) == {"alembic_version"}
     migrate.up(scratch)
-    assert await _tables(scratch) == {"jobs", "alembic_version"}
+    assert await _tables(scratch) == {"jobs", "workers", "alembic_version"}
 
     conn = await asyncpg.connect(scratch)
     try:

@@ -290,7 +290,7 @@ RETURNING *
 # like every other time the API shows; `last_error` repeats the newest.
 def _error_entry(param: str) -> str:
     return f"""jsonb_build_object(
-        'attempt', attempt, 'error', {param}::text,
+        'attempt', jobs.attempt, 'error', {param}::text,
         'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))"""
 
 
@@ -338,9 +338,11 @@ RETURNING state
 
 # Jobs RUNNING for a worker that does not know it runs them: a claim whose
 # commit the worker never saw (the connection broke after the server committed).
+# Only claims older than $3 s: a claim that is answering right now is not one.
 _ORPHANS = """
 SELECT id, attempt FROM jobs
 WHERE worker_id = $1 AND state = 'RUNNING' AND NOT (id = ANY($2::text[]))
+  AND started_at < now() - make_interval(secs => $3)
 """
 
 _WAITING_BY_QUEUE = """
@@ -398,9 +400,12 @@ async def hand_back(
     return None if state is None else JobState(state)
 
 
-async def orphans(conn: Conn, worker_id: str, known: Sequence[str]) -> list[tuple[str, int]]:
-    """(id, attempt) of jobs RUNNING for ``worker_id`` other than ``known``."""
-    rows = await conn.fetch(_ORPHANS, worker_id, list(known))
+async def orphans(
+    conn: Conn, worker_id: str, known: Sequence[str], *, older_than_s: float
+) -> list[tuple[str, int]]:
+    """(id, attempt) of jobs RUNNING for ``worker_id``, claimed more than
+    ``older_than_s`` ago, other than ``known``."""
+    rows = await conn.fetch(_ORPHANS, worker_id, list(known), older_than_s)
     return [(row["id"], row["attempt"]) for row in rows]
 
 
