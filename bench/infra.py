@@ -37,6 +37,7 @@ import nats
 import psutil
 from orchestrix import migrate
 from orchestrix.devstack import database_url
+from orchestrix.settings import nats_servers
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
@@ -120,7 +121,8 @@ class Servers:
             raise
         servers.pids = {
             "postgres": _local_server_pid(servers.admin_url),
-            "nats-server": _local_server_pid(servers.nats_url),
+            # With a cluster given, the CPU of the first node only.
+            "nats-server": _local_server_pid(nats_servers(servers.nats_url)[0]),
         }
         return servers
 
@@ -458,7 +460,9 @@ class Stack:
 
     async def _delete_stream(self) -> None:
         with contextlib.suppress(Exception):
-            nc = await nats.connect(self.nats_url, connect_timeout=2, max_reconnect_attempts=0)
+            nc = await nats.connect(
+                list(nats_servers(self.nats_url)), connect_timeout=2, max_reconnect_attempts=0
+            )
             try:
                 await nc.jetstream().delete_stream(self.stream)
             finally:

@@ -478,7 +478,8 @@ def test_dependencies_are_the_services_the_settings_name(target: str) -> None:
     env = environment(resources, only_container(component(resources, "api")))
     postgres = named(resources, "Service", env["DB_HOST"])
     assert [p["port"] for p in postgres["spec"]["ports"]] == [int(env.get("DB_PORT", "5432"))]
-    nats_url = urlsplit(settings.nats.url)
+    (nats_server,) = settings.nats.servers
+    nats_url = urlsplit(nats_server)
     nats = named(resources, "Service", str(nats_url.hostname))
     assert {p["name"]: p["port"] for p in nats["spec"]["ports"]} == {
         "client": nats_url.port or 4222,

@@ -33,12 +33,12 @@ async def test_takes_what_it_asked_for_and_drops_expired_requests(
     monkeypatch.setattr(puller, "RENEW_BEFORE_S", 0.5)
     tag = uuid.uuid4().hex[:8]
     names = NatsSettings(
-        url=settings.nats.url,
+        servers=settings.nats.servers,
         stream=f"T_PULLER_{tag}",
         subject_prefix=f"tpuller.{tag}",
         consumer=f"tpuller-{tag}",
     )
-    nc = await nats.connect(names.url)
+    nc = await nats.connect(list(names.servers))
     js = nc.jetstream()
     received: list[Msg] = []
 
