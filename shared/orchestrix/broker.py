@@ -136,6 +136,7 @@ def stream_config(settings: NatsSettings) -> StreamConfig:
         # A message is removed once a worker acknowledges it.
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
         duplicate_window=DUPLICATE_WINDOW_S,
     )
 

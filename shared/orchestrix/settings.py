@@ -180,13 +180,15 @@ class NatsSettings:
     Jobs of queue Q are announced on ``<subject_prefix>.Q`` in ``stream``; all
     workers share the durable pull consumer ``consumer``. ``servers`` are the
     URLs of ``NATS_URL``: one server, or the nodes of a cluster, any of which a
-    process connects and reconnects to.
+    process connects and reconnects to. JetStream keeps ``stream_replicas``
+    copies of the stream (3 on a three-node cluster, so that it outlives a node).
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     stream: str = "ORCHESTRIX_JOBS"
     subject_prefix: str = "orchestrix.jobs"
     consumer: str = "orchestrix-workers"
+    stream_replicas: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
@@ -206,6 +208,10 @@ class NatsSettings:
             stream=names["NATS_STREAM"],
             subject_prefix=prefix,
             consumer=names["NATS_CONSUMER"],
+            # JetStream allows at most 5.
+            stream_replicas=read.integer(
+                "NATS_STREAM_REPLICAS", cls.stream_replicas, low=1, high=5
+            ),
         )
 
 
@@ -409,6 +415,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
         "NATS server with JetStream; for a cluster, several comma-separated URLs",
     ),
     ("NATS_STREAM", "ORCHESTRIX_JOBS", "JetStream stream that carries job messages"),
+    ("NATS_STREAM_REPLICAS", "1", "copies JetStream keeps of that stream; 3 on a 3-node cluster"),
     ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "jobs of queue Q go to <prefix>.Q"),
     ("NATS_CONSUMER", "orchestrix-workers", "durable consumer shared by all workers"),
     ("API_HOST", "0.0.0.0", "address the API listens on"),

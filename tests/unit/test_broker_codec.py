@@ -79,5 +79,7 @@ def test_names_follow_the_settings() -> None:
     nats = NatsSettings(stream="S1", subject_prefix="a.b", consumer="c1")
     assert subject(nats, "emails") == "a.b.emails"
     assert stream_config(nats).subjects == ["a.b.>"]
+    assert stream_config(nats).num_replicas == 1
+    assert stream_config(NatsSettings(stream_replicas=3)).num_replicas == 3
     assert consumer_config(nats).durable_name == "c1"
     assert consumer_config(nats).filter_subject == "a.b.>"

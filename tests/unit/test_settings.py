@@ -17,6 +17,7 @@ def test_defaults() -> None:
         "postgresql://orchestrix@localhost:5432/orchestrix?sslmode=disable"
     )
     assert settings.nats.servers == ("nats://127.0.0.1:4222",)
+    assert settings.nats.stream_replicas == 1
     assert settings.api.port == 8080
     assert settings.api.max_body_bytes == 1024 * 1024
     assert settings.log == LogSettings(format="text", level="INFO")
@@ -54,6 +55,7 @@ def test_database_url_overrides_the_parts() -> None:
         ({"DB_SSLMODE": "maybe"}, "DB_SSLMODE", "must be one of disable, allow"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", "must start with postgresql://"),
         ({"NATS_URL": "http://x"}, "NATS_URL", "must start with nats://"),
+        ({"NATS_STREAM_REPLICAS": "6"}, "NATS_STREAM_REPLICAS", "must be between 1 and 5"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "must be one of text, json"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL", "must be one of debug"),
         ({"API_MAX_BODY_BYTES": "10"}, "API_MAX_BODY_BYTES", "must be between 1024"),
@@ -83,8 +85,14 @@ def test_values_are_read() -> None:
 
 
 def test_nats_url_takes_the_nodes_of_a_cluster() -> None:
-    nats = NatsSettings.from_env({"NATS_URL": "nats://n1:4222, nats://user:pw@n2:4222 ,tls://n3"})
+    nats = NatsSettings.from_env(
+        {
+            "NATS_URL": "nats://n1:4222, nats://user:pw@n2:4222 ,tls://n3",
+            "NATS_STREAM_REPLICAS": "3",
+        }
+    )
     assert nats.servers == ("nats://n1:4222", "nats://user:pw@n2:4222", "tls://n3")
+    assert nats.stream_replicas == 3
 
 
 @pytest.mark.parametrize(
