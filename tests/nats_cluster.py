@@ -1,12 +1,13 @@
 """A real three-node NATS cluster with JetStream on 127.0.0.1, for tests that need one.
 
 Each node is an :class:`~orchestrix.devservers.EmbeddedNats` of its own: its own
-client, route and monitoring ports (picked once, so a restarted node comes back
-where the others and the clients look for it), its own store folder, and routes
-to the other two. ``start`` returns once every node sees the other two over its
-routes and JetStream has a meta leader on every node; ``kill`` and ``restart``
-take one node down and back. Every wait has a deadline, and ``stop`` ends every
-process, whatever state the test left the cluster in.
+client, route and monitoring ports (picked once, below the ephemeral range, so
+a restarted node comes back where the others and the clients look for it), its
+own store folder, and routes to the other two. ``start`` returns once every
+node sees the other two over its routes and JetStream has a meta leader on
+every node; ``kill`` and ``restart`` take one node down and back. Every wait
+has a deadline, and ``stop`` ends every process, whatever state the test left
+the cluster in.
 """
 
 from __future__ import annotations
