@@ -89,7 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: start an embedded server)",
     )
     parser.add_argument(
-        "--nats-url", metavar="URL", help="NATS with JetStream (default: start an embedded one)"
+        "--nats-url",
+        metavar="URL",
+        help="NATS with JetStream, several comma-separated URLs for a cluster "
+        "(default: start an embedded one)",
     )
     parser.add_argument(
         "--workers", type=_counts, metavar="1,2,4", help="worker processes for each drain"

@@ -36,6 +36,7 @@ import asyncpg
 import psutil
 from orchestrix import migrate
 from orchestrix.devstack import database_url
+from orchestrix.settings import nats_servers
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
@@ -119,7 +120,8 @@ class Servers:
             raise
         servers.pids = {
             "postgres": _local_server_pid(servers.admin_url),
-            "nats-server": _local_server_pid(servers.nats_url),
+            # With a cluster given, the CPU of the first node only.
+            "nats-server": _local_server_pid(nats_servers(servers.nats_url)[0]),
         }
         return servers
 

@@ -21,7 +21,7 @@ import nats
 import orchestrix
 import orjson
 import psutil
-from orchestrix.settings import Settings
+from orchestrix.settings import Settings, nats_servers
 
 from bench.infra import Servers, ServiceReport
 
@@ -112,7 +112,9 @@ async def machine_info(servers: Servers) -> dict[str, Any]:
         }
     finally:
         await conn.close()
-    nc = await nats.connect(servers.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(
+        list(nats_servers(servers.nats_url)), connect_timeout=5, max_reconnect_attempts=0
+    )
     try:
         version = nc.connected_server_version
         info["nats_server"] = f"{version.major}.{version.minor}.{version.patch}"

@@ -157,7 +157,7 @@ async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     from services.api.keys import LIFECYCLE
 
     app = build_app(settings, pool)
-    nc = await nats.connect(settings.nats.url)
+    nc = await nats.connect(list(settings.nats.servers))
     app[LIFECYCLE].nats = nc
     async with served(app) as url, aiohttp.ClientSession() as http:
         yield Api(url=url, http=http, app=app)

@@ -45,9 +45,14 @@ def worker_subject(settings: NatsSettings, worker_id: str) -> str:
 
 
 async def connect(settings: NatsSettings, name: str, **callbacks: Any) -> Client:
-    """Connect and keep reconnecting forever: a NATS restart must not end the process."""
+    """Connect to any of the servers, and keep reconnecting forever, to any of them.
+
+    A NATS restart, or the loss of one node of a cluster, must not end the
+    process. nats-py tries the servers in random order, so processes spread over
+    a cluster's nodes, and it adds the nodes a server tells it about.
+    """
     client: Client = await nats.connect(
-        settings.url,
+        list(settings.servers),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,

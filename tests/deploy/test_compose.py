@@ -20,7 +20,9 @@ from orchestrix.settings import Settings
 
 from tests.deploy.manifests import DEPLOY, ROOT, VARIABLE_NAMES, load_yaml, parse_seconds, tool
 
-COMPOSE_FILES = (ROOT / "docker-compose.yml", DEPLOY / "observability" / "compose.yaml")
+# The root file, then the override files run together with it.
+OVERRIDES = (DEPLOY / "observability" / "compose.yaml", DEPLOY / "nats" / "cluster.compose.yaml")
+COMPOSE_FILES = (ROOT / "docker-compose.yml", *OVERRIDES)
 ORCHESTRIX_SERVICES = {
     "migrate": ["migrate", "up"],
     "api": ["api"],
@@ -77,8 +79,9 @@ def test_compose_waits_for_the_drain_and_checks_readiness() -> None:
         assert f"http://127.0.0.1:{port}/ready" in " ".join(service["healthcheck"]["test"])
 
 
-def test_observability_override_mounts_files_that_exist() -> None:
-    override = load_yaml(DEPLOY / "observability" / "compose.yaml")["services"]
+@pytest.mark.parametrize("path", OVERRIDES, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_overrides_mount_files_that_exist(path: Path) -> None:
+    override = load_yaml(path)["services"]
     for service in override.values():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]

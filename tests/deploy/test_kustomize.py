@@ -26,7 +26,8 @@ def _key(resource: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def test_every_kustomization_is_a_target_or_part_of_one() -> None:
-    reached = {path.resolve() for path in TARGETS.values()} | {(K8S / "keda").resolve()}
+    parts = {(K8S / name).resolve() for name in ("keda", "nats-cluster")}
+    reached = {path.resolve() for path in TARGETS.values()} | parts
     assert {path.resolve() for path in KUSTOMIZATIONS} == reached
 
 

@@ -374,7 +374,7 @@ async def test_cancel_a_running_job_asks_its_worker_and_answers_202(
 ) -> None:
     job = await create(api)
     await pool.execute("UPDATE jobs SET state = 'RUNNING' WHERE id = $1", job["id"])
-    nc = await nats.connect(settings.nats.url)
+    nc = await nats.connect(list(settings.nats.servers))
     heard: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(message: Msg) -> None:
@@ -442,7 +442,7 @@ async def test_without_nats_the_api_stays_ready_and_cancels_through_postgres(
     server = EmbeddedNats(tmp_path / "nats", port=free_port())
     nats_url = await asyncio.to_thread(server.start)
     app = build_app(settings, pool)
-    nc = await broker.connect(replace(settings.nats, url=nats_url), "orchestrix-api")
+    nc = await broker.connect(replace(settings.nats, servers=(nats_url,)), "orchestrix-api")
     app[LIFECYCLE].nats = nc
     try:
         async with served(app) as url, aiohttp.ClientSession() as http:

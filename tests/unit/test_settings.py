@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert settings.database.url == (
         "postgresql://orchestrix@localhost:5432/orchestrix?sslmode=disable"
     )
-    assert settings.nats.url == "nats://127.0.0.1:4222"
+    assert settings.nats.servers == ("nats://127.0.0.1:4222",)
     assert settings.api.port == 8080
     assert settings.api.max_body_bytes == 1024 * 1024
     assert settings.api.shutdown_timeout_s == 30.0
@@ -92,7 +92,7 @@ def test_values_are_read() -> None:
     assert RetrySettings.from_env({"RETRY_BASE_DELAY": "500ms", "RETRY_MAX_DELAY": "1m"}) == (
         RetrySettings(base_delay_s=0.5, max_delay_s=60.0)
     )
-    assert NatsSettings.from_env({"NATS_URL": "nats://n:4222"}).url == "nats://n:4222"
+    assert NatsSettings.from_env({"NATS_URL": "nats://n:4222"}).servers == ("nats://n:4222",)
     assert LogSettings.from_env({"LOG_FORMAT": "JSON", "LOG_LEVEL": "debug"}) == LogSettings(
         format="json", level="DEBUG"
     )
@@ -118,3 +118,57 @@ def test_the_variable_table_lists_the_new_variables() -> None:
     assert "  API_SHUTDOWN_TIMEOUT  how long a stopping API lets requests in flight finish" in table
     assert "(and the API its requests)" not in table
     assert "RETRY_BASE_DELAY" in table
+
+
+def test_nats_url_takes_the_nodes_of_a_cluster() -> None:
+    nats = NatsSettings.from_env(
+        {
+            "NATS_URL": "nats://n1:4222, nats://user:pw@n2:4222 ,tls://n3",
+        }
+    )
+    assert nats.servers == ("nats://n1:4222", "nats://user:pw@n2:4222", "tls://n3")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nats://a:4222,,nats://c:4222", "entry 2 of 3 is empty"),
+        ("nats://a:4222,", "entry 2 of 2 is empty"),
+        ("nats://a:4222,b:4222", "entry 2 of 2 must start with nats:// or tls://, got 'b:4222'"),
+        ("nats://a:4222,http://b", "entry 2 of 2 must start with nats:// or tls://"),
+        ("nats://a:4222 nats://b:4222", "the URL holds a space"),
+        ("nats://a:42x2", "the URL has a port that is not a number"),
+        ("nats://a:70000", "the URL has a port that is not a number"),
+        ("nats://a:0", "the URL has a port that is not a number"),
+        ("nats://:4222", "the URL has no host"),
+        ("nats://a:4222;nats://b:4222", "the URL has a port that is not a number"),
+        ("nats://a:4222/jobs", "must be only scheme://[user[:password]@]host[:port]"),
+    ],
+)
+def test_a_bad_nats_url_entry_is_named(value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        NatsSettings.from_env({"NATS_URL": value})
+    assert caught.value.variable == "NATS_URL"
+    assert str(caught.value).startswith("NATS_URL: ")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "secret", "shown"),
+    [
+        ({"NATS_URL": "nats://a:4222,nats://bob:hunter2@b:x"}, "hunter2", "nats://bob:***@b:x"),
+        ({"NATS_URL": "nats://a:4222,http://bob:hunter2@b"}, "hunter2", "http://bob:***@b"),
+        ({"NATS_URL": "bob:hunter2@b:4222"}, "hunter2", "bob:***@b:4222"),
+        ({"NATS_URL": "nats://bob:p@ss/w0rd@b:x"}, "w0rd", "nats://bob:***@b:x"),
+        # A user part alone is a NATS token.
+        ({"NATS_URL": "nats://s3cr3t-token@b:x"}, "s3cr3t-token", "nats://***@b:x"),
+        ({"DATABASE_URL": "mysql://root:hunter2@db/x"}, "hunter2", "mysql://root:***@db/x"),
+    ],
+)
+def test_a_bad_url_does_not_show_its_credentials(
+    env: dict[str, str], secret: str, shown: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    assert secret not in str(caught.value)
+    assert repr(shown) in str(caught.value)
