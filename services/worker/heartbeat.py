@@ -60,9 +60,12 @@ class Heartbeat:
         self._running = running
         self._on_renewal = on_renewal
         self._conn: asyncpg.Connection | None = None
-        self._timeout_s = max(BEAT_S, min(5.0, lease_s / 6))
-        # Stop a job this long before its lease would run out.
-        self.fence_margin_s = max(2 * BEAT_S + self._timeout_s, lease_s / 6)
+        # Renewals every third of the lease, each given at most a sixth of it: a
+        # lease survives two failed renewals. A job is stopped a tenth of its
+        # lease before the lease would end (the rescuer waits past the end, too).
+        self._beat_s = min(BEAT_S, lease_s / 6)
+        self._timeout_s = min(5.0, max(0.2, lease_s / 6))
+        self.fence_margin_s = min(3.0, max(0.5, lease_s / 10))
         self._renew_every_s = lease_s / 3
         self._renewed_at = time.monotonic()
         self.pg_ok_at = float("-inf")
@@ -80,7 +83,7 @@ class Heartbeat:
         self._lease_until.pop(job_id, None)
 
     def reachable(self, now: float) -> bool:
-        return now - self.pg_ok_at < 2 * BEAT_S + self._timeout_s
+        return now - self.pg_ok_at < 2 * self._beat_s + self._timeout_s
 
     def fenced(self, now: float) -> list[str]:
         """Jobs this worker must stop now: its lease on them may be running out."""
@@ -94,7 +97,7 @@ class Heartbeat:
         try:
             while True:
                 await self._beat()
-                await asyncio.sleep(BEAT_S)
+                await asyncio.sleep(self._beat_s)
         finally:
             nats_beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -49,8 +49,9 @@ def orchestrix(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
             "scheduler",
             [
                 "DATABASE_URL",
-                "NATS_STREAM",
-                "SCHEDULER_POLL_INTERVAL",
+                "NATS_URL",
+                "LEASE_TIMEOUT",
+                "MAINTENANCE_INTERVAL",
                 "RETRY_BASE_DELAY",
                 "RETRY_MAX_DELAY",
                 "METRICS_PORT",
@@ -60,6 +61,8 @@ def orchestrix(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
             "worker",
             [
                 "WORKER_CONCURRENCY",
+                "WORKER_QUEUES",
+                "WORKER_POLL_INTERVAL",
                 "SHUTDOWN_TIMEOUT",
                 "RETRY_BASE_DELAY",
                 "ORCHESTRIX_EXECUTORS",

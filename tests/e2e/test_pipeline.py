@@ -145,15 +145,24 @@ async def test_permanent_failures_fail_after_one_attempt(
 
 
 async def test_a_job_no_worker_can_run_waits_and_is_counted(running: Running) -> None:
-    created = await running.create(type="nobody_handles_this", max_attempts=5)
+    async def waiting() -> dict[str, Any]:
+        async with running.http.get(f"{running.url}/api/v1/stats") as response:
+            stats: dict[str, Any] = await response.json()
+        assert stats["workers"] >= 1
+        return dict(stats["waiting_for_executor"])
+
+    before = await waiting()
+    # Other tests of the run leave jobs of many one-off types: three of this one
+    # put it among the types the stats name.
+    created = [await running.create(type="nobody_handles_this", max_attempts=5) for _ in range(3)]
     known = await running.create(type="demo_job")
-    await running.settled(known["id"])  # a worker claimed past the unknown one
-    async with running.http.get(f"{running.url}/api/v1/stats") as response:
-        stats = await response.json()
-    assert stats["workers"] >= 1
-    assert stats["waiting_for_executor"]["types"]["nobody_handles_this"] == 1
-    job = await running.get(created["id"])
-    assert (job["state"], job["attempt"]) == ("PENDING", 0)
+    await running.settled(known["id"])  # a worker claimed past the unknown ones
+    after = await waiting()
+    assert after["total"] == before["total"] + 3
+    assert after["types"].get("nobody_handles_this") == 3, after
+    for job in created:
+        job = await running.get(job["id"])
+        assert (job["state"], job["attempt"]) == ("PENDING", 0)
 
 
 async def test_a_timeout_is_a_retryable_failure(running: Running) -> None:
