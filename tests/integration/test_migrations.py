@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from orchestrix import migrate
-from orchestrix.db import jobs
+from orchestrix.db import jobs, workers
 from orchestrix.db.pool import init_connection
 from orchestrix.devstack import database_url
 from orchestrix.models import NewJob
@@ -38,13 +38,16 @@ async def _tables(url: str) -> set[str]:
         await conn.close()
 
 
+TABLES = {"jobs", "workers", "alembic_version"}
+
+
 async def test_upgrade_downgrade_upgrade(scratch: str) -> None:
     migrate.up(scratch)
-    assert await _tables(scratch) == {"jobs", "workers", "alembic_version"}
+    assert await _tables(scratch) == TABLES
     migrate.down(scratch, "base")
     assert await _tables(scratch) == {"alembic_version"}
     migrate.up(scratch)
-    assert await _tables(scratch) == {"jobs", "workers", "alembic_version"}
+    assert await _tables(scratch) == TABLES
 
     conn = await asyncpg.connect(scratch)
     try:
@@ -54,6 +57,69 @@ async def test_upgrade_downgrade_upgrade(scratch: str) -> None:
         job, created = await jobs.insert(conn, NewJob(type="t", payload={"a": 1}))
         assert created
         assert await jobs.get(conn, job.id) == job
+        [claimed] = await jobs.claim(
+            conn, worker_id="w", queues=None, types=["t"], limit=10, lease_s=30
+        )
+        assert await jobs.succeed(conn, claimed.id, claimed.attempt, {"ok": True}) is not None
+        await workers.register(
+            conn, workers.Registration("w", "host", 1, None, ["t"], concurrency=1)
+        )
+        assert await workers.beat(conn, "w")
+    finally:
+        await conn.close()
+
+
+async def _indexes(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'")
+    return {row["indexname"] for row in rows}
+
+
+async def test_0004_returns_scheduled_jobs_to_pending_uncounted(scratch: str) -> None:
+    migrate.up(scratch, "0003")
+    conn = await asyncpg.connect(scratch)
+    try:
+        await init_connection(conn)
+        # What the previous version left: jobs claimed and published (SCHEDULED)
+        # for their first and their second attempt, and one running.
+        await conn.execute(
+            """
+            INSERT INTO jobs (id, type, state, attempt, scheduled_at, started_at,
+                              lease_expires_at)
+            VALUES ('01AAAAAAAAAAAAAAAAAAAAAAA1', 't', 'SCHEDULED', 1, now(), NULL, NULL),
+                   ('01AAAAAAAAAAAAAAAAAAAAAAA2', 't', 'SCHEDULED', 2, now(), NULL, NULL),
+                   ('01AAAAAAAAAAAAAAAAAAAAAAA3', 't', 'RUNNING', 1, now(), now(),
+                    now() + interval '30 seconds')
+            """
+        )
+        assert "jobs_due_idx" in await _indexes(conn)
+        migrate.up(scratch, "0004")
+        rows = await conn.fetch("SELECT * FROM jobs ORDER BY id")
+        assert [(r["state"], r["attempt"], r["scheduled_at"]) for r in rows[:2]] == [
+            ("PENDING", 0, None),
+            ("PENDING", 1, None),
+        ]
+        assert (rows[2]["state"], rows[2]["attempt"], rows[2]["worker_id"]) == ("RUNNING", 1, None)
+        assert [r["handoffs"] for r in rows] == [0, 0, 0]
+        indexes = await _indexes(conn)
+        assert {"jobs_claim_idx", "jobs_running_worker_idx"} <= indexes
+        assert not {"jobs_due_idx", "jobs_scheduled_idx"} & indexes
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE jobs SET state = 'SCHEDULED' WHERE id = $1", rows[0]["id"])
+
+        # Claimed again, the attempt counted once more: 1 and 2, as before 0004.
+        claimed = await jobs.claim(
+            conn, worker_id="w", queues=None, types=["t"], limit=10, lease_s=30
+        )
+        assert sorted((job.id, job.attempt) for job in claimed) == [
+            ("01AAAAAAAAAAAAAAAAAAAAAAA1", 1),
+            ("01AAAAAAAAAAAAAAAAAAAAAAA2", 2),
+        ]
+
+        migrate.down(scratch, "0003")
+        assert await _tables(scratch) == {"jobs", "alembic_version"}
+        assert {"jobs_due_idx", "jobs_scheduled_idx"} <= await _indexes(conn)
+        migrate.up(scratch)
+        assert await _tables(scratch) == TABLES
     finally:
         await conn.close()
 

@@ -287,7 +287,8 @@ RETURNING *
 
 
 # Each failed attempt's error is appended to `errors`, its time in RFC 3339 UTC
-# like every other time the API shows; `last_error` repeats the newest.
+# like every other time the API shows; `last_error` repeats the newest. The
+# attempt is named by table: _TAKE_BACK joins a batch that has an `attempt` too.
 def _error_entry(param: str) -> str:
     return f"""jsonb_build_object(
         'attempt', jobs.attempt, 'error', {param}::text,
