@@ -40,8 +40,17 @@ Refused = str  # PostgreSQL refused this result; the reason
 
 
 class Completer:
-    def __init__(self, pool: Any, retry: RetrySettings, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        retry: RetrySettings,
+        metrics: WorkerMetrics,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        """``worker_id``: the worker whose runs these are; every write names it."""
         self._pool = pool
+        self._worker_id = worker_id
         self._retry = retry
         self._metrics = metrics
         self._successes: Batcher[tuple[str, int, Any], bool | Refused] = Batcher(
@@ -52,7 +61,7 @@ class Completer:
         self, outcomes: Sequence[tuple[str, int, Any]]
     ) -> list[bool | Refused]:
         try:
-            return list(await db.succeed_many(self._pool, outcomes))
+            return list(await db.succeed_many(self._pool, outcomes, worker_id=self._worker_id))
         except asyncpg.DataError:
             pass
         # Some result PostgreSQL will not store (e.g. U+0000 in a string): find it
@@ -60,7 +69,10 @@ class Completer:
         results: list[bool | Refused] = []
         for job_id, attempt, result in outcomes:
             try:
-                results.append(await db.succeed(self._pool, job_id, attempt, result) is not None)
+                written = await db.succeed(
+                    self._pool, job_id, attempt, result, worker_id=self._worker_id
+                )
+                results.append(written is not None)
             except asyncpg.DataError as exc:
                 results.append(f"InvalidResult: the result cannot be stored: {exc}")
         return results
@@ -115,5 +127,7 @@ class Completer:
         """RETRYING after ``delay_s`` (CANCELLED if that was asked for), or FAILED
         without one; None when the job had moved on."""
         if delay_s is None:
-            return await db.fail(self._pool, job.id, job.attempt, error)
-        return await db.retry(self._pool, job.id, job.attempt, error, delay_s)
+            return await db.fail(self._pool, job.id, job.attempt, error, worker_id=self._worker_id)
+        return await db.retry(
+            self._pool, job.id, job.attempt, error, delay_s, worker_id=self._worker_id
+        )

@@ -84,8 +84,9 @@ class Consumer:
         self._settings = settings
         self._registry = registry
         self._metrics = metrics
-        self._completer = Completer(pool, settings.retry, metrics)
-        self._stopper = Stopper(pool, self._completer, metrics)
+        self.id = ids.new_id()
+        self._completer = Completer(pool, settings.retry, metrics, worker_id=self.id)
+        self._stopper = Stopper(pool, self._completer, metrics, worker_id=self.id)
         self._concurrency = settings.worker.concurrency
         self._queues = settings.worker.queues
         self._types = tuple(registry.types())
@@ -95,7 +96,6 @@ class Consumer:
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
         self._freed = asyncio.Event()  # a slot was freed
         self._dry = False  # the last claim found fewer jobs than it asked for
-        self.id = ids.new_id()
         self._heartbeat = Heartbeat(
             settings.database.url,
             workers.Registration(

@@ -155,13 +155,17 @@ class Heartbeat:
         mine = self._running()
         sent = time.monotonic()
         async with asyncio.timeout(self._timeout_s):
-            renewal = await db.renew_leases(conn, mine, self._lease_s)
+            renewal = await db.renew_leases(
+                conn, mine, self._lease_s, worker_id=self._registration.id
+            )
             # Claimed for us by a commit we never saw: give them back, uncounted.
             orphans = await db.orphans(
                 conn, self._registration.id, list(mine), older_than_s=ORPHAN_AFTER_S
             )
             for job_id, attempt in orphans:
-                await db.hand_back(conn, job_id, attempt, counted=False)
+                await db.hand_back(
+                    conn, job_id, attempt, counted=False, worker_id=self._registration.id
+                )
                 log.warning("orphaned claim handed back", extra={"job_id": job_id})
         self._renewed_at = sent
         for job_id in mine:

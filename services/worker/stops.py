@@ -72,8 +72,11 @@ async def persist(
 
 
 class Stopper:
-    def __init__(self, pool: Any, completer: Completer, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, pool: Any, completer: Completer, metrics: WorkerMetrics, *, worker_id: str
+    ) -> None:
         self._pool = pool
+        self._worker_id = worker_id
         self._completer = completer
         self._metrics = metrics
 
@@ -86,7 +89,11 @@ class Stopper:
                 log.warning("lease lost; attempt abandoned", extra=extra)
             elif reason is Stop.CANCEL:
                 cancelled = await persist(
-                    lambda: db.cancel_running(self._pool, job.id, job.attempt), "cancel", extra
+                    lambda: db.cancel_running(
+                        self._pool, job.id, job.attempt, worker_id=self._worker_id
+                    ),
+                    "cancel",
+                    extra,
                 )
                 if cancelled is not None:
                     self._metrics.jobs_cancelled.labels(*labels).inc()
@@ -103,7 +110,11 @@ class Stopper:
                 )
             else:
                 state = await persist(
-                    lambda: db.hand_back(self._pool, job.id, job.attempt), "hand back", extra
+                    lambda: db.hand_back(
+                        self._pool, job.id, job.attempt, worker_id=self._worker_id
+                    ),
+                    "hand back",
+                    extra,
                 )
                 if state is JobState.PENDING:
                     self._metrics.jobs_handed_back.labels(*labels).inc()

@@ -370,7 +370,7 @@ async def test_cancel_a_running_job_asks_its_worker_and_answers_202(
 ) -> None:
     job = await create(api)
     await pool.execute("UPDATE jobs SET state = 'RUNNING' WHERE id = $1", job["id"])
-    nc = await nats.connect(settings.nats.url)
+    nc = await nats.connect(list(settings.nats.servers))
     heard: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def on_message(message: Msg) -> None:

@@ -306,8 +306,8 @@ async def test_claim_walks_the_claim_index_even_before_the_table_is_analyzed(
 @pytest.mark.parametrize(
     ("sql", "args"),
     [
-        (db._SUCCEED_MANY, ([None] * 100,)),
-        (db._RENEW_LEASES, (30.0,)),
+        (db._SUCCEED_MANY, ([None] * 100, WORKER)),
+        (db._RENEW_LEASES, (30.0, WORKER)),
         (db._TAKE_BACK, (["RETRYING"] * 100, [1.0] * 100, "WorkerLost")),
     ],
     ids=["succeed_many", "renew_leases", "take_back"],
@@ -560,8 +560,31 @@ async def test_orphans_are_the_workers_running_jobs_it_does_not_know(
     done = await running_job(pool)
     await db.succeed(pool, done, 1, None)
     await add(pool)  # pending
-    assert sorted(await db.orphans(pool, WORKER, [known])) == sorted([(lost_a, 1), (lost_b, 1)])
-    assert len(await db.orphans(pool, WORKER, [])) == 3
+    # Only claims older than the bound: one answering now is not an orphan.
+    assert await db.orphans(pool, WORKER, [known], older_than_s=60) == []
+    await pool.execute("UPDATE jobs SET started_at = started_at - interval '2 minutes'")
+    found = await db.orphans(pool, WORKER, [known], older_than_s=60)
+    assert sorted(found) == sorted([(lost_a, 1), (lost_b, 1)])
+    assert len(await db.orphans(pool, WORKER, [], older_than_s=60)) == 3
+
+
+async def test_a_workers_writes_touch_only_its_own_run(pool: asyncpg.Pool) -> None:
+    # A hand-back gives the attempt number back: the next run, by another worker,
+    # has the same (id, attempt). A late write of the first worker must not touch it.
+    job_id = await running_job(pool)
+    assert await db.hand_back(pool, job_id, 1, worker_id=WORKER) is S.PENDING
+    assert await claim(pool, worker_id="second") != []
+    mine: dict[str, Any] = {"worker_id": WORKER}
+    assert await db.hand_back(pool, job_id, 1, **mine) is None
+    assert await db.succeed(pool, job_id, 1, None, **mine) is None
+    assert await db.succeed_many(pool, [(job_id, 1, None)], **mine) == [False]
+    assert await db.retry(pool, job_id, 1, "late", 0.0, **mine) is None
+    assert await db.fail(pool, job_id, 1, "late", **mine) is None
+    assert await db.cancel_running(pool, job_id, 1, **mine) is None
+    assert await db.renew_leases(pool, {job_id: 1}, 30, **mine) == db.Renewal(set(), {job_id})
+    job = await get(pool, job_id)
+    assert (job.state, job.worker_id) == (S.RUNNING, "second")
+    assert await db.succeed(pool, job_id, 1, None, worker_id="second") is not None
 
 
 async def test_a_cancelled_job_cannot_be_claimed(pool: asyncpg.Pool) -> None:

@@ -4,6 +4,12 @@ Functions take a connection (or pool) so the caller owns the transaction. Every
 update names the state it expects to move from (see ``orchestrix.states``): zero
 rows updated means someone else moved the job first, and the caller must not
 overwrite it.
+
+A worker's writes about a run also name the worker (``worker_id``): a
+hand-back gives the attempt number back, so the next run of the job has the
+same (id, attempt), and only the worker tells two runs apart. A late or retried
+write of the first run must not touch the second. ``worker_id`` None skips that
+check, for tests and tools that move a job on no worker's behalf.
 """
 
 from __future__ import annotations
@@ -282,6 +288,7 @@ _SUCCEED = """
 UPDATE jobs
 SET state = 'SUCCEEDED', result = $3, completed_at = now(), updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($4::text IS NULL OR worker_id = $4)
 RETURNING *
 """
 
@@ -310,6 +317,7 @@ SET state = CASE WHEN cancel_requested_at IS NULL THEN 'RETRYING' ELSE 'CANCELLE
     errors = errors || jsonb_build_array({_ERROR_ENTRY}),
     lease_expires_at = NULL, handoffs = 0, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($5::text IS NULL OR worker_id = $5)
 RETURNING *
 """
 
@@ -318,6 +326,7 @@ UPDATE jobs
 SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
     errors = errors || jsonb_build_array({_ERROR_ENTRY}), lease_expires_at = NULL
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($4::text IS NULL OR worker_id = $4)
 RETURNING *
 """
 
@@ -334,6 +343,7 @@ SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED
     run_at = CASE WHEN cancel_requested_at IS NULL THEN now() ELSE run_at END,
     started_at = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($4::text IS NULL OR worker_id = $4)
 RETURNING state
 """
 
@@ -393,11 +403,11 @@ async def claim(
 
 
 async def hand_back(
-    conn: Conn, job_id: str, attempt: int, *, counted: bool = True
+    conn: Conn, job_id: str, attempt: int, *, counted: bool = True, worker_id: str | None = None
 ) -> JobState | None:
     """RUNNING → PENDING, the attempt not counted (CANCELLED if a cancel was asked
     for); None when the job had moved on. ``counted`` adds one to ``handoffs``."""
-    state = await conn.fetchval(_HAND_BACK, job_id, attempt, 1 if counted else 0)
+    state = await conn.fetchval(_HAND_BACK, job_id, attempt, 1 if counted else 0, worker_id)
     return None if state is None else JobState(state)
 
 
@@ -423,11 +433,14 @@ UPDATE jobs
 SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
 FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
 WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
+  AND ($4::text IS NULL OR jobs.worker_id = $4)
 RETURNING jobs.id
 """
 
 
-async def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, int, Any]]) -> list[bool]:
+async def succeed_many(
+    conn: Conn, outcomes: Sequence[tuple[str, int, Any]], *, worker_id: str | None = None
+) -> list[bool]:
     """``succeed`` for many (job id, attempt, result) in one statement: whether each
     was written (False: the job had moved on)."""
     rows = await conn.fetch(
@@ -435,25 +448,38 @@ async def succeed_many(conn: Conn, outcomes: Sequence[tuple[str, int, Any]]) -> 
         [o[0] for o in outcomes],
         [o[1] for o in outcomes],
         [o[2] for o in outcomes],
+        worker_id,
     )
     written = {row["id"] for row in rows}
     return [job_id in written for job_id, _, _ in outcomes]
 
 
-async def succeed(conn: Conn, job_id: str, attempt: int, result: Any) -> Job | None:
-    row = await conn.fetchrow(_SUCCEED, job_id, attempt, result)
+async def succeed(
+    conn: Conn, job_id: str, attempt: int, result: Any, *, worker_id: str | None = None
+) -> Job | None:
+    row = await conn.fetchrow(_SUCCEED, job_id, attempt, result, worker_id)
     return None if row is None else Job.from_row(row)
 
 
-async def retry(conn: Conn, job_id: str, attempt: int, error: str, delay_s: float) -> Job | None:
+async def retry(
+    conn: Conn,
+    job_id: str,
+    attempt: int,
+    error: str,
+    delay_s: float,
+    *,
+    worker_id: str | None = None,
+) -> Job | None:
     """RUNNING → RETRYING, due again in ``delay_s``; CANCELLED instead when a
     cancellation was asked for. None when the job had moved on."""
-    row = await conn.fetchrow(_RETRY, job_id, attempt, error, delay_s)
+    row = await conn.fetchrow(_RETRY, job_id, attempt, error, delay_s, worker_id)
     return None if row is None else Job.from_row(row)
 
 
-async def fail(conn: Conn, job_id: str, attempt: int, error: str) -> Job | None:
-    row = await conn.fetchrow(_FAIL, job_id, attempt, error)
+async def fail(
+    conn: Conn, job_id: str, attempt: int, error: str, *, worker_id: str | None = None
+) -> Job | None:
+    row = await conn.fetchrow(_FAIL, job_id, attempt, error, worker_id)
     return None if row is None else Job.from_row(row)
 
 
@@ -478,6 +504,7 @@ SET lease_expires_at = now() + make_interval(secs => $3)
 FROM unnest($1::text[], $2::int[]) AS mine(id, attempt)
 -- By primary key, as _SUCCEED_MANY.
 WHERE jobs.id = mine.id AND jobs.attempt = mine.attempt AND jobs.state || '' = 'RUNNING'
+  AND ($4::text IS NULL OR jobs.worker_id = $4)
 RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL AS cancel
 """
 
@@ -527,6 +554,7 @@ _CANCEL_RUNNING = """
 UPDATE jobs
 SET state = 'CANCELLED', completed_at = now(), lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($3::text IS NULL OR worker_id = $3)
 RETURNING *
 """
 
@@ -539,11 +567,15 @@ class Renewal:
     lost: set[str]
 
 
-async def renew_leases(conn: Conn, running: dict[str, int], lease_s: float) -> Renewal:
+async def renew_leases(
+    conn: Conn, running: dict[str, int], lease_s: float, *, worker_id: str | None = None
+) -> Renewal:
     """Extend the leases of the jobs a worker runs (id → attempt), in one statement."""
     if not running:
         return Renewal(set(), set())
-    rows = await conn.fetch(_RENEW_LEASES, list(running), list(running.values()), lease_s)
+    rows = await conn.fetch(
+        _RENEW_LEASES, list(running), list(running.values()), lease_s, worker_id
+    )
     kept = {row["id"] for row in rows}
     return Renewal(cancel={row["id"] for row in rows if row["cancel"]}, lost=set(running) - kept)
 
@@ -614,7 +646,9 @@ async def request_cancel(conn: Conn, job_id: str) -> Job | None:
     return None if row is None else Job.from_row(row)
 
 
-async def cancel_running(conn: Conn, job_id: str, attempt: int) -> Job | None:
+async def cancel_running(
+    conn: Conn, job_id: str, attempt: int, *, worker_id: str | None = None
+) -> Job | None:
     """RUNNING → CANCELLED, written by the worker that stopped the attempt."""
-    row = await conn.fetchrow(_CANCEL_RUNNING, job_id, attempt)
+    row = await conn.fetchrow(_CANCEL_RUNNING, job_id, attempt, worker_id)
     return None if row is None else Job.from_row(row)
