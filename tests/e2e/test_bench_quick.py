@@ -34,6 +34,9 @@ HEADLINES = (
     "latency_finish_p95_ms",
     "latency_finish_p99_ms",
     "api_single_jobs_per_s",
+    "priority_start_p99_ms",
+    "fairness_start_p99_ms",
+    "fairness_bulk_jobs_per_s",
     "claim_empty_drain_jobs_per_s",
     "claim_full_drain_jobs_per_s",
     "claim_empty_ms",
@@ -78,7 +81,8 @@ async def test_quick_benchmark_reports_every_section(servers: Servers, tmp_path:
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     results = json.loads(out.read_text())
 
-    for section in ("meta", "summary", "drain", "sustained", "latency", "api", "claim", "rss"):
+    sections = ("meta", "summary", "drain", "sustained", "latency", "api", "priority", "fairness")
+    for section in (*sections, "claim", "rss"):
         assert section in results, section
         assert "error" not in results[section], results[section]
     assert "ceiling" in results
