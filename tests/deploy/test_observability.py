@@ -295,7 +295,10 @@ PANELS = {
     "Oldest waiting job": {"orchestrix_queue_oldest_waiting_seconds"},
     "Worker slots in use": {"orchestrix_worker_slots_busy", "orchestrix_worker_slots"},
     "Worker claim duration": {"orchestrix_worker_claim_duration_seconds_bucket"},
-    "Workers lost, jobs rescued": {"orchestrix_workers_lost_total", "orchestrix_jobs_rescued_total"},
+    "Workers lost, jobs rescued": {
+        "orchestrix_workers_lost_total",
+        "orchestrix_jobs_rescued_total",
+    },
 }
 
 
