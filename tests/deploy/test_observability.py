@@ -282,6 +282,7 @@ PANELS = {
     "Jobs by state": {"orchestrix_queue_depth", "orchestrix_worker_slots_busy"},
     "State changes": {
         "orchestrix_jobs_created_total",
+        "orchestrix_jobs_claimed_total",
         "orchestrix_jobs_succeeded_total",
         "orchestrix_jobs_failed_total",
         "orchestrix_jobs_retried_total",
@@ -293,6 +294,11 @@ PANELS = {
     "Queue depth": {"orchestrix_queue_depth"},
     "Oldest waiting job": {"orchestrix_queue_oldest_waiting_seconds"},
     "Worker slots in use": {"orchestrix_worker_slots_busy", "orchestrix_worker_slots"},
+    "Worker claim duration": {"orchestrix_worker_claim_duration_seconds_bucket"},
+    "Workers lost, jobs rescued": {
+        "orchestrix_workers_lost_total",
+        "orchestrix_jobs_rescued_total",
+    },
 }
 
 

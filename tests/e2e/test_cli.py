@@ -63,6 +63,7 @@ def orchestrix(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
                 "WORKER_CONCURRENCY",
                 "WORKER_QUEUES",
                 "WORKER_POLL_INTERVAL",
+                "LEASE_TIMEOUT",
                 "SHUTDOWN_TIMEOUT",
                 "RETRY_BASE_DELAY",
                 "ORCHESTRIX_EXECUTORS",
@@ -85,6 +86,16 @@ def test_every_variable_is_documented_in_the_readme() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [name for name, _, _ in VARIABLES if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_the_readme_configuration_table_is_exactly_the_variables() -> None:
+    """No variable the code has dropped lingers in the table, and every default is the code's."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", section, flags=re.MULTILINE)
+    documented = [(name, default.strip()) for name, default in rows]
+    expected = [(name, f"`{default}`" if default else "(unset)") for name, default, _ in VARIABLES]
+    assert documented == expected
 
 
 @pytest.mark.parametrize(
