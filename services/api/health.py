@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
-from orchestrix.status import check_dependencies
+from orchestrix.status import REQUIRED, check_dependencies, reasons
 
 from services.api.errors import json_response
 from services.api.keys import LIFECYCLE, METRICS, POOL
@@ -18,12 +18,11 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-# What the API cannot serve without. Creating, reading and cancelling jobs need
-# PostgreSQL alone; NATS only carries the fast path of a running job's cancel (its
-# worker also finds the request at its next lease renewal). Failing /ready for
-# NATS would take every API pod out of its Service during a NATS outage, so
-# without it the API is degraded, and still ready.
-REQUIRED = frozenset({"postgres", "shutdown"})
+# What the API cannot serve without is status.REQUIRED. Creating, reading and
+# cancelling jobs need PostgreSQL alone; NATS only carries the fast path of a
+# running job's cancel (its worker also finds the request at its next lease
+# renewal). Failing /ready for NATS would take every API pod out of its Service
+# during a NATS outage, so without it the API is degraded, and still ready.
 
 
 @routes.get("/ready")
@@ -42,15 +41,11 @@ async def ready(request: web.Request) -> web.Response:
     blocking = {name: state for name, state in failing.items() if name in REQUIRED}
     if blocking:
         return json_response(
-            {"status": "unavailable", "error": _reasons(blocking), "checks": checks}, status=503
+            {"status": "unavailable", "error": reasons(blocking), "checks": checks}, status=503
         )
     if failing:
-        return json_response({"status": "degraded", "warning": _reasons(failing), "checks": checks})
+        return json_response({"status": "degraded", "warning": reasons(failing), "checks": checks})
     return json_response({"status": "ready", "checks": checks})
-
-
-def _reasons(failing: dict[str, str]) -> str:
-    return "; ".join(f"{name} {state}" for name, state in failing.items())
 
 
 @routes.get("/metrics")

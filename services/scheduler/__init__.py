@@ -1,1 +1,2 @@
-"""The scheduler: claims due jobs from PostgreSQL and announces them on NATS JetStream."""
+"""The scheduler: wakes workers when jobs are created, and takes back the jobs of dead
+workers and expired leases."""

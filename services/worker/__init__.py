@@ -1,1 +1,2 @@
-"""The worker: consumes job messages, runs executors, writes every state change back."""
+"""The worker: claims due jobs for its free slots, runs executors, writes every state
+change back."""

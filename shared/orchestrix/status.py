@@ -19,9 +19,18 @@ from orchestrix.settings import MetricsSettings
 
 log = logging.getLogger("status")
 READY_TIMEOUT_S = 2.0
+# What a scheduler or worker cannot work without. Workers claim from PostgreSQL
+# and poll when no wake-up comes; a scheduler's wake-ups and the lifeline's
+# questions need NATS, but leases still get rescued without it. So NATS away
+# makes them degraded, not unready (a failing /ready would stall a rollout).
+REQUIRED = frozenset({"postgres", "shutdown"})
 
 # Returns the name → "ok" or a reason for each dependency.
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+
+
+def reasons(failing: dict[str, str]) -> str:
+    return "; ".join(f"{name} {state}" for name, state in failing.items())
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -52,9 +61,13 @@ class StatusServer:
         if self._stop.is_set():
             checks["shutdown"] = "draining"
         failing = {name: state for name, state in checks.items() if state != "ok"}
+        blocking = {name: state for name, state in failing.items() if name in REQUIRED}
+        if blocking:
+            return _json(
+                {"status": "unavailable", "error": reasons(blocking), "checks": checks}, 503
+            )
         if failing:
-            reason = "; ".join(f"{name} {state}" for name, state in failing.items())
-            return _json({"status": "unavailable", "error": reason, "checks": checks}, 503)
+            return _json({"status": "degraded", "warning": reasons(failing), "checks": checks})
         return _json({"status": "ready", "checks": checks})
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -37,7 +37,7 @@ async def states(pool: asyncpg.Pool) -> dict[str, int]:
 async def test_three_schedulers_three_workers_run_each_job_exactly_once(
     make_system: SystemFactory, pool: asyncpg.Pool
 ) -> None:
-    system = make_system(WORKER_CONCURRENCY="20", SCHEDULER_BATCH_SIZE="200")
+    system = make_system(WORKER_CONCURRENCY="20")
     services = [system.start("scheduler") for _ in range(3)]
     services += [system.start("worker") for _ in range(3)]
     for service in services:

@@ -17,9 +17,7 @@ WORKER = "stopping-worker"
 
 async def claimed(pool: asyncpg.Pool, max_attempts: int = 3) -> Job:
     await db.insert(pool, NewJob(type="t", max_attempts=max_attempts))
-    (job,) = await db.claim(
-        pool, worker_id=WORKER, queues=None, types=["t"], limit=1, lease_s=30
-    )
+    (job,) = await db.claim(pool, worker_id=WORKER, queues=None, types=["t"], limit=1, lease_s=30)
     return job
 
 
