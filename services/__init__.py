@@ -1,1 +1,1 @@
-"""The Orchestrix processes: the REST API, the scheduler and the worker."""
+"""The services, each its own process: api, scheduler, worker (``orchestrix.services``)."""

@@ -153,8 +153,8 @@ class Api:
 @pytest.fixture
 async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     """The API application served over real HTTP on a free port."""
-    from services.api.app import build_app
-    from services.api.keys import LIFECYCLE
+    from orchestrix.services.api.app import build_app
+    from orchestrix.services.api.keys import LIFECYCLE
 
     app = build_app(settings, pool)
     nc = await nats.connect(list(settings.nats.servers))

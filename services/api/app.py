@@ -13,12 +13,11 @@ from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
 from orchestrix.lifecycle import stop_on_signals
 from orchestrix.metrics import ApiMetrics
+from orchestrix.services.api import health, jobs, openapi
+from orchestrix.services.api.creator import Creator
+from orchestrix.services.api.errors import MAX_BODY, error_middleware
+from orchestrix.services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
 from orchestrix.settings import Settings
-
-from services.api import health, jobs, openapi
-from services.api.creator import Creator
-from services.api.errors import MAX_BODY, error_middleware
-from services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
 
 log = logging.getLogger("api")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+from orchestrix.services.api.errors import json_response
+from orchestrix.services.api.keys import LIFECYCLE, METRICS, POOL
 from orchestrix.status import REQUIRED, check_dependencies, reasons
-
-from services.api.errors import json_response
-from services.api.keys import LIFECYCLE, METRICS, POOL
 
 routes = web.RouteTableDef()
 

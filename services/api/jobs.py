@@ -11,16 +11,15 @@ from orchestrix import broker, ids
 from orchestrix.db import jobs as db
 from orchestrix.db import workers
 from orchestrix.models import Job
-from orchestrix.states import TERMINAL, JobState
-
-from services.api.errors import ApiError, json_response
-from services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL
-from services.api.parsing import (
+from orchestrix.services.api.errors import ApiError, json_response
+from orchestrix.services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL
+from orchestrix.services.api.parsing import (
     parse_batch,
     parse_list_query,
     parse_new_job,
     read_json_object,
 )
+from orchestrix.states import TERMINAL, JobState
 
 log = logging.getLogger("api")
 # /api/v1/stats names at most this many types waiting for an executor.

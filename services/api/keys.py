@@ -8,9 +8,8 @@ from typing import Any
 from aiohttp import web
 from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
+from orchestrix.services.api.creator import Creator
 from orchestrix.settings import NatsSettings
-
-from services.api.creator import Creator
 
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
 METRICS = web.AppKey("metrics", ApiMetrics)

@@ -26,12 +26,9 @@ import orjson
 from aiohttp import web
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
-from orchestrix.settings import ApiSettings
-from orchestrix.states import JobState
-
-from services.api.errors import MAX_BODY
-from services.api.jobs import STATS_TYPES_MAX
-from services.api.parsing import (
+from orchestrix.services.api.errors import MAX_BODY
+from orchestrix.services.api.jobs import STATS_TYPES_MAX
+from orchestrix.services.api.parsing import (
     BATCH_MAX,
     CREATE_FIELDS,
     DEFAULT_LIMIT,
@@ -44,6 +41,8 @@ from services.api.parsing import (
     TIMEOUT_SECONDS_RANGE,
     TYPE_PATTERN,
 )
+from orchestrix.settings import ApiSettings
+from orchestrix.states import JobState
 
 Schema = dict[str, Any]
 

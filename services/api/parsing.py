@@ -16,9 +16,8 @@ from aiohttp import web
 from orchestrix import ids
 from orchestrix.db.jobs import JobFilter
 from orchestrix.models import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_SECONDS, NewJob
+from orchestrix.services.api.errors import ApiError
 from orchestrix.states import JobState
-
-from services.api.errors import ApiError
 
 # Types name executors; queues become a NATS subject token, so no dots or wildcards.
 TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")

@@ -28,9 +28,8 @@ from orchestrix.db import jobs as db
 from orchestrix.db import workers
 from orchestrix.liveness import CONFIRM_S, LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
+from orchestrix.services.scheduler.rescuer import BATCH, decide
 from orchestrix.settings import NatsSettings, RetrySettings
-
-from services.scheduler.rescuer import BATCH, decide
 
 log = logging.getLogger("scheduler")
 PROBE_TIMEOUT_S = 0.5

@@ -27,14 +27,13 @@ from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.liveness import LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.services.scheduler.depth import DepthReporter
+from orchestrix.services.scheduler.leader import Leadership
+from orchestrix.services.scheduler.lifeline import Lifeline
+from orchestrix.services.scheduler.rescuer import Rescuer
+from orchestrix.services.scheduler.waker import Waker
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
-
-from services.scheduler.depth import DepthReporter
-from services.scheduler.leader import Leadership
-from services.scheduler.lifeline import Lifeline
-from services.scheduler.rescuer import Rescuer
-from services.scheduler.waker import Waker
 
 log = logging.getLogger("scheduler")
 DEPTH_INTERVAL_S = 5.0

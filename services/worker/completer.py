@@ -24,10 +24,9 @@ from orchestrix.db import jobs as db
 from orchestrix.errors import UNSTORABLE_ERROR, Kind, storable_error
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
+from orchestrix.services.worker.runner import Failure, Outcome, Success
 from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
-
-from services.worker.runner import Failure, Outcome, Success
 
 BATCH = 500
 

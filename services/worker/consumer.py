@@ -39,13 +39,12 @@ from orchestrix.db.pool import TRANSIENT
 from orchestrix.executors import JobContext, Registry
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
+from orchestrix.services.worker import runner
+from orchestrix.services.worker.completer import Completer
+from orchestrix.services.worker.heartbeat import Heartbeat
+from orchestrix.services.worker.stops import WRITE_PATIENCE_S, Stop, Stopper, persist
+from orchestrix.services.worker.threads import Threads
 from orchestrix.settings import Settings
-
-from services.worker import runner
-from services.worker.completer import Completer
-from services.worker.heartbeat import Heartbeat
-from services.worker.stops import WRITE_PATIENCE_S, Stop, Stopper, persist
-from services.worker.threads import Threads
 
 log = logging.getLogger("worker")
 # A claim that has not answered in this long is abandoned; its jobs, if it did

@@ -18,8 +18,7 @@ from typing import Any
 import orjson
 from orchestrix.errors import Kind, classify, describe
 from orchestrix.executors import Executor, JobContext
-
-from services.worker.threads import Threads
+from orchestrix.services.worker.threads import Threads
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from orchestrix.db import jobs as db
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.services.worker.consumer import Consumer
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
-
-from services.worker.consumer import Consumer
 
 log = logging.getLogger("worker")
 

@@ -28,10 +28,9 @@ from orchestrix.db.pool import TRANSIENT
 from orchestrix.errors import Kind
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
+from orchestrix.services.worker.completer import Completer
+from orchestrix.services.worker.runner import Failure
 from orchestrix.states import JobState
-
-from services.worker.completer import Completer
-from services.worker.runner import Failure
 
 log = logging.getLogger("worker")
 

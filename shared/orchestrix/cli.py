@@ -41,14 +41,14 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _api(args: argparse.Namespace, settings: Settings) -> int:
-    from services.api.app import serve
+    from orchestrix.services.api.app import serve
 
     _run(serve(settings))
     return 0
 
 
 def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
-    from services.scheduler.service import serve
+    from orchestrix.services.scheduler.service import serve
 
     _run(serve(settings))
     return 0
@@ -56,7 +56,7 @@ def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrix import executors
-    from services.worker.service import serve
+    from orchestrix.services.worker.service import serve
 
     # The flags override their variables and are checked the same way.
     overrides = {"ORCHESTRIX_EXECUTORS": args.executors, "WORKER_CONCURRENCY": args.concurrency}

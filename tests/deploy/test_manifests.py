@@ -25,10 +25,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import kubernetes_validate.utils  # type: ignore[import-untyped]
 import pytest
 from orchestrix import ids, status
+from orchestrix.services.api import health
 from orchestrix.settings import Settings
 from orchestrix.states import JobState
 
-from services.api import health
 from tests.deploy.manifests import (
     DEPLOY,
     MIGRATE_ARGS,

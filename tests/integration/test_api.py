@@ -15,11 +15,11 @@ import pytest
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
 from orchestrix.models import NewJob
+from orchestrix.services.api.app import build_app
+from orchestrix.services.api.creator import Creator
+from orchestrix.services.api.keys import LIFECYCLE
 from orchestrix.settings import Settings
 
-from services.api.app import build_app
-from services.api.creator import Creator
-from services.api.keys import LIFECYCLE
 from tests.conftest import Api, free_port, served
 
 JSON = {"Content-Type": "application/json"}

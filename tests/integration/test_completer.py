@@ -14,11 +14,11 @@ from orchestrix.devstack import database_url
 from orchestrix.errors import MAX_ERROR_CHARS, UNSTORABLE_ERROR, Kind
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job, NewJob
+from orchestrix.services.worker.completer import Completer
+from orchestrix.services.worker.runner import Failure
 from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
 
-from services.worker.completer import Completer
-from services.worker.runner import Failure
 from tests.conftest import RUN_ID, Servers
 
 # Retries due at once: a job left RETRYING is claimable straight away.

@@ -16,12 +16,17 @@ from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from openapi_spec_validator import validate as validate_spec
 from orchestrix import ids
 from orchestrix.models import Job
+from orchestrix.services.api import openapi
+from orchestrix.services.api.app import build_app
+from orchestrix.services.api.errors import ApiError
+from orchestrix.services.api.parsing import (
+    CREATE_FIELDS,
+    DEFAULT_LIMIT,
+    parse_list_query,
+    parse_new_job,
+)
 from orchestrix.settings import ApiSettings, Settings
 
-from services.api import openapi
-from services.api.app import build_app
-from services.api.errors import ApiError
-from services.api.parsing import CREATE_FIELDS, DEFAULT_LIMIT, parse_list_query, parse_new_job
 from tests.conftest import Api, free_port, served
 
 JSON = {"Content-Type": "application/json"}

@@ -6,11 +6,10 @@ import asyncpg
 from orchestrix.db import jobs as db
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job, NewJob
+from orchestrix.services.worker.completer import Completer
+from orchestrix.services.worker.stops import MAX_HANDOFFS, Stop, Stopper
 from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
-
-from services.worker.completer import Completer
-from services.worker.stops import MAX_HANDOFFS, Stop, Stopper
 
 WORKER = "stopping-worker"
 

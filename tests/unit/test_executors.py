@@ -10,9 +10,8 @@ import pytest
 from orchestrix import PermanentError, executor
 from orchestrix.errors import Kind
 from orchestrix.executors import JobContext, Registry, registry
-
-from services.worker.runner import Failure, Success, run
-from services.worker.threads import Threads
+from orchestrix.services.worker.runner import Failure, Success, run
+from orchestrix.services.worker.threads import Threads
 
 
 def context(job_type: str = "t", timeout_seconds: int = 5, **payload: Any) -> JobContext:

@@ -18,9 +18,8 @@ from datetime import UTC, datetime
 import pytest
 from orchestrix.errors import Kind
 from orchestrix.executors import Executor, JobContext, Registry
-
-from services.worker.runner import Failure, Success, run
-from services.worker.threads import Threads
+from orchestrix.services.worker.runner import Failure, Success, run
+from orchestrix.services.worker.threads import Threads
 
 # No function here blocks longer than this, even if a test fails before releasing it.
 BLOCK_S = 30.0
@@ -185,8 +184,8 @@ def test_the_process_exits_with_a_stuck_thread() -> None:
 
         from orchestrix.executors import JobContext, Registry
 
-        from services.worker.runner import run
-        from services.worker.threads import Threads
+        from orchestrix.services.worker.runner import run
+        from orchestrix.services.worker.threads import Threads
 
 
         def forever(job):
