@@ -17,6 +17,7 @@ job that kills every worker it runs on ends FAILED after its attempts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -57,9 +58,11 @@ class Lifeline:
         """Look once; take back the jobs of workers confirmed dead. Returns how many."""
         now = time.monotonic() if now is None else now
         suspects = await workers.session_gone(self._pool)
+        # Asked all at once: a look takes one probe's time, however many are gone.
+        answers = await asyncio.gather(*(self._gone_from_nats(w) for w in suspects))
         gone: dict[str, tuple[float, float]] = {}
-        for worker_id in suspects:
-            if not await self._gone_from_nats(worker_id):
+        for worker_id, gone_from_nats in zip(suspects, answers, strict=True):
+            if not gone_from_nats:
                 continue
             first, last = self._gone.get(worker_id, (now, now))
             # A gap between looks could hide a moment the worker was back.
