@@ -3,6 +3,8 @@
 Workers claim their own jobs; the scheduler makes that fast and safe:
 
 - the waker turns PostgreSQL's NOTIFY on insert into a NATS wake-up;
+- the ledger applier hands back attempts that workers returned on NATS when
+  they had to exit while PostgreSQL was away;
 - the lifeline takes back the jobs of workers that died (seconds);
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
 - the depth reporter keeps the queue gauges current.
@@ -28,6 +30,7 @@ from orchestrix.liveness import LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.services.scheduler.depth import DepthReporter
+from orchestrix.services.scheduler.handbacks import HandBackApplier
 from orchestrix.services.scheduler.leader import Leadership
 from orchestrix.services.scheduler.lifeline import Lifeline
 from orchestrix.services.scheduler.rescuer import Rescuer
@@ -51,12 +54,17 @@ async def _report_depth(depth: DepthReporter, stop: asyncio.Event) -> None:
 
 async def _maintain(
     leadership: Leadership,
+    ledger: HandBackApplier,
     lifeline: Lifeline,
     rescuer: Rescuer,
     settings: Settings,
     stop: asyncio.Event,
 ) -> None:
-    """Lifeline and rescuer, in whichever scheduler holds the maintenance lock."""
+    """Ledger, lifeline and rescuer, in whichever scheduler holds the maintenance lock.
+
+    The ledger goes first: an attempt its worker handed back must not be taken
+    for lost.
+    """
     lease_s = settings.recovery.lease_timeout_s
     interval_s = min(LOOK_EVERY_S, settings.recovery.maintenance_interval_s)
     rescued_at = float("-inf")
@@ -64,6 +72,12 @@ async def _maintain(
         try:
             if not await leadership.held():
                 continue
+            try:
+                await ledger.run_once()
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # NATS away: nothing can be in a ledger we cannot read
+                log.warning("hand-back ledger not read", extra={"error": repr(exc)})
             await lifeline.run_once()
             now = time.monotonic()
             # A new leader (or one back from a database outage) first gives the
@@ -99,6 +113,7 @@ async def serve(settings: Settings) -> None:
     maintenance = asyncio.create_task(
         _maintain(
             leadership,
+            HandBackApplier(pool, nc.jetstream(), settings.nats, metrics),
             Lifeline(pool, nc, settings.nats, settings.retry, metrics),
             Rescuer(pool, settings.recovery, settings.retry, metrics),
             settings,

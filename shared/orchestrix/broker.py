@@ -1,6 +1,6 @@
 """NATS as Orchestrix uses it: the connection and the subjects, signals only.
 
-PostgreSQL holds every job; nothing on NATS is durable or needs to be. A worker
+PostgreSQL holds every job; nothing on NATS is the record. A worker
 claims its jobs from the database, and NATS carries what makes that fast:
 
 - ``<prefix>.wake``: jobs were created; a worker with free slots claims now
@@ -9,6 +9,9 @@ claims its jobs from the database, and NATS carries what makes that fast:
   lease renewal would find the request anyway).
 - ``<prefix>.workers.<id>``: the lifeline asks a worker that seems dead whether
   it is there; NATS answers "no responders" once its connection is gone.
+- ``<prefix>.handbacks``: the one durable thing, a JetStream stream where a
+  worker that must exit while PostgreSQL is away returns its unfinished
+  attempts (``orchestrix.handbacks``).
 
 A lost message delays something by at most a poll or a lease renewal; a
 duplicate is harmless.

@@ -132,6 +132,12 @@ class SchedulerMetrics:
             ["queue", "state"],
             registry=self.registry,
         )
+        self.handbacks_applied = Counter(
+            "orchestrix_handbacks_applied_total",
+            "Attempts handed back from the ledger: returned by workers that had to exit "
+            "while PostgreSQL was away.",
+            registry=self.registry,
+        )
         self.workers_lost = Counter(
             "orchestrix_workers_lost_total",
             "Workers found dead by the lifeline (PostgreSQL session and NATS connection gone).",

@@ -181,11 +181,14 @@ class NatsSettings:
     slots, cancel requests, and the lifeline's question to a worker that seems
     dead. PostgreSQL holds every job. ``servers`` are the URLs of ``NATS_URL``:
     one server, or the nodes of a cluster, any of which a process connects and
-    reconnects to.
+    reconnects to. One JetStream stream holds the hand-back ledger
+    (``orchestrix.handbacks``), in ``stream_replicas`` copies: 3 on a three-node
+    cluster, so that it outlives a node.
     """
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
     subject_prefix: str = "orchestrix.jobs"
+    stream_replicas: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
@@ -198,6 +201,10 @@ class NatsSettings:
         return cls(
             servers=nats_servers(read.text("NATS_URL", ",".join(cls.servers))),
             subject_prefix=prefix,
+            # JetStream allows at most 5.
+            stream_replicas=read.integer(
+                "NATS_STREAM_REPLICAS", cls.stream_replicas, low=1, high=5
+            ),
         )
 
 
@@ -411,6 +418,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
         "NATS server; for a cluster, several comma-separated URLs",
     ),
     ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "prefix of the NATS subjects Orchestrix uses"),
+    (
+        "NATS_STREAM_REPLICAS",
+        "1",
+        "copies JetStream keeps of the hand-back ledger; 3 on a 3-node cluster",
+    ),
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),

@@ -48,4 +48,4 @@ def test_a_fresh_scheduler_exports_its_per_queue_counters_at_zero() -> None:
     for state in RESCUED_STATES:
         assert f'orchestrix_jobs_rescued_total{{queue="default",state="{state}"}} 0.0' in text
     # A counter added later must be added to preset() too.
-    assert len(_counters(metrics)) == 2
+    assert len(_counters(metrics)) == 3
