@@ -1,0 +1,192 @@
+"""The worker's fence and its fault paths, under real network faults.
+
+A fault proxy (tests/faults/proxy.py) stands between one worker and PostgreSQL
+or NATS; the scheduler, the other processes and the test reach both directly.
+The executions file (tests/e2e/executors.py) records when each attempt really
+started and stopped, in every process, so the tests judge what ran, not what
+the rows say.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections import defaultdict
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from orchestrix import ids
+
+from tests.e2e.conftest import Proxies, SystemFactory
+from tests.e2e.harness import Service, System, read_executions, until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def insert_jobs(
+    pool: asyncpg.Pool,
+    count: int,
+    job_type: str = "record",
+    payload: dict[str, Any] | None = None,
+    *,
+    queue: str = "default",
+    max_attempts: int = 3,
+) -> list[str]:
+    job_ids = [ids.new_id() for _ in range(count)]
+    await pool.execute(
+        "INSERT INTO jobs (id, type, payload, queue, max_attempts) "
+        "SELECT unnest($1::text[]), $2, $3::jsonb, $4, $5",
+        job_ids,
+        job_type,
+        payload or {},
+        queue,
+        max_attempts,
+    )
+    return job_ids
+
+
+async def states(pool: asyncpg.Pool, job_ids: list[str]) -> dict[str, int]:
+    rows = await pool.fetch(
+        "SELECT state, count(*) AS n FROM jobs WHERE id = ANY($1) GROUP BY state", job_ids
+    )
+    return {row["state"]: row["n"] for row in rows}
+
+
+async def worker_id(pool: asyncpg.Pool, service: Service) -> str:
+    found: str = await until(
+        lambda: pool.fetchval("SELECT id FROM workers WHERE pid = $1", service.process.pid),
+        20,
+        f"{service.role} {service.process.pid} to register",
+        service.log,
+    )
+    return found
+
+
+async def start(system: System, role: str, **env: str) -> Service:
+    service = system.start(role, **env)
+    await system.ready(service)
+    return service
+
+
+async def exited(service: Service, timeout_s: float) -> int:
+    """Wait for the process to exit without blocking the loop; its exit code."""
+    await until(lambda: service.process.poll() is not None, timeout_s, "exit", service.log)
+    code = service.process.poll()
+    assert code is not None
+    return code
+
+
+async def succeeded_total(service: Service) -> float:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{service.port}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("orchestrix_jobs_succeeded_total{")
+    )
+
+
+def attempts_by_job(system: System) -> dict[str, list[dict[str, str]]]:
+    """Every recorded execution, finished or stopped, per job in start order."""
+    runs: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in read_executions(system.executions, stopped=True):
+        runs[row["id"]].append(row)
+    for rows in runs.values():
+        rows.sort(key=lambda row: float(row["start"]))
+    return runs
+
+
+def overlaps(runs: dict[str, list[dict[str, str]]]) -> list[str]:
+    """Jobs two of whose executions ran at the same time."""
+    return [
+        job_id
+        for job_id, rows in runs.items()
+        if any(float(a["end"]) > float(b["start"]) for a, b in itertools.pairwise(rows))
+    ]
+
+
+# --- PostgreSQL cut off: the fence ---------------------------------------------
+
+LEASE_S = 6.0
+
+
+async def test_a_worker_cut_off_from_postgresql_stops_its_jobs_before_they_run_elsewhere(
+    make_system: SystemFactory, pool: asyncpg.Pool, proxy_to: Proxies
+) -> None:
+    system = make_system(
+        LEASE_TIMEOUT=f"{LEASE_S:g}s",
+        MAINTENANCE_INTERVAL="200ms",
+        RETRY_BASE_DELAY="100ms",
+        SHUTDOWN_TIMEOUT="1s",
+    )
+    pg = proxy_to(system.database_url)
+    await start(system, "scheduler")
+    # Five slots to spare, and a queue only it serves: it would claim more if it could.
+    cut_off = await start(
+        system,
+        "worker",
+        DATABASE_URL=pg.url(system.database_url),
+        WORKER_CONCURRENCY="15",
+        WORKER_QUEUES="default,stranded",
+    )
+    cut_off_id = await worker_id(pool, cut_off)
+    job_ids = await insert_jobs(pool, 10, payload={"sleep_ms": 60_000})
+
+    async def all_running_on_it() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'RUNNING' AND worker_id = $2",
+            job_ids,
+            cut_off_id,
+        )
+        return bool(n == 10)
+
+    await until(all_running_on_it, 20, "the ten jobs to run on the first worker", cut_off.log)
+    other = await start(system, "worker", WORKER_CONCURRENCY="10", WORKER_QUEUES="default")
+
+    cut_at = time.time()
+    pg.cut()
+    stranded = await insert_jobs(pool, 5, queue="stranded")
+
+    async def all_restarted() -> bool:
+        n = await pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'RUNNING' AND attempt = 2",
+            job_ids,
+        )
+        return bool(n == 10)
+
+    await until(all_restarted, LEASE_S + 15, "the jobs to run again", other.log, every_s=0.2)
+    # The cut-off worker claimed nothing while cut, though it had room and work.
+    claimed = await pool.fetch(
+        "SELECT id FROM jobs WHERE worker_id = $1 AND started_at > to_timestamp($2)",
+        cut_off_id,
+        cut_at,
+    )
+    assert claimed == []
+    assert await states(pool, stranded) == {"PENDING": 5}
+
+    # End the second attempts, so that each has its interval in the file.
+    other.signal(signal.SIGTERM)
+    assert await exited(other, 20) == 0
+    runs = attempts_by_job(system)
+    for job_id in job_ids:
+        first, second = (
+            [r for r in runs[job_id] if r["attempt"] == "1"],
+            [r for r in runs[job_id] if r["attempt"] == "2"],
+        )
+        assert len(second) == 1
+        assert second[0]["pid"] == str(other.process.pid)
+        # The first attempt ended: the fence stopped it; nothing else would have.
+        assert len(first) == 1, f"attempt 1 of {job_id} still ran when attempt 2 started"
+        assert first[0]["pid"] == str(cut_off.process.pid)
+        assert first[0]["how"] == "stopped"
+        waited = float(second[0]["start"]) - cut_at
+        assert waited < LEASE_S + 5, f"{job_id} ran again {waited:.1f} s after the cut"
+    assert overlaps(runs) == []
+    assert "lease not renewed in time; stopping the job" in cut_off.log()
+    cut_off.process.kill()
