@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import asyncpg
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from orchestrix.db import jobs as db
 from orchestrix.db import workers
 from orchestrix.liveness import BEAT_S, CUT_OFF_S
@@ -115,14 +116,32 @@ class Heartbeat:
             log.warning("worker not deregistered", extra={"error": repr(exc)})
 
     async def _nats_beats(self) -> None:
-        while True:
-            sent = time.monotonic()
-            try:
-                await self._nc.flush(timeout=max(1, round(self._timeout_s)))
-                self.nats_ok_at = sent
-            except Exception as exc:
-                log.debug("nats does not answer", extra={"error": repr(exc)})
-            await asyncio.sleep(BEAT_S)
+        """Every BEAT_S, a message to an inbox of our own, stamped with when it was
+        sent: its coming back is NATS answering.
+
+        Nothing here waits with a timeout. nats-py's ``flush(timeout)`` leaves the
+        future of a PING that timed out in its queue, and when that PONG arrives
+        late its read loop dies: the worker would stay deaf on NATS (wake-ups,
+        cancels, the lifeline's probe) until a reconnect, minutes later.
+        """
+        inbox = self._nc.new_inbox()
+
+        async def echoed(message: Msg) -> None:
+            with contextlib.suppress(ValueError):
+                # Beats held while NATS was away come back late: never go back in time.
+                self.nats_ok_at = max(self.nats_ok_at, float(message.data))
+
+        subscription = await self._nc.subscribe(inbox, cb=echoed)
+        try:
+            while True:
+                try:
+                    await self._nc.publish(inbox, repr(time.monotonic()).encode())
+                except Exception as exc:
+                    log.debug("nats beat not sent", extra={"error": repr(exc)})
+                await asyncio.sleep(BEAT_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def _beat(self) -> None:
         sent = time.monotonic()

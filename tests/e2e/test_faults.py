@@ -17,8 +17,11 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import nats
 import pytest
-from orchestrix import ids
+from orchestrix import broker, ids
+from orchestrix.liveness import CUT_OFF_S
+from orchestrix.settings import NatsSettings
 
 from tests.e2e.conftest import Proxies, SystemFactory
 from tests.e2e.harness import Service, System, read_executions, until
@@ -190,3 +193,80 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_jobs_before_they_run_e
     assert overlaps(runs) == []
     assert "lease not renewed in time; stopping the job" in cut_off.log()
     cut_off.process.kill()
+
+
+# --- NATS cut off: no false fence, cancels by the lease renewal -----------------
+
+
+async def answers_probe(system: System, worker: str) -> bool:
+    """Whether the worker answers the lifeline's probe on NATS."""
+    subject = broker.worker_subject(NatsSettings.from_env(system.env), worker)
+    nc = await nats.connect(system.nats_url)
+    try:
+        await nc.request(subject, b"", timeout=1)
+    except nats.errors.TimeoutError:
+        return False
+    finally:
+        await nc.close()
+    return True
+
+
+async def test_a_worker_cut_off_from_nats_keeps_its_jobs_and_still_gets_cancels(
+    make_system: SystemFactory, pool: asyncpg.Pool, proxy_to: Proxies
+) -> None:
+    system = make_system(LEASE_TIMEOUT="3s", MAINTENANCE_INTERVAL="200ms")
+    bus = proxy_to(system.nats_url)
+    api = await start(system, "api")
+    scheduler = await start(system, "scheduler")
+    worker = await start(system, "worker", NATS_URL=bus.url(system.nats_url))
+    worker_key = await worker_id(pool, worker)
+    job_ids = await insert_jobs(pool, 5, payload={"sleep_ms": 8000})
+    doomed = (await insert_jobs(pool, 1, payload={"sleep_ms": 60_000}))[0]
+
+    async def all_running() -> bool:
+        return await states(pool, [*job_ids, doomed]) == {"RUNNING": 6}
+
+    await until(all_running, 20, "the jobs to start", worker.log)
+    assert await answers_probe(system, worker_key)
+    bus.cut()
+    # Longer than the cut-off (liveness.CUT_OFF_S): the fence must not mistake it.
+    cut_at = time.monotonic()
+
+    async def unanswered() -> bool:
+        return not await answers_probe(system, worker_key)
+
+    await until(unanswered, 10, "the probe to go unanswered")
+    await until(lambda: time.monotonic() - cut_at > 2 * CUT_OFF_S, 10, "past the cut-off")
+    cancelled_at = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.delete(f"http://127.0.0.1:{api.port}/api/v1/jobs/{doomed}") as response,
+    ):
+        assert response.status == 202
+    # The cancel on NATS is lost; the next lease renewal (every second) brings it.
+    await until(_in_state(pool, doomed, "CANCELLED"), 5, "the cancel to arrive", worker.log)
+    assert time.monotonic() - cancelled_at < 3.0
+
+    async def all_succeeded() -> bool:
+        return await states(pool, job_ids) == {"SUCCEEDED": 5}
+
+    await until(all_succeeded, 20, "the jobs to succeed", worker.log)
+    rows = await pool.fetch("SELECT attempt, errors FROM jobs WHERE id = ANY($1)", job_ids)
+    assert all(row["attempt"] == 1 and row["errors"] == [] for row in rows)
+    done = read_executions(system.executions)
+    assert sorted(r["id"] for r in done) == sorted(job_ids)
+    assert "lease not renewed in time" not in worker.log()
+    assert "job cancelled while running" in worker.log()
+    assert "rescued" not in scheduler.log()
+    # Healed, the worker hears NATS again (wake-ups, cancels, the lifeline's probe).
+    bus.heal()
+    await until(
+        lambda: answers_probe(system, worker_key), 10, "the probe to be answered", worker.log
+    )
+
+
+def _in_state(pool: asyncpg.Pool, job_id: str, state: str) -> Any:
+    async def check() -> bool:
+        return await states(pool, [job_id]) == {state: 1}
+
+    return check
