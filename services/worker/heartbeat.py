@@ -4,7 +4,9 @@ On a PostgreSQL connection of its own (so that job writes queueing for the pool
 never hold it up), the heartbeat registers the worker in ``workers``, touches
 that row every BEAT_S, and renews the leases of every running job at once every
 third of LEASE_TIMEOUT. Every statement has a timeout: a hung connection is
-dropped and opened again, never waited on.
+dropped and opened again, never waited on. Opening it (several round trips,
+more on a slow link) has a longer one: a session dropped while it opens would
+start over, and never get to renew anything.
 
 The fence: each job's lease runs out, as far as this worker knows, one lease
 after the last renewal it *sent* that was acknowledged (the server's clock
@@ -41,6 +43,9 @@ log = logging.getLogger("worker")
 # came from a claim whose answer never arrived (it gave up on it after
 # consumer.CLAIM_TIMEOUT_S); a claim answering now is younger.
 ORPHAN_AFTER_S = 15.0
+# Opening the heartbeat's session. No job's safety waits on it (the fence goes by
+# the leases alone), only the next attempt when a connection hangs.
+OPEN_TIMEOUT_S = 10.0
 
 
 class Heartbeat:
@@ -61,6 +66,7 @@ class Heartbeat:
         self._running = running
         self._on_renewal = on_renewal
         self._conn: asyncpg.Connection | None = None
+        # Each statement's timeout (opening a session has OPEN_TIMEOUT_S).
         self._timeout_s = max(BEAT_S, min(5.0, lease_s / 6))
         # Stop a job this long before its lease would run out.
         self.fence_margin_s = max(2 * BEAT_S + self._timeout_s, lease_s / 6)
@@ -106,7 +112,7 @@ class Heartbeat:
     async def deregister(self) -> None:
         """Best effort, at exit: the lifeline forgets a worker whose session ended anyway."""
         try:
-            conn = await asyncpg.connect(self._url, timeout=self._timeout_s)
+            conn = await asyncpg.connect(self._url, timeout=OPEN_TIMEOUT_S)
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await workers.deregister(conn, self._registration.id)
@@ -144,12 +150,14 @@ class Heartbeat:
                 await subscription.unsubscribe()
 
     async def _beat(self) -> None:
-        sent = time.monotonic()
         try:
+            conn = await self._connection()
+            sent = time.monotonic()
             async with asyncio.timeout(self._timeout_s):
-                conn = await self._connection()
-                if not await workers.beat(conn, self._registration.id):
-                    # Declared dead by the lifeline, or a new session: register again.
+                alive = await workers.beat(conn, self._registration.id)
+            if not alive:
+                # Declared dead by the lifeline, or a new session: register again.
+                async with asyncio.timeout(self._timeout_s):
                     await workers.register(conn, self._registration)
             self.pg_ok_at = sent
             self.registered.set()
@@ -163,8 +171,13 @@ class Heartbeat:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._url)
-            await workers.register(self._conn, self._registration)
+            # Opening a session takes several round trips, and so does the first
+            # renewal on it: more than a statement's time on a slow link, and a
+            # session dropped for it would start over, never to get there.
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                self._conn = await asyncpg.connect(self._url)
+                await workers.register(self._conn, self._registration)
+                await db.prepare_renewals(self._conn)
         return self._conn
 
     async def _renew(self, conn: asyncpg.Connection) -> None:
@@ -172,15 +185,19 @@ class Heartbeat:
         sent = time.monotonic()
         async with asyncio.timeout(self._timeout_s):
             renewal = await db.renew_leases(conn, mine, self._lease_s)
-            # Claimed for us by a commit we never saw: give them back, uncounted.
+        # Leased from now on, before anything else is asked: the fence counts from here.
+        self._renewed_at = sent
+        for job_id in mine:
+            # A job that ended meanwhile was forgotten: it must not come back here.
+            if job_id not in renewal.lost and job_id in self._lease_until:
+                self._lease_until[job_id] = sent + self._lease_s
+        self._on_renewal(renewal)
+        # Claimed for us by a commit we never saw: give them back, uncounted.
+        async with asyncio.timeout(self._timeout_s):
             orphans = await db.orphans(
                 conn, self._registration.id, list(mine), older_than_s=ORPHAN_AFTER_S
             )
-            for job_id, attempt in orphans:
+        for job_id, attempt in orphans:
+            async with asyncio.timeout(self._timeout_s):
                 await db.hand_back(conn, job_id, attempt, counted=False)
-                log.warning("orphaned claim handed back", extra={"job_id": job_id})
-        self._renewed_at = sent
-        for job_id in mine:
-            if job_id not in renewal.lost:
-                self._lease_until[job_id] = sent + self._lease_s
-        self._on_renewal(renewal)
+            log.warning("orphaned claim handed back", extra={"job_id": job_id})

@@ -270,3 +270,33 @@ def _in_state(pool: asyncpg.Pool, job_id: str, state: str) -> Any:
         return await states(pool, [job_id]) == {state: 1}
 
     return check
+
+
+# --- PostgreSQL slow -------------------------------------------------------------
+
+
+async def test_a_slow_database_fences_nothing_and_every_job_succeeds_once(
+    make_system: SystemFactory, pool: asyncpg.Pool, proxy_to: Proxies
+) -> None:
+    system = make_system(LEASE_TIMEOUT=f"{LEASE_S:g}s", MAINTENANCE_INTERVAL="200ms")
+    pg = proxy_to(system.database_url)
+    pg.latency(200)  # each way: every round trip of the worker takes 400 ms more
+    scheduler = await start(system, "scheduler")
+    worker = await start(
+        system, "worker", DATABASE_URL=pg.url(system.database_url), WORKER_CONCURRENCY="20"
+    )
+    # Longer than a lease: each is renewed a few times through the slow link.
+    job_ids = await insert_jobs(pool, 40, payload={"sleep_ms": 7000})
+
+    async def all_succeeded() -> bool:
+        return await states(pool, job_ids) == {"SUCCEEDED": 40}
+
+    await until(all_succeeded, 60, "the jobs to succeed", worker.log, every_s=0.2)
+    rows = await pool.fetch("SELECT attempt, errors FROM jobs WHERE id = ANY($1)", job_ids)
+    assert all(row["attempt"] == 1 and row["errors"] == [] for row in rows)
+    runs = attempts_by_job(system)
+    assert sorted(runs) == sorted(job_ids)
+    assert all(len(rows) == 1 and rows[0]["how"] == "done" for rows in runs.values())
+    assert "lease not renewed in time" not in worker.log()
+    assert "heartbeat failed" not in worker.log()
+    assert "rescued" not in scheduler.log()
