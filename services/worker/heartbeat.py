@@ -68,8 +68,10 @@ class Heartbeat:
         self._conn: asyncpg.Connection | None = None
         # Each statement's timeout (opening a session has OPEN_TIMEOUT_S).
         self._timeout_s = max(BEAT_S, min(5.0, lease_s / 6))
-        # Stop a job this long before its lease would run out.
-        self.fence_margin_s = max(2 * BEAT_S + self._timeout_s, lease_s / 6)
+        # Stop a job this long before its lease would run out; never more than a
+        # renewal's interval, or a short lease would be fenced before its renewal
+        # (a 2 s lease was: every job of more than half a second, at every attempt).
+        self.fence_margin_s = min(max(2 * BEAT_S + self._timeout_s, lease_s / 6), lease_s / 3)
         self._renew_every_s = lease_s / 3
         self._renewed_at = time.monotonic()
         self.pg_ok_at = float("-inf")
@@ -161,7 +163,8 @@ class Heartbeat:
                     await workers.register(conn, self._registration)
             self.pg_ok_at = sent
             self.registered.set()
-            if sent - self._renewed_at >= self._renew_every_s:
+            # On the last beat before the renewal is due, not on the first one after.
+            if sent + BEAT_S >= self._renewed_at + self._renew_every_s:
                 await self._renew(conn)
         except Exception as exc:  # a dead beat would let the rescuer take live jobs
             log.warning("heartbeat failed", extra={"error": repr(exc)})

@@ -300,3 +300,25 @@ async def test_a_slow_database_fences_nothing_and_every_job_succeeds_once(
     assert "lease not renewed in time" not in worker.log()
     assert "heartbeat failed" not in worker.log()
     assert "rescued" not in scheduler.log()
+
+
+# --- No fault -------------------------------------------------------------------
+
+
+async def test_the_shortest_lease_fences_no_job_that_its_worker_renews(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    # LEASE_TIMEOUT's lowest value; jobs of more than two leases.
+    system = make_system(LEASE_TIMEOUT="2s", MAINTENANCE_INTERVAL="200ms")
+    scheduler = await start(system, "scheduler")
+    worker = await start(system, "worker")
+    job_ids = await insert_jobs(pool, 3, payload={"sleep_ms": 5000})
+
+    async def all_succeeded() -> bool:
+        return await states(pool, job_ids) == {"SUCCEEDED": 3}
+
+    await until(all_succeeded, 20, "the jobs to succeed", worker.log)
+    rows = await pool.fetch("SELECT attempt FROM jobs WHERE id = ANY($1)", job_ids)
+    assert [row["attempt"] for row in rows] == [1, 1, 1]
+    assert "lease not renewed in time" not in worker.log()
+    assert "rescued" not in scheduler.log()
