@@ -302,7 +302,35 @@ async def test_a_slow_database_fences_nothing_and_every_job_succeeds_once(
     assert "rescued" not in scheduler.log()
 
 
-# --- No fault -------------------------------------------------------------------
+# --- No fault: renewals racing the batched success writes ------------------------
+
+
+async def test_renewals_racing_success_writes_abandon_nothing_and_count_each_success_once(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    # The shortest lease: a renewal at every beat, while successes of jobs of
+    # different lengths are written in batches all the time. A renewal whose
+    # snapshot holds a job whose success commits first finds it no longer
+    # RUNNING: that is no lost lease, and the success counts once.
+    system = make_system(LEASE_TIMEOUT="2s", WORKER_CONCURRENCY="200")
+    worker = await start(system, "worker")
+    job_ids = [
+        job_id
+        for sleep_ms in range(0, 500, 50)
+        for job_id in await insert_jobs(pool, 300, payload={"sleep_ms": sleep_ms})
+    ]
+
+    async def all_succeeded() -> bool:
+        return await states(pool, job_ids) == {"SUCCEEDED": 3000}
+
+    await until(all_succeeded, 90, "3,000 jobs to succeed", worker.log, every_s=0.2)
+    assert await succeeded_total(worker) == 3000
+    log = worker.log()
+    assert "lease lost; attempt abandoned" not in log
+    assert "lease not renewed in time" not in log
+    runs = attempts_by_job(system)
+    assert len(runs) == 3000
+    assert all(len(rows) == 1 and rows[0]["how"] == "done" for rows in runs.values())
 
 
 async def test_the_shortest_lease_fences_no_job_that_its_worker_renews(
