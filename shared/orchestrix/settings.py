@@ -290,7 +290,10 @@ class RecoverySettings:
     def from_env(cls, env: Mapping[str, str]) -> RecoverySettings:
         read = _Reader(env)
         return cls(
-            lease_timeout_s=read.seconds("LEASE_TIMEOUT", cls.lease_timeout_s, low=1, high=3600),
+            # Renewed every third of it on a heartbeat that beats every half
+            # second (orchestrix.liveness.BEAT_S): a shorter lease would run out
+            # between two beats' renewals.
+            lease_timeout_s=read.seconds("LEASE_TIMEOUT", cls.lease_timeout_s, low=2, high=3600),
             maintenance_interval_s=read.seconds(
                 "MAINTENANCE_INTERVAL", cls.maintenance_interval_s, low=0.05, high=3600
             ),
@@ -439,7 +442,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("SHUTDOWN_TIMEOUT", "30s", "how long a stopping worker lets running jobs finish"),
     ("RETRY_BASE_DELAY", "1s", "backoff before the 2nd attempt; doubles each attempt"),
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
-    ("LEASE_TIMEOUT", "30s", "lease of a running job; its worker renews it every third"),
+    ("LEASE_TIMEOUT", "30s", "lease of a running job (2s or more); renewed every third"),
     ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues expired leases"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),
     ("SCHEDULERS", "1", "schedulers `orchestrix dev` runs"),

@@ -1,8 +1,11 @@
 """Executors for end-to-end tests: each execution appends a line to a shared file.
 
 The file (``ORX_TEST_EXECUTIONS``) is how tests count executions across worker
-processes: ``job id, attempt, pid, start, end`` per line, written with one
-O_APPEND write so lines from concurrent processes never interleave.
+processes: ``job id, attempt, pid, start, end, how`` per line, written with one
+O_APPEND write so lines from concurrent processes never interleave. ``how`` is
+``done`` for an execution that ran to its end, ``stopped`` for one its worker
+stopped (cancelled, handed back, fenced): its end is when it really stopped,
+so tests can tell whether two attempts of a job ever ran at the same time.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from typing import Any
 from orchestrix import JobContext, executor
 
 
-def _append(job: JobContext, started: float) -> None:
-    line = f"{job.id},{job.attempt},{os.getpid()},{started:.6f},{time.time():.6f}\n"
+def _append(job: JobContext, started: float, how: str = "done") -> None:
+    line = f"{job.id},{job.attempt},{os.getpid()},{started:.6f},{time.time():.6f},{how}\n"
     fd = os.open(os.environ["ORX_TEST_EXECUTIONS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         os.write(fd, line.encode())
@@ -27,7 +30,11 @@ def _append(job: JobContext, started: float) -> None:
 @executor("record")
 async def record(job: JobContext) -> Any:
     started = time.time()
-    await asyncio.sleep(float(job.payload.get("sleep_ms", 0)) / 1000)
+    try:
+        await asyncio.sleep(float(job.payload.get("sleep_ms", 0)) / 1000)
+    except asyncio.CancelledError:
+        _append(job, started, "stopped")
+        raise
     _append(job, started)
     return {"pid": os.getpid()}
 
@@ -39,6 +46,7 @@ def record_sync(job: JobContext) -> Any:
     deadline = started + float(job.payload.get("sleep_ms", 0)) / 1000
     while time.time() < deadline:
         if job.cancelled:
+            _append(job, started, "stopped")
             return None
         time.sleep(0.01)
     _append(job, started)

@@ -154,12 +154,23 @@ async def until(
         await asyncio.sleep(every_s)
 
 
-def read_executions(path: Path) -> list[dict[str, str]]:
-    """The lines the test executors appended: one per execution."""
+def read_executions(path: Path, *, stopped: bool = False) -> list[dict[str, str]]:
+    """The lines the test executors appended: one per execution that ran to its end
+    (``stopped``: also one per execution its worker stopped)."""
     if not path.exists():
         return []
     rows = []
     for line in path.read_text().splitlines():
-        job_id, attempt, pid, start, end = line.split(",")
-        rows.append({"id": job_id, "attempt": attempt, "pid": pid, "start": start, "end": end})
+        job_id, attempt, pid, start, end, how = line.split(",")
+        if how == "done" or stopped:
+            rows.append(
+                {
+                    "id": job_id,
+                    "attempt": attempt,
+                    "pid": pid,
+                    "start": start,
+                    "end": end,
+                    "how": how,
+                }
+            )
     return rows

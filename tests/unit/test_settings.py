@@ -66,6 +66,8 @@ def test_database_url_overrides_the_parts() -> None:
         ({"DB_POOL_MAX_SIZE": "0"}, "DB_POOL_MAX_SIZE", "must be between 1 and 1000"),
         ({"API_SHUTDOWN_TIMEOUT": "soon"}, "API_SHUTDOWN_TIMEOUT", "must be a duration"),
         ({"RETRY_BASE_DELAY": "0"}, "RETRY_BASE_DELAY", "must be between 0.001s and 86400s"),
+        # Renewed every third of it, a shorter lease would outrun the heartbeat.
+        ({"LEASE_TIMEOUT": "1s"}, "LEASE_TIMEOUT", "must be between 2s and 3600s"),
         (
             {"RETRY_BASE_DELAY": "10s", "RETRY_MAX_DELAY": "5s"},
             "RETRY_MAX_DELAY",

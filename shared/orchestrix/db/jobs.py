@@ -580,6 +580,13 @@ async def renew_leases(
     return Renewal(cancel={row["id"] for row in rows if row["cancel"]}, lost=set(running) - kept)
 
 
+async def prepare_renewals(conn: Conn) -> None:
+    """Run the renewal once with nothing to renew, so that a renewal on this
+    session later costs one round trip: asyncpg asks the server about int[] the
+    first time a session uses it (six round trips more)."""
+    await conn.fetch(_RENEW_LEASES, [], [], 0.0)
+
+
 @dataclass(frozen=True)
 class Lost:
     """A running attempt whose worker is gone or stopped renewing its lease."""
