@@ -42,7 +42,13 @@ from orchestrix.models import Job
 from orchestrix.services.worker import runner
 from orchestrix.services.worker.completer import Completer
 from orchestrix.services.worker.heartbeat import Heartbeat
-from orchestrix.services.worker.stops import WRITE_PATIENCE_S, Stop, Stopper, persist
+from orchestrix.services.worker.stops import (
+    LEDGER_TIMEOUT_S,
+    WRITE_PATIENCE_S,
+    Stop,
+    Stopper,
+    persist,
+)
 from orchestrix.services.worker.threads import Threads
 from orchestrix.settings import Settings
 
@@ -85,7 +91,13 @@ class Consumer:
         self._metrics = metrics
         self.id = ids.new_id()
         self._completer = Completer(pool, settings.retry, metrics, worker_id=self.id)
-        self._stopper = Stopper(pool, self._completer, metrics, worker_id=self.id)
+        self._stopper = Stopper(
+            pool,
+            self._completer,
+            metrics,
+            worker_id=self.id,
+            ledger=(nc.jetstream(), settings.nats),
+        )
         self._concurrency = settings.worker.concurrency
         self._queues = settings.worker.queues
         self._types = tuple(registry.types())
@@ -114,8 +126,10 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run jobs until ``stop``; then drain within the shutdown timeout."""
         nats = self._settings.nats
-        subscriptions = [
-            await self._nc.subscribe(broker.wake_subject(nats), cb=self._on_wake),
+        wake = await self._nc.subscribe(broker.wake_subject(nats), cb=self._on_wake)
+        # Kept until the last job is settled: cancels still reach a draining worker,
+        # and the lifeline must hear it is alive for as long as it runs jobs.
+        staying = [
             await self._nc.subscribe(broker.cancel_subject(nats), cb=self._on_cancel_request),
             await self._nc.subscribe(broker.worker_subject(nats, self.id), cb=self._on_probe),
         ]
@@ -132,10 +146,12 @@ class Consumer:
                     await self._wait()
         finally:
             stopped.cancel()
-            for subscription in subscriptions:
+            with contextlib.suppress(Exception):
+                await wake.unsubscribe()
+            await self._drain()
+            for subscription in staying:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
-            await self._drain()
             fence.cancel()
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -223,13 +239,19 @@ class Consumer:
             log.warning("grace period over; handing back", extra={"jobs": len(pending)})
             for running in list(self._running.values()):
                 self._stop(running, Stop.SHUTDOWN)
-        # Hand-backs, and outcomes still waiting for the database, get a bounded time.
-        _, pending = await asyncio.wait(tasks, timeout=WRITE_PATIENCE_S)
+        # Hand-backs, and outcomes still waiting for the database, get a bounded time
+        # (a hand-back that runs out of it leaves word in the ledger itself).
+        _, pending = await asyncio.wait(tasks, timeout=WRITE_PATIENCE_S + LEDGER_TIMEOUT_S + 1)
         if pending:
             log.error("exiting with unwritten outcomes", extra={"jobs": len(pending)})
+            stuck = [r.job for r in self._running.values() if r.task in pending]
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending)
+            # Their outcome is lost with the database away: the attempts are returned
+            # (they run again), never counted as failed.
+            for job in stuck:
+                await self._stopper.leave_word(job)
 
     def _stop(self, running: Running, reason: Stop) -> None:
         if running.stop is None and running.phase is Phase.EXECUTING:

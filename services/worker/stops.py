@@ -4,6 +4,9 @@
   handed back to PENDING, not counted, so another worker runs it at once; after
   MAX_HANDOFFS hand-backs in a row, a further one counts as a failed attempt,
   so a job that never fits in SHUTDOWN_TIMEOUT is not handed back forever.
+  When PostgreSQL does not take the hand-back before the worker must exit, the
+  worker leaves it in the hand-back ledger on NATS (``orchestrix.handbacks``),
+  which the scheduler applies once the database answers.
 - CANCEL: a user asked for it to stop. It ends CANCELLED.
 - LOST: the attempt is no longer this worker's: the rescuer took it, or the
   worker could not renew its lease and stopped it before the lease ran out
@@ -17,12 +20,15 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
 
+from nats.js import JetStreamContext
+from orchestrix import handbacks
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
 from orchestrix.errors import Kind
@@ -30,6 +36,7 @@ from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
 from orchestrix.services.worker.completer import Completer
 from orchestrix.services.worker.runner import Failure
+from orchestrix.settings import NatsSettings
 from orchestrix.states import JobState
 
 log = logging.getLogger("worker")
@@ -38,6 +45,8 @@ MAX_HANDOFFS = 3
 # A stop's write is retried this long while the database is away.
 WRITE_PATIENCE_S = 10.0
 WRITE_RETRY_S = 0.5
+# How long JetStream gets to store a ledger entry.
+LEDGER_TIMEOUT_S = 2.0
 
 T = TypeVar("T")
 
@@ -72,10 +81,18 @@ async def persist(
 
 class Stopper:
     def __init__(
-        self, pool: Any, completer: Completer, metrics: WorkerMetrics, *, worker_id: str
+        self,
+        pool: Any,
+        completer: Completer,
+        metrics: WorkerMetrics,
+        *,
+        worker_id: str,
+        ledger: tuple[JetStreamContext, NatsSettings] | None = None,
     ) -> None:
+        """``ledger``: where to return attempts the database would not take back."""
         self._pool = pool
         self._worker_id = worker_id
+        self._ledger = ledger
         self._completer = completer
         self._metrics = metrics
 
@@ -122,5 +139,33 @@ class Stopper:
                     self._metrics.jobs_cancelled.labels(*labels).inc()
                     log.info("job cancelled at hand-back", extra=extra)
         except TRANSIENT as exc:
-            # Still RUNNING: its lease runs out and the rescuer takes the job.
             log.error("cannot record the stop", extra={**extra, "error": repr(exc)})
+            if reason is Stop.SHUTDOWN and job.handoffs < MAX_HANDOFFS:
+                await self.leave_word(job)
+            # Otherwise still RUNNING: the lifeline or the rescuer takes the job.
+
+    async def leave_word(self, job: Job) -> bool:
+        """Return the attempt through the hand-back ledger on NATS; False if even that
+        failed (then the attempt counts as lost when it is taken back)."""
+        extra = {"job_id": job.id, "attempt": job.attempt}
+        if self._ledger is None:
+            return False
+        js, nats = self._ledger
+        entry = handbacks.HandBack(job.id, job.attempt, self._worker_id).encode()
+        for first in (True, False):
+            try:
+                await js.publish(handbacks.subject(nats), entry, timeout=LEDGER_TIMEOUT_S)
+                break
+            except Exception as exc:
+                if first:  # no stream yet (no scheduler has run): make it, once
+                    with contextlib.suppress(Exception):
+                        await handbacks.ensure_stream(js, nats)
+                    continue
+                log.error(
+                    "hand-back not left on NATS either; the attempt will count as lost",
+                    extra={**extra, "error": repr(exc)},
+                )
+                return False
+        self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
+        log.warning("hand-back left in the ledger; applied once PostgreSQL answers", extra=extra)
+        return True

@@ -404,12 +404,6 @@ async def test_a_worker_stopping_while_postgresql_is_briefly_away_hands_its_jobs
     assert "rescued" not in scheduler.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hand-back the worker could not write before it exited is lost: the lifeline "
-    "then counts the attempt (WorkerLost) and a one-attempt job ends FAILED; "
-    "no durable record of the hand-back survives the worker (see the report)",
-)
 async def test_a_worker_stopping_while_postgresql_stays_away_uses_no_attempt(
     make_system: SystemFactory, pool: asyncpg.Pool, proxy_to: Proxies
 ) -> None:

@@ -584,7 +584,7 @@ async def prepare_renewals(conn: Conn) -> None:
     """Run the renewal once with nothing to renew, so that a renewal on this
     session later costs one round trip: asyncpg asks the server about int[] the
     first time a session uses it (six round trips more)."""
-    await conn.fetch(_RENEW_LEASES, [], [], 0.0)
+    await conn.fetch(_RENEW_LEASES, [], [], 0.0, None)
 
 
 @dataclass(frozen=True)
