@@ -152,14 +152,13 @@ async def test_a_job_no_worker_can_run_waits_and_is_counted(running: Running) ->
         return dict(stats["waiting_for_executor"])
 
     before = await waiting()
-    # Other tests of the run leave jobs of many one-off types: three of this one
-    # put it among the types the stats name.
     created = [await running.create(type="nobody_handles_this", max_attempts=5) for _ in range(3)]
     known = await running.create(type="demo_job")
     await running.settled(known["id"])  # a worker claimed past the unknown ones
     after = await waiting()
+    # Other tests of the run leave jobs of many one-off types (the fuzz test's),
+    # so only the total is this test's to check; test_api checks the types named.
     assert after["total"] == before["total"] + 3
-    assert after["types"].get("nobody_handles_this") == 3, after
     for job in created:
         job = await running.get(job["id"])
         assert (job["state"], job["attempt"]) == ("PENDING", 0)
