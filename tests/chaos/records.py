@@ -57,6 +57,9 @@ TIMEOUT_SLACK_S = 0.05
 # A fence or an unwritten outcome is explained by trouble with PostgreSQL this
 # long before it (the renewals that failed came within a lease before the fence).
 TROUBLE_LOOKBACK_S = 4.0
+# After PostgreSQL is back (or fast again), a worker's heartbeat takes this long
+# to reconnect and renew: the trouble lasts that much longer for it.
+RECONNECT_S = 1.0
 # An attempt taken back without an execution: its claim was in flight during a
 # fault this long before the rescue (a lease and the rescuer's grace, and more).
 UNSTARTED_LOOKBACK_S = 15.0
@@ -166,8 +169,12 @@ class Window:
     pids: frozenset[int] | None = None
 
     def covers(self, pid: int, start: float, end: float) -> bool:
-        """The window touches [start, end] for this worker."""
-        return (self.pids is None or pid in self.pids) and self.start <= end and self.end >= start
+        """The window, and the reconnection after it, touch [start, end] for this worker."""
+        return (
+            (self.pids is None or pid in self.pids)
+            and self.start <= end
+            and self.end + RECONNECT_S >= start
+        )
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ SHORT = Plan(
     shutdown_outage_s=(3.0, 5.0),
     cuts=1,
     cut_s=(3.5, 4.5),
-    latencies_ms=(40,),
+    latencies_ms=(15,),
     latency_s=(2.5, 3.5),
     settle_timeout_s=45,
 )
@@ -80,7 +80,7 @@ LONG = Plan(
     shutdown_outage_s=(3.0, 5.0),
     cuts=2,
     cut_s=(3.5, 6.0),
-    latencies_ms=(40, 150),
+    latencies_ms=(15, 150),
     latency_s=(3.0, 6.0),
     settle_timeout_s=90,
 )
