@@ -46,8 +46,9 @@ migrate-create: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-## The chaos suite: SIGKILL workers and schedulers, restart NATS and PostgreSQL while jobs
-## run, then check that nothing was lost or run twice at once (the short and the long run).
+## The chaos suite: SIGKILL and SIGTERM workers, SIGKILL schedulers, restart NATS and
+## PostgreSQL, cut and slow PostgreSQL while jobs run, then check that nothing was lost,
+## FAILED by a shutdown or run twice at once (the short and the long run).
 .PHONY: chaos
 chaos: $(STAMP)
 	$(BIN)/pytest tests/chaos -m chaos -s

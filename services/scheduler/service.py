@@ -22,6 +22,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from orchestrix import broker
 from orchestrix.backoff import sleep_unless_stopped
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
@@ -133,7 +134,7 @@ async def serve(settings: Settings) -> None:
                 await task
         await leadership.release()
         await waker.close()
-        await nc.drain()
+        await broker.disconnect(nc)
         await pool.close()
         await status.stop()
         log.info("scheduler stopped")

@@ -168,7 +168,14 @@ class Consumer:
         threshold = max(1, self._concurrency // 4)
         deadline = time.monotonic() + self._settings.worker.poll_interval_s
         while not self._wake.is_set():
-            if not self._dry and self._free() >= threshold:
+            # Freed slots are a reason to claim only while PostgreSQL answers: else
+            # _claim_if_due returns at once, and so would this, and the loop would
+            # spin without ever yielding, the heartbeat starved, for ever.
+            if (
+                not self._dry
+                and self._free() >= threshold
+                and self._heartbeat.reachable(time.monotonic())
+            ):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from orchestrix import executors
+from orchestrix import broker, executors
 from orchestrix.db import jobs as db
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.metrics import WorkerMetrics
@@ -50,7 +50,7 @@ async def serve(settings: Settings) -> None:
     try:
         await consumer.run(stop)
     finally:
-        await nc.drain()
+        await broker.disconnect(nc)
         await pool.close()
         await status.stop()
         log.info("worker stopped")

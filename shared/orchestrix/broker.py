@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import nats
+from nats import errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
 
@@ -75,3 +76,17 @@ async def connect_with_backoff(
         stop=stop,
         retry_on=(OSError, TimeoutError, NoServersError),
     )
+
+
+async def disconnect(nc: Client) -> None:
+    """Drain the connection (what is in flight goes out) and close it.
+
+    While NATS is away the connection is reconnecting, and drain() refuses it
+    (or fails half-way if NATS goes meanwhile): then it is closed as it is. A
+    process stopping during a NATS outage must still exit cleanly.
+    """
+    try:
+        await nc.drain()
+    except errors.Error as exc:
+        log.warning("nats not drained; closing", extra={"error": repr(exc)})
+        await nc.close()

@@ -16,8 +16,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the ``chaos`` marker, so ``--strict-markers`` accepts it."""
     config.addinivalue_line(
         "markers",
-        "chaos: kills and restarts processes and servers while jobs run; `make chaos` runs "
-        "every one (the short run is also part of `make test`)",
+        "chaos: kills, stops and restarts processes and servers, cuts and slows PostgreSQL "
+        "while jobs run; `make chaos` runs every one (the short run is also part of `make test`)",
     )
 
 
@@ -40,7 +40,7 @@ async def chaos_servers(tmp_path: Path) -> AsyncIterator[ChaosServers]:
         servers.stop()
         logs = tmp_path / "servers"
         logs.mkdir(exist_ok=True)
-        for log in (servers.postgres.log_path, servers.nats.log_path):
+        for log in servers.log_paths:
             if log.exists():
-                shutil.copy(log, logs / log.name)
+                shutil.copy(log, logs / f"{log.parent.name}-{log.name}")
         shutil.rmtree(root, ignore_errors=True)

@@ -2,16 +2,30 @@
 
 A :class:`ChaosRun` starts the API, the schedulers and the workers as processes
 (with ``tests/e2e/harness.System``), submits jobs over REST and by bulk SQL at a
-steady pace, and meanwhile carries out a seeded :func:`schedule` of faults:
-SIGKILL a worker (a replacement starts at once), SIGKILL a scheduler, restart
-NATS, restart PostgreSQL. A watchdog notices any process that exits without
-being told to, records its last log lines and starts a replacement, so one
-crash does not hide every other finding.
+steady pace, and meanwhile carries out a seeded :func:`schedule` of faults.
+
+The jobs (:func:`ChaosRun.specs`) run on the async executor or its plain-function
+twin (``tests/chaos/executors.py``); most just work a while, some outlast a
+stopping worker's SHUTDOWN_TIMEOUT (so a SIGTERM hands them back), some fail a
+planned number of times before they succeed, some outlive their timeout on
+every attempt, and some are cancelled over REST (DELETE) while they run.
+
+The faults: SIGKILL a worker, SIGTERM a worker (it hands its unfinished jobs
+back), SIGKILL a scheduler, restart the whole NATS cluster, SIGKILL one NATS
+node and start it again, restart PostgreSQL, stop PostgreSQL while a worker is
+shutting down, cut one worker off from PostgreSQL, make PostgreSQL answer
+slowly. Every worker reaches PostgreSQL through a proxy of its own
+(``tests/chaos/proxy.py``), which the run cuts or slows. Worker faults come at
+any time; the others each get a slot of their own, so two of them never
+overlap. A watchdog notices any process that exits without being told to,
+records its last log lines and starts a replacement, so one crash does not hide
+every other finding.
 
 When the faults are over it waits for every job to reach a terminal state (the
 *settle*), checks that every surviving process reports ready again, and judges
-the executions file (``tests/chaos/records.py``). :meth:`ChaosRun.report`
-returns the printed table, and the list of problems the test asserts is empty.
+the executions file against the final rows and the faults
+(``tests/chaos/records.py``). :meth:`ChaosRun.report` returns the printed table,
+and the list of problems the test asserts is empty.
 """
 
 from __future__ import annotations
@@ -34,10 +48,12 @@ import asyncpg
 import orjson
 import psutil
 from orchestrix import ids
-from orchestrix.db.pool import init_connection
+from orchestrix.db.pool import TRANSIENT, init_connection
+from orchestrix.models import DEFAULT_TIMEOUT_SECONDS
 
 from tests.chaos import records
-from tests.chaos.executors import JOB_TYPE, RECORDS_ENV
+from tests.chaos.executors import JOB_TYPE, RECORDS_ENV, SYNC_JOB_TYPE
+from tests.chaos.proxy import Proxy
 from tests.chaos.servers import ChaosServers
 from tests.e2e.harness import Service, System
 
@@ -55,19 +71,39 @@ CHAOS_ENV = {
     "DB_POOL_MAX_SIZE": "8",
     "ORCHESTRIX_EXECUTORS": "tests.chaos.executors",
 }
+SHUTDOWN_TIMEOUT_S = 2.0  # as CHAOS_ENV says
 MAX_ATTEMPTS = 10
-# Database errors that mean "the server is away": the suite's own queries wait them out.
-DB_AWAY = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.InterfaceError,
-)
+# A timeout job works longer than its timeout on each of its attempts, then FAILS.
+TIMEOUT_S = 1
+TIMEOUT_ATTEMPTS = 3
+TIMEOUT_OVERRUN_MS = 2000
+# A cancel job works this long: only a cancellation ends it in time.
+CANCEL_JOB_MS = 30_000
+# A long job outlasts a stopping worker's SHUTDOWN_TIMEOUT: it is handed back.
+LONG_JOB_MS = (2500, 4500)
+# After PostgreSQL is back or fast again, the workers' heartbeats reconnect and
+# renew within this long.
+TROUBLE_AFTER_S = 2.0
+# Workers younger than this are spared SIGTERMs and cuts: they have no jobs yet
+# (and one SIGTERMed before it set up its handlers dies of the signal).
+VICTIM_MIN_AGE_S = 2.0
+# One-way latency at or above which a worker's heartbeat statements (each given
+# a sixth of LEASE_TIMEOUT, 333 ms, for up to two round trips, a reconnection
+# more) may time out on a busy machine: such a slow PostgreSQL is as good as
+# away for it, and the judgement says so. (40 ms did lose leases here.)
+AWAY_LATENCY_MS = 30
+# A SIGTERMed worker exits within its SHUTDOWN_TIMEOUT, the patience of the
+# writes of its hand-backs (10 s) and its goodbyes; past this it is stuck.
+TERM_EXIT_S = 25.0
+# Database errors that mean "the server is away" (or the connection broke mid-operation):
+# the suite's own queries, all safe to repeat, wait them out.
+DB_AWAY = TRANSIENT
 STUCK_SHOWN = 40
 # Processes that exit on their own are replaced this many times, then no more: a
 # service that cannot start at all must not turn the run into a crash loop.
 MAX_REPLACEMENTS = 5
+# Faults that each get a slot of their own (the rest are worker faults).
+BIG_FAULTS = ("kill_scheduler", "nats", "nats_node", "postgres", "shutdown_outage", "cut", "slow")
 
 
 @dataclass(frozen=True)
@@ -77,51 +113,79 @@ class Plan:
     name: str
     jobs: int
     api_share: float  # the fraction of jobs created over REST; the rest by bulk SQL
+    sync_share: float  # the fraction run by the plain-function executor
+    retry_share: float  # jobs that fail 1 to 3 times, then succeed
+    timeout_share: float  # jobs that outlive their timeout on every attempt
+    cancel_share: float  # jobs cancelled over REST while they run
+    long_share: float  # jobs that work longer than SHUTDOWN_TIMEOUT: a SIGTERM hands them back
     submit_s: float  # submissions are spread evenly over this time
     chaos_s: float  # faults happen within this window
-    max_sleep_ms: int  # each job works a random 0..max_sleep_ms
+    max_sleep_ms: int  # each plain or retry job works a random 0..max_sleep_ms
     schedulers: int
     workers: int
     worker_concurrency: int
-    worker_kill_gap_s: tuple[float, float]  # time between two worker kills
+    worker_kill_gap_s: tuple[float, float]  # time between two worker SIGKILLs
+    worker_term_gap_s: tuple[float, float]  # time between two worker SIGTERMs
     scheduler_kills: tuple[str, ...]  # "leader" (the one running maintenance) or "follower"
-    nats_restarts: tuple[str, ...]  # "SIGTERM" or "SIGKILL", one entry per restart
+    nats_restarts: tuple[str, ...]  # the whole cluster: "SIGTERM" or "SIGKILL", one per restart
+    nats_node_kills: int  # one node SIGKILLed and started again, this many times
     postgres_restarts: tuple[str, ...]  # "fast" or "immediate", one entry per restart
     outage_s: tuple[float, float]  # how long a stopped server stays down
+    shutdown_outages: int  # a worker SIGTERMed, then PostgreSQL stopped before its drain ends
+    shutdown_outage_s: tuple[float, float]  # how long PostgreSQL then stays down
+    cuts: int  # one worker cut off from PostgreSQL (its proxy stops forwarding)
+    cut_s: tuple[float, float]
+    latencies_ms: tuple[int, ...]  # every worker's PostgreSQL slowed by this much one way
+    latency_s: tuple[float, float]
     settle_timeout_s: float
 
 
 @dataclass(frozen=True)
 class Fault:
-    """One scheduled fault: ``kind`` is kill_worker, kill_scheduler, nats or postgres."""
+    """One scheduled fault: ``kind`` is kill_worker, term_worker or one of BIG_FAULTS."""
 
     at_s: float
     kind: str
-    how: str  # the signal or shutdown mode; for a scheduler, "leader" or "follower"
-    pause_s: float  # down time of a server, or the delay before a replacement starts
+    how: str  # the signal, shutdown mode or latency; for a scheduler, "leader" or "follower"
+    pause_s: float  # how long the fault lasts, or the delay before a replacement starts
 
 
 def schedule(plan: Plan, rng: random.Random) -> list[Fault]:
     """The faults of a run, in time order; the same seed gives the same schedule.
 
-    Scheduler kills and server restarts get a slot each in random order, so two
-    of them never overlap; worker kills fall anywhere in the window.
+    The big faults get a slot each in random order, so two of them never
+    overlap; worker kills and SIGTERMs fall anywhere in the window.
     """
     big = [("kill_scheduler", which) for which in plan.scheduler_kills]
     big += [("nats", how) for how in plan.nats_restarts]
+    big += [("nats_node", "SIGKILL")] * plan.nats_node_kills
     big += [("postgres", how) for how in plan.postgres_restarts]
+    big += [("shutdown_outage", "fast")] * plan.shutdown_outages
+    big += [("cut", "cut")] * plan.cuts
+    big += [("slow", str(ms)) for ms in plan.latencies_ms]
     rng.shuffle(big)
+    lasting = {
+        "nats": plan.outage_s,
+        "nats_node": plan.outage_s,
+        "postgres": plan.outage_s,
+        "shutdown_outage": plan.shutdown_outage_s,
+        "cut": plan.cut_s,
+        "slow": plan.latency_s,
+    }
     faults: list[Fault] = []
     first, last = 0.1 * plan.chaos_s, 0.75 * plan.chaos_s
     slot = (last - first) / max(len(big), 1)
     for i, (kind, how) in enumerate(big):
         at = first + slot * (i + rng.uniform(0.1, 0.6))
-        pause = rng.uniform(*plan.outage_s) if kind in ("nats", "postgres") else rng.uniform(0, 1)
-        faults.append(Fault(at, kind, how, pause))
-    at = rng.uniform(*plan.worker_kill_gap_s)
-    while at < 0.9 * plan.chaos_s:
-        faults.append(Fault(at, "kill_worker", "SIGKILL", rng.uniform(0, 0.5)))
-        at += rng.uniform(*plan.worker_kill_gap_s)
+        faults.append(Fault(at, kind, how, rng.uniform(*lasting.get(kind, (0.0, 1.0)))))
+    for kind, how, gap in (
+        ("kill_worker", "SIGKILL", plan.worker_kill_gap_s),
+        ("term_worker", "SIGTERM", plan.worker_term_gap_s),
+    ):
+        at = rng.uniform(*gap)
+        while at < 0.9 * plan.chaos_s:
+            faults.append(Fault(at, kind, how, rng.uniform(0, 0.5)))
+            at += rng.uniform(*gap)
     return sorted(faults, key=lambda fault: fault.at_s)
 
 
@@ -131,8 +195,15 @@ class JobSpec:
 
     index: int
     via_api: bool
-    sleep_ms: int
+    type: str
+    payload: dict[str, Any]
+    max_attempts: int
+    timeout_seconds: int | None
     id: str | None  # chosen by the suite for SQL inserts; the API chooses its own
+
+    @property
+    def plan(self) -> str:
+        return str(self.payload["plan"])
 
 
 @dataclass
@@ -166,15 +237,23 @@ class ChaosRun:
     system: System = field(init=False)
     records_path: Path = field(init=False)
     alive: list[Service] = field(default_factory=list)
+    proxies: dict[int, Proxy] = field(default_factory=dict)  # worker pid -> its proxy
     kills: dict[int, float] = field(default_factory=dict)
     kill_roles: dict[int, str] = field(default_factory=dict)
-    restarts: Counter[str] = field(default_factory=Counter)
+    terms: dict[int, float] = field(default_factory=dict)
+    exited: dict[int, float] = field(default_factory=dict)  # SIGTERMed, seen gone
+    term_problems: list[str] = field(default_factory=list)
+    windows: list[records.Window] = field(default_factory=list)
+    faults_done: Counter[str] = field(default_factory=Counter)
     timeline: list[tuple[float, str]] = field(default_factory=list)
     exits: list[Exit] = field(default_factory=list)
     submitted: list[str] = field(default_factory=list)
+    specs_by_id: dict[str, JobSpec] = field(default_factory=dict)
     via_api: int = 0
     via_sql: int = 0
     not_submitted: list[str] = field(default_factory=list)
+    cancels: dict[str, records.CancelRequest] = field(default_factory=dict)
+    not_cancelled: list[str] = field(default_factory=list)
     api_answers: Counter[str] = field(default_factory=Counter)
     api_errors: list[str] = field(default_factory=list)
     not_ready: list[str] = field(default_factory=list)
@@ -182,10 +261,25 @@ class ChaosRun:
     settle_s: float | None = None
     snapshot: Snapshot | None = None
     stragglers: set[str] = field(default_factory=set)
+    latency_ms: int = 0  # applied to every worker's proxy, also to workers started meanwhile
     _stopping: bool = False
+    _started: dict[int, float] = field(default_factory=dict)  # pid -> time.monotonic()
+    _cut_off: Service | None = None
+    # Set unless PostgreSQL is away or slow for every worker (or was, TROUBLE_AFTER_S
+    # ago): a plain SIGTERM waits for it.
+    _pg_fine: asyncio.Event = field(default_factory=asyncio.Event)
+    _troubles: int = 0
+    # Workers SIGTERMed by a plain SIGTERM, not yet exited: PostgreSQL faults wait
+    # for them (only shutdown_outage means to stop PostgreSQL during a shutdown).
+    _draining: set[int] = field(default_factory=set)
+    _none_draining: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # SIGTERMed exits, cancels
+    _http: aiohttp.ClientSession | None = None
 
     def __post_init__(self) -> None:
         self.records_path = self.workdir / "executions.csv"
+        self._pg_fine.set()
+        self._none_draining.set()
         env = {
             **CHAOS_ENV,
             "WORKER_CONCURRENCY": str(self.plan.worker_concurrency),
@@ -202,10 +296,22 @@ class ChaosRun:
         """Add a line to the run's timeline, stamped now."""
         self.timeline.append((time.time(), text))
 
-    def start(self, role: str) -> Service:
-        """Start a process of ``role`` and count it among the living."""
-        service = self.system.start(role)
+    async def start(self, role: str) -> Service:
+        """Start a process of ``role`` and count it among the living; a worker gets a
+        proxy of its own in front of PostgreSQL."""
+        if role != "worker":
+            service = self.system.start(role)
+        else:
+            port = self.servers.postgres.port
+            assert port is not None
+            proxy = Proxy("127.0.0.1", port)
+            await proxy.start()
+            if self.latency_ms:
+                proxy.latency(self.latency_ms)
+            service = self.system.start(role, DATABASE_URL=proxy.url(self.servers.database_url))
+            self.proxies[service.process.pid] = proxy
         self.alive.append(service)
+        self._started[service.process.pid] = time.monotonic()
         return service
 
     @property
@@ -216,6 +322,49 @@ class ChaosRun:
     async def kill(self, service: Service) -> None:
         """SIGKILL a process and remember when, for the judgement of its executions."""
         self.alive.remove(service)
+        service.process.kill()
+        await asyncio.to_thread(service.process.wait, 10)
+        self.kills[service.process.pid] = time.time()
+        self.kill_roles[service.process.pid] = service.role
+
+    def terminate(self, service: Service, *, plain: bool = True) -> None:
+        """SIGTERM a process; a task waits for it to exit (SIGKILL if it does not).
+        ``plain``: PostgreSQL faults wait until it has exited."""
+        if plain:
+            self._draining.add(service.process.pid)
+            self._none_draining.clear()
+        self.alive.remove(service)
+        self.terms[service.process.pid] = time.time()
+        service.signal(signal.SIGTERM)
+        self._tasks.append(asyncio.create_task(self._await_exit(service)))
+
+    async def _await_exit(self, service: Service) -> None:
+        try:
+            await self._await_exit_of(service)
+        finally:
+            self._draining.discard(service.process.pid)
+            if not self._draining:
+                self._none_draining.set()
+
+    async def _await_exit_of(self, service: Service) -> None:
+        pid = service.process.pid
+        try:
+            code = await asyncio.to_thread(service.wait, TERM_EXIT_S)
+        except subprocess.TimeoutExpired:
+            tail = "\n".join(f"    {line}" for line in service.log().splitlines()[-15:])
+            self.term_problems.append(
+                f"{service.role} pid {pid} still running {TERM_EXIT_S:.0f}s after SIGTERM; "
+                f"SIGKILLed. Last log lines:\n{tail}"
+            )
+            await self.kill_stopping(service)
+            return
+        self.exited[pid] = time.time()
+        self.note(f"{service.role} pid {pid} exited (code {code}) after SIGTERM")
+        if code != 0:
+            self.term_problems.append(f"{service.role} pid {pid} exited with code {code}")
+
+    async def kill_stopping(self, service: Service) -> None:
+        """SIGKILL a process that was already told to stop."""
         service.process.kill()
         await asyncio.to_thread(service.process.wait, 10)
         self.kills[service.process.pid] = time.time()
@@ -256,11 +405,13 @@ class ChaosRun:
                 if code is None or self._stopping:
                     continue
                 self.alive.remove(service)
+                self.exited[service.process.pid] = time.time()
                 tail = "\n".join(service.log().splitlines()[-25:])
                 self.exits.append(Exit(service.role, service.process.pid, code, time.time(), tail))
                 text = f"{service.role} pid {service.process.pid} EXITED on its own (code {code})"
                 if len(self.exits) <= MAX_REPLACEMENTS:
-                    text += f"; started pid {self.start(service.role).process.pid}"
+                    replacement = await self.start(service.role)
+                    text += f"; started pid {replacement.process.pid}"
                 else:
                     text += "; not replaced, too many exits"
                 self.note(text)
@@ -268,14 +419,18 @@ class ChaosRun:
 
     async def start_services(self) -> None:
         """The API, the schedulers and the workers, each answering /ready."""
-        services = [self.start("api")]
-        services += [self.start("scheduler") for _ in range(self.plan.schedulers)]
-        services += [self.start("worker") for _ in range(self.plan.workers)]
+        services = [await self.start("api")]
+        services += [await self.start("scheduler") for _ in range(self.plan.schedulers)]
+        services += [await self.start("worker") for _ in range(self.plan.workers)]
         await asyncio.gather(*(self.system.ready(s, 30) for s in services))
 
     async def stop_services(self) -> None:
-        """SIGTERM every process still running, SIGKILL what has not exited 15 s later."""
+        """SIGTERM every process still running, SIGKILL what has not exited 15 s later;
+        then close the proxies."""
         self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         running = [s for s in self.system.services if s.process.poll() is None]
         for service in running:
             service.signal(signal.SIGTERM)
@@ -287,65 +442,213 @@ class ChaosRun:
                 service.process.kill()
                 await asyncio.to_thread(service.wait, 5)
         self.alive.clear()
+        for proxy in self.proxies.values():
+            await proxy.stop()
+        if self._http is not None:
+            await self._http.close()
 
     # --- faults --------------------------------------------------------------
 
     async def inject(self, faults: Sequence[Fault], rng: random.Random) -> None:
-        """Carry out the faults one after another, each at its time or as soon as possible."""
+        """Carry out the big faults one after another, and the worker faults alongside."""
+        big = [fault for fault in faults if fault.kind in BIG_FAULTS]
+        small = [fault for fault in faults if fault.kind not in BIG_FAULTS]
+        await asyncio.gather(self._inject(big, rng), self._inject(small, rng))
+
+    async def _inject(self, faults: Sequence[Fault], rng: random.Random) -> None:
+        """Each fault at its time, or as soon as the one before it is over."""
         for fault in faults:
             delay = self.origin + fault.at_s - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if fault.kind in ("kill_worker", "kill_scheduler"):
-                role = fault.kind.removeprefix("kill_")
-                candidates = [s for s in self.alive if s.role == role]
-                what = ""
-                if role == "scheduler":
-                    leader = await self.leader()
-                    what = " (leader unknown)" if leader is None else f" (a {fault.how})"
-                    if leader is not None:
-                        if fault.how == "leader":
-                            candidates = [leader]
-                        elif len(candidates) > 1:
-                            candidates.remove(leader)
-                if not candidates:
-                    self.note(f"no {role} to SIGKILL")
-                    continue
-                victim = rng.choice(candidates)
-                await self.kill(victim)
-                self.note(f"SIGKILL {role} pid {victim.process.pid}{what}")
-                await asyncio.sleep(fault.pause_s)
-                self.note(f"started {role} pid {self.start(role).process.pid}")
-            elif fault.kind == "nats":
-                await self.servers.stop_nats(signal.Signals[fault.how])
-                self.restarts[f"nats {fault.how}"] += 1
-                self.note(f"NATS stopped ({fault.how})")
-                await asyncio.sleep(fault.pause_s)
-                await self.servers.start_nats()
-                self.note("NATS started")
-            elif fault.kind == "postgres":
-                await self.servers.stop_postgres(fault.how)
-                self.restarts[f"postgres {fault.how}"] += 1
-                self.note(f"PostgreSQL stopped ({fault.how})")
-                await asyncio.sleep(fault.pause_s)
-                await self.servers.start_postgres()
-                self.note("PostgreSQL started")
-            else:
-                raise ValueError(f"unknown fault {fault.kind!r}")
+            await getattr(self, f"_fault_{fault.kind}")(fault, rng)
+            self.faults_done[fault.kind] += 1
+
+    def _victim(self, role: str, rng: random.Random, *, settled: bool = False) -> Service | None:
+        """A process of ``role`` to fault, never the worker being cut off; ``settled``:
+        only one that has been up a while."""
+        candidates = [s for s in self.alive if s.role == role and s is not self._cut_off]
+        if settled:
+            old = time.monotonic() - VICTIM_MIN_AGE_S
+            candidates = [s for s in candidates if self._started[s.process.pid] <= old]
+        return rng.choice(candidates) if candidates else None
+
+    async def _fault_kill_worker(self, fault: Fault, rng: random.Random) -> None:
+        victim = self._victim("worker", rng)
+        if victim is None:
+            self.note("no worker to SIGKILL")
+            return
+        await self.kill(victim)
+        self.note(f"SIGKILL worker pid {victim.process.pid}")
+        await asyncio.sleep(fault.pause_s)
+        self.note(f"started worker pid {(await self.start('worker')).process.pid}")
+
+    async def _fault_term_worker(self, fault: Fault, rng: random.Random) -> None:
+        # A hand-back needs PostgreSQL: a plain SIGTERM comes while it is healthy,
+        # and PostgreSQL faults wait until the worker has exited, so any attempt the
+        # shutdown costs is a bug (the shutdown_outage fault, and the judgement's
+        # known limitation, are for the other case).
+        await self._pg_fine.wait()
+        victim = self._victim("worker", rng, settled=True)
+        if victim is None:
+            self.note("no worker to SIGTERM")
+            return
+        self.terminate(victim)
+        self.note(f"SIGTERM worker pid {victim.process.pid}")
+        await asyncio.sleep(fault.pause_s)
+        self.note(f"started worker pid {(await self.start('worker')).process.pid}")
+
+    async def _fault_kill_scheduler(self, fault: Fault, rng: random.Random) -> None:
+        candidates = [s for s in self.alive if s.role == "scheduler"]
+        leader = await self.leader()
+        what = " (leader unknown)" if leader is None else f" (a {fault.how})"
+        if leader is not None:
+            if fault.how == "leader":
+                candidates = [leader]
+            elif len(candidates) > 1:
+                candidates.remove(leader)
+        if not candidates:
+            self.note("no scheduler to SIGKILL")
+            return
+        victim = rng.choice(candidates)
+        await self.kill(victim)
+        self.note(f"SIGKILL scheduler pid {victim.process.pid}{what}")
+        await asyncio.sleep(fault.pause_s)
+        self.note(f"started scheduler pid {(await self.start('scheduler')).process.pid}")
+
+    async def _fault_nats(self, fault: Fault, rng: random.Random) -> None:
+        await self.servers.stop_nats(signal.Signals[fault.how])
+        self.note(f"NATS cluster stopped ({fault.how} to all three nodes)")
+        await asyncio.sleep(fault.pause_s)
+        await self.servers.start_nats()
+        self.note("NATS cluster started and formed")
+
+    async def _fault_nats_node(self, fault: Fault, rng: random.Random) -> None:
+        index = rng.randrange(len(self.servers.nats.nodes))
+        node = await self.servers.kill_nats_node(index)
+        self.note(f"NATS node {index} (port {node.port}) SIGKILLed")
+        await asyncio.sleep(fault.pause_s)
+        await self.servers.restart_nats_node(node)
+        self.note(f"NATS node {index} started and rejoined")
+
+    def _trouble(self, on: bool) -> None:
+        """PostgreSQL away or slow for every worker from now (on), or fine again (off)."""
+        self._troubles += 1
+        if on:
+            self._pg_fine.clear()
+        else:
+            asyncio.get_running_loop().call_later(TROUBLE_AFTER_S, self._fine, self._troubles)
+
+    def _fine(self, troubles: int) -> None:
+        if troubles == self._troubles:  # no new trouble meanwhile
+            self._pg_fine.set()
+
+    async def _postgres_outage(self, how: str, pause_s: float) -> None:
+        began = time.time()
+        self._trouble(True)
+        await self.servers.stop_postgres(how)
+        self.note(f"PostgreSQL stopped ({how})")
+        await asyncio.sleep(pause_s)
+        await self.servers.start_postgres()
+        self._trouble(False)
+        self.windows.append(records.Window(began, time.time(), "PostgreSQL stopped"))
+        self.note("PostgreSQL started")
+
+    async def _fault_postgres(self, fault: Fault, rng: random.Random) -> None:
+        await self._none_draining.wait()
+        await self._postgres_outage(fault.how, fault.pause_s)
+
+    async def _fault_shutdown_outage(self, fault: Fault, rng: random.Random) -> None:
+        """SIGTERM a worker, stop PostgreSQL while it drains, start it a few seconds later."""
+        await self._none_draining.wait()
+        victim = self._victim("worker", rng, settled=True)
+        if victim is None:
+            self.note("no worker to SIGTERM before the outage")
+            return
+        self._trouble(True)  # no plain SIGTERM from now until PostgreSQL is back
+        self.terminate(victim, plain=False)
+        self.note(f"SIGTERM worker pid {victim.process.pid}, PostgreSQL to stop while it drains")
+        self.note(f"started worker pid {(await self.start('worker')).process.pid}")
+        await asyncio.sleep(rng.uniform(0.2, 0.6) * SHUTDOWN_TIMEOUT_S)
+        await self._postgres_outage(fault.how, fault.pause_s)
+
+    async def _fault_cut(self, fault: Fault, rng: random.Random) -> None:
+        victim = self._victim("worker", rng, settled=True)
+        if victim is None:
+            self.note("no worker to cut off")
+            return
+        pid = victim.process.pid
+        proxy = self.proxies[pid]
+        began = time.time()
+        proxy.cut()
+        self._cut_off = victim
+        self.note(f"worker pid {pid} cut off from PostgreSQL")
+        await asyncio.sleep(fault.pause_s)
+        proxy.passthrough()
+        self._cut_off = None
+        self.windows.append(records.Window(began, time.time(), "cut off", pids=frozenset({pid})))
+        self.note(f"worker pid {pid} reconnected to PostgreSQL")
+
+    async def _fault_slow(self, fault: Fault, rng: random.Random) -> None:
+        ms = int(fault.how)
+        await self._none_draining.wait()
+        began = time.time()
+        self._trouble(True)
+        self.latency_ms = ms
+        for proxy in self.proxies.values():
+            proxy.latency(ms)
+        self.note(f"PostgreSQL slow for every worker: +{ms} ms each way")
+        await asyncio.sleep(fault.pause_s)
+        self.latency_ms = 0
+        for proxy in self.proxies.values():
+            proxy.passthrough()
+        self._trouble(False)
+        away = ms >= AWAY_LATENCY_MS
+        what = f"PostgreSQL slow (+{ms} ms)"
+        self.windows.append(records.Window(began, time.time(), what, unreachable=away))
+        self.note("PostgreSQL fast again")
 
     # --- jobs ---------------------------------------------------------------
 
     def specs(self, rng: random.Random) -> list[JobSpec]:
         """Every job of the run, drawn from the seeded ``rng``."""
-        return [
-            JobSpec(
-                index=i,
-                via_api=(api := rng.random() < self.plan.api_share),
-                sleep_ms=rng.randint(0, self.plan.max_sleep_ms),
-                id=None if api else ids.new_id(),
+        plan = self.plan
+        specs = []
+        for i in range(plan.jobs):
+            api = rng.random() < plan.api_share
+            job_type = SYNC_JOB_TYPE if rng.random() < plan.sync_share else JOB_TYPE
+            draw = rng.random()
+            payload: dict[str, Any] = {"sleep_ms": rng.randint(0, plan.max_sleep_ms)}
+            max_attempts, timeout_seconds = MAX_ATTEMPTS, None
+            if draw < plan.timeout_share:
+                payload = {"plan": "timeout", "sleep_ms": TIMEOUT_S * 1000 + TIMEOUT_OVERRUN_MS}
+                max_attempts, timeout_seconds = TIMEOUT_ATTEMPTS, TIMEOUT_S
+            elif draw < plan.timeout_share + plan.cancel_share:
+                payload = {"plan": "cancel", "sleep_ms": CANCEL_JOB_MS}
+            elif draw < plan.timeout_share + plan.cancel_share + plan.retry_share:
+                payload.update(plan="retry", fail_times=rng.randint(1, 3))
+            elif draw < plan.timeout_share + plan.cancel_share + plan.retry_share + plan.long_share:
+                payload = {"plan": "long", "sleep_ms": rng.randint(*LONG_JOB_MS)}
+            else:
+                payload["plan"] = "plain"
+            specs.append(
+                JobSpec(
+                    index=i,
+                    via_api=api,
+                    type=job_type,
+                    payload=payload,
+                    max_attempts=max_attempts,
+                    timeout_seconds=timeout_seconds,
+                    id=None if api else ids.new_id(),
+                )
             )
-            for i in range(self.plan.jobs)
-        ]
+        return specs
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
 
     async def submit(self, specs: Sequence[JobSpec], give_up_s: float) -> None:
         """Submit at an even pace over ``plan.submit_s``; retry through outages."""
@@ -353,37 +656,45 @@ class ChaosRun:
         inserts: list[asyncio.Task[None]] = []
         gate = asyncio.Semaphore(16)
         give_up = time.monotonic() + give_up_s
-        async with aiohttp.ClientSession() as http:
-            done = 0
-            while done < len(specs):
-                elapsed = time.time() - self.origin
-                due = min(len(specs), int(len(specs) * elapsed / self.plan.submit_s) + 1)
-                batch = specs[done:due]
-                done = due
-                sql = [spec for spec in batch if not spec.via_api]
-                if sql:
-                    inserts.append(asyncio.create_task(self._insert(sql, give_up)))
-                for spec in batch:
-                    if spec.via_api:
-                        posts.append(asyncio.create_task(self._post(http, gate, spec, give_up)))
-                await asyncio.sleep(0.2)
-            await asyncio.gather(*posts, *inserts)
+        done = 0
+        while done < len(specs):
+            elapsed = time.time() - self.origin
+            due = min(len(specs), int(len(specs) * elapsed / self.plan.submit_s) + 1)
+            batch = specs[done:due]
+            done = due
+            sql = [spec for spec in batch if not spec.via_api]
+            if sql:
+                inserts.append(asyncio.create_task(self._insert(sql, give_up)))
+            for spec in batch:
+                if spec.via_api:
+                    posts.append(asyncio.create_task(self._post(gate, spec, give_up)))
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*posts, *inserts)
+
+    def _submitted(self, job_id: str, spec: JobSpec, give_up: float) -> None:
+        self.submitted.append(job_id)
+        self.specs_by_id[job_id] = spec
+        if spec.plan == "cancel":
+            self._tasks.append(asyncio.create_task(self._cancel_when_running(job_id, give_up)))
 
     async def _insert(self, batch: Sequence[JobSpec], give_up: float) -> None:
         """Insert a batch in one statement, as a bulk loader would, through outages."""
         job_ids = [spec.id for spec in batch if spec.id is not None]
-        payloads = [orjson.dumps({"sleep_ms": spec.sleep_ms}).decode() for spec in batch]
 
         async def insert(conn: asyncpg.Connection) -> None:
             # ON CONFLICT: a retry after a commit whose answer was lost inserts nothing.
             await conn.execute(
-                "INSERT INTO jobs (id, type, payload, max_attempts) "
-                "SELECT id, $3, payload::jsonb, $4 FROM unnest($1::text[], $2::text[]) "
-                "AS t(id, payload) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO jobs (id, type, payload, max_attempts, timeout_seconds) "
+                "SELECT id, type, payload::jsonb, max_attempts, COALESCE(timeout_seconds, $6) "
+                "FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[]) "
+                "AS t(id, type, payload, max_attempts, timeout_seconds) "
+                "ON CONFLICT (id) DO NOTHING",
                 job_ids,
-                payloads,
-                JOB_TYPE,
-                MAX_ATTEMPTS,
+                [spec.type for spec in batch],
+                [orjson.dumps(spec.payload).decode() for spec in batch],
+                [spec.max_attempts for spec in batch],
+                [spec.timeout_seconds for spec in batch],
+                DEFAULT_TIMEOUT_SECONDS,
             )
 
         try:
@@ -391,40 +702,84 @@ class ChaosRun:
         except TimeoutError:
             self.not_submitted += [f"SQL insert of {len(job_ids)} jobs"]
             return
-        self.submitted += job_ids
+        for spec in batch:
+            assert spec.id is not None
+            self._submitted(spec.id, spec, give_up)
         self.via_sql += len(job_ids)
 
-    async def _post(
-        self, http: aiohttp.ClientSession, gate: asyncio.Semaphore, spec: JobSpec, give_up: float
-    ) -> None:
+    async def _post(self, gate: asyncio.Semaphore, spec: JobSpec, give_up: float) -> None:
         """Create one job over REST, retrying with the same idempotency key."""
-        body = {
-            "type": JOB_TYPE,
-            "payload": {"sleep_ms": spec.sleep_ms},
-            "max_attempts": MAX_ATTEMPTS,
+        body: dict[str, Any] = {
+            "type": spec.type,
+            "payload": spec.payload,
+            "max_attempts": spec.max_attempts,
             "idempotency_key": f"chaos-{self.seed}-{spec.index}",
         }
+        if spec.timeout_seconds is not None:
+            body["timeout_seconds"] = spec.timeout_seconds
         delay = 0.1
         async with gate:
             while time.monotonic() < give_up:
                 url = f"http://127.0.0.1:{self.api.port}/api/v1/jobs"
                 try:
-                    async with http.post(
+                    async with self.http.post(
                         url, json=body, timeout=aiohttp.ClientTimeout(total=10)
                     ) as response:
-                        self.api_answers[str(response.status)] += 1
+                        self.api_answers[f"POST {response.status}"] += 1
                         text = await response.text()
                         if response.status in (200, 201):
-                            self.submitted.append(orjson.loads(text)["id"])
+                            self._submitted(orjson.loads(text)["id"], spec, give_up)
                             self.via_api += 1
                             return
                         if response.status != 503:
-                            self.api_errors.append(f"{response.status} {text[:300]}")
+                            self.api_errors.append(f"POST {response.status} {text[:300]}")
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    self.api_answers[type(exc).__name__] += 1
+                    self.api_answers[f"POST {type(exc).__name__}"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self.not_submitted.append(f"job #{spec.index} over REST")
+
+    async def _cancel_when_running(self, job_id: str, give_up: float) -> None:
+        """Wait until the job runs, give it a moment, then DELETE it over REST.
+
+        Retries through outages (503) and a job moving meanwhile (409 "retry"),
+        and keeps the answer it settles on, with the time its DELETE was sent.
+        """
+        url = f"http://127.0.0.1:{{port}}/api/v1/jobs/{job_id}"
+        timeout = aiohttp.ClientTimeout(total=10)
+        while time.monotonic() < give_up:
+            try:
+                async with self.http.get(url.format(port=self.api.port), timeout=timeout) as got:
+                    if got.status == 200:
+                        state = orjson.loads(await got.read())["state"]
+                        if state == "RUNNING" or state in records.TERMINAL:
+                            break
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(random.uniform(0.1, 1.0))
+        while time.monotonic() < give_up:
+            sent = time.time()
+            try:
+                async with self.http.delete(
+                    url.format(port=self.api.port), timeout=timeout
+                ) as response:
+                    text = await response.text()
+                    self.api_answers[f"DELETE {response.status}"] += 1
+                    final = response.status in (200, 202, 404) or (
+                        response.status == 409 and "already" in text
+                    )
+                    if final:
+                        self.cancels[job_id] = records.CancelRequest(
+                            sent, time.time(), response.status
+                        )
+                        return
+                    if response.status not in (409, 503):
+                        self.api_errors.append(f"DELETE {response.status} {text[:300]}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.api_answers[f"DELETE {type(exc).__name__}"] += 1
+            await asyncio.sleep(0.2)
+        self.not_cancelled.append(job_id)
 
     async def with_db(
         self, work: Callable[[asyncpg.Connection], Awaitable[T]], timeout_s: float
@@ -461,6 +816,8 @@ class ChaosRun:
             await asyncio.gather(self.submit(specs, give_up_s), self.inject(faults, pick))
             self.note("chaos over: every fault repaired, every job submitted")
             await self.settle()
+            # The SIGTERMed workers have exited (or were killed), and every DELETE answered.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.check_ready()
         finally:
             self._stopping = True
@@ -516,8 +873,9 @@ class ChaosRun:
     async def _snapshot(self, conn: asyncpg.Connection) -> Snapshot:
         """Read the final rows of the submitted jobs."""
         rows = await conn.fetch(
-            "SELECT id, state, attempt, max_attempts, last_error, errors, "
-            "extract(epoch FROM updated_at)::float8 AS updated FROM jobs WHERE id = ANY($1)",
+            "SELECT id, state, attempt, max_attempts, last_error, errors, payload, "
+            "timeout_seconds, handoffs, extract(epoch FROM updated_at)::float8 AS updated "
+            "FROM jobs WHERE id = ANY($1)",
             list(self.submitted),
         )
         total: int = await conn.fetchval("SELECT count(*) FROM jobs")
@@ -530,6 +888,9 @@ class ChaosRun:
                     max_attempts=row["max_attempts"],
                     last_error=row["last_error"],
                     errors=row["errors"],
+                    payload=row["payload"],
+                    timeout_seconds=row["timeout_seconds"],
+                    handoffs=row["handoffs"],
                 )
                 for row in rows
             },
@@ -551,12 +912,23 @@ class ChaosRun:
 
     # --- the verdict -------------------------------------------------------------
 
+    @property
+    def faults(self) -> records.Faults:
+        """What the run did, as the judgement reads it."""
+        return records.Faults(
+            kills=self.kills,
+            terms=self.terms,
+            exits=self.exited,
+            windows=self.windows,
+            cancels=self.cancels,
+        )
+
     def verdict(self) -> tuple[records.Parsed, records.Verdict]:
         """The executions file, parsed and judged against the final rows."""
         text = self.records_path.read_text() if self.records_path.exists() else ""
         parsed = records.parse(text)
         rows = self.snapshot.rows if self.snapshot else {}
-        return parsed, records.judge(parsed.executions, rows, self.kills, self.origin)
+        return parsed, records.judge(parsed.executions, rows, self.faults, self.origin)
 
     async def workers_state(self) -> str:
         """The workers registered now, and what each holds RUNNING."""
@@ -593,20 +965,23 @@ class ChaosRun:
         assert self.snapshot is not None
         parsed, verdict = self.verdict()
         rows = self.snapshot.rows
+        faults = self.faults
+        origin = self.origin
         problems: list[str] = []
-        by_state = Counter(row.state for row in rows.values())
         missing = sorted(set(self.submitted) - set(rows))
         stuck = sorted(
             (row for row in rows.values() if row.state not in records.TERMINAL),
             key=lambda row: (row.state, row.id),
         )
         lost = len(stuck) + len(missing)
-        failed = [row for row in rows.values() if row.state == "FAILED"]
-        failed_lost = [row for row in failed if row.workers_lost == len(row.errors) == row.attempt]
+        specs = list(self.specs_by_id.values())
+        kinds = Counter(spec.plan for spec in specs)
+        types = Counter("thread" if spec.type == SYNC_JOB_TYPE else "async" for spec in specs)
+        by_plan: dict[str, Counter[str]] = {}
+        for row in rows.values():
+            by_plan.setdefault(row.plan, Counter())[row.state] += 1
         worker_kills = sum(1 for role in self.kill_roles.values() if role == "worker")
         scheduler_kills = sum(1 for role in self.kill_roles.values() if role == "scheduler")
-        nats = sum(n for what, n in self.restarts.items() if what.startswith("nats"))
-        postgres = sum(n for what, n in self.restarts.items() if what.startswith("postgres"))
         settle = (
             f"{self.settle_s:.1f}s"
             if self.settle_s is not None
@@ -616,40 +991,84 @@ class ChaosRun:
             f"{n} run{'s' if n != 1 else ''}: {jobs}"
             for n, jobs in sorted(verdict.executions_per_job.items())
         )
-        restarts_detail = ", ".join(f"{what} x{n}" for what, n in sorted(self.restarts.items()))
-        states = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
+        done = self.faults_done
+        cancel_answers = Counter(str(c.status) for c in self.cancels.values())
+        delays = sorted(verdict.cancel_delays)
+        delay_text = (
+            f"; DELETE to CANCEL line median {delays[len(delays) // 2]:.2f}s, max {delays[-1]:.2f}s"
+            if delays
+            else ""
+        )
+        handed_back = sum(
+            1 for f in verdict.fates if f.reason == "handed back by its stopping worker"
+        )
+        checks = (
+            records.RETRIES,
+            records.FINAL_STATE,
+            records.SHUTDOWN_FAILED,
+            records.CANCEL_HONOURED,
+        )
         table = [
-            ("jobs", f"{len(self.submitted)} (REST {self.via_api}, SQL {self.via_sql})"),
             (
-                "kills",
-                f"{worker_kills + scheduler_kills} (workers {worker_kills}, "
-                f"schedulers {scheduler_kills})",
+                "jobs",
+                f"{len(self.submitted)} (REST {self.via_api}, SQL {self.via_sql}; "
+                f"async {types['async']}, thread {types['thread']}; "
+                + ", ".join(f"{plan} {n}" for plan, n in sorted(kinds.items()))
+                + ")",
             ),
             (
-                "restarts",
-                f"{nats + postgres} (nats {nats}, postgres {postgres}; {restarts_detail})",
+                "faults",
+                f"worker SIGKILL {worker_kills}, worker SIGTERM {len(self.terms)} "
+                f"(of which before a PostgreSQL outage {done['shutdown_outage']}), "
+                f"scheduler SIGKILL {scheduler_kills}, NATS cluster restarts {done['nats']}, "
+                f"NATS node kills {done['nats_node']}, PostgreSQL restarts "
+                f"{done['postgres'] + done['shutdown_outage']}, worker cut off {done['cut']}, "
+                f"PostgreSQL slow {done['slow']}",
             ),
             ("lost", f"{lost} (not terminal {len(stuck)}, missing {len(missing)})"),
-            ("duplicates", str(len(verdict.duplicates))),
+            (
+                "ran at once",
+                f"{len(verdict.duplicates)} same attempt twice, "
+                f"{len(verdict.overlapping_attempts)} two attempts",
+            ),
             ("time to settle", settle),
-            ("final states", states),
+            (
+                "final states",
+                "; ".join(
+                    f"{plan}: " + ", ".join(f"{s} {n}" for s, n in sorted(states.items()))
+                    for plan, states in sorted(by_plan.items())
+                ),
+            ),
             (
                 "executions",
-                f"{verdict.executions}; cut short by SIGKILL {verdict.cut_short_by_kill}",
+                f"{verdict.executions}; cut short by SIGKILL {verdict.cut_short_by_kill}; "
+                f"handed back {handed_back}",
             ),
             ("executions per job", per_job),
             (
-                "extra executions",
-                f"{len(verdict.explained)} explained by kills, "
-                f"{len(verdict.unexplained)} unexplained",
+                "fates",
+                f"{len(verdict.fates)}: explained "
+                f"{sum(verdict.reasons(records.Judgement.EXPLAINED).values())}, "
+                f"known limitation {len(verdict.limitations)}, "
+                f"unexplained {len(verdict.unexplained)}",
             ),
             *(
-                (f"  {'' if ok else 'un'}explained", f"{n} {reason}")
-                for ok in (True, False)
-                for reason, n in sorted(verdict.reasons(ok).items())
+                (f"  {judgement.value}", f"{n} {reason}")
+                for judgement in records.Judgement
+                for reason, n in sorted(verdict.reasons(judgement).items())
+            ),
+            (
+                "cancellations",
+                f"{len(self.cancels)} DELETEs answered ("
+                + ", ".join(f"{s} x{n}" for s, n in sorted(cancel_answers.items()))
+                + f"){delay_text}",
+            ),
+            *(
+                (f"check: {check}", f"{len(verdict.problems_of(check))} problems")
+                for check in checks
             ),
             ("attempts lost with a worker", str(sum(r.workers_lost for r in rows.values()))),
-            ("FAILED after losing workers", str(len(failed_lost))),
+            ("FAILED after losing attempts to faults", str(len(verdict.failed_by_faults))),
             ("unexpected process exits", str(len(self.exits))),
             ("unhandled exceptions in logs", str(unhandled_exceptions(self.system.services))),
             ("REST answers", ", ".join(f"{k} x{v}" for k, v in sorted(self.api_answers.items()))),
@@ -677,43 +1096,49 @@ class ChaosRun:
             )
         if self.not_submitted:
             problems.append(f"never submitted: {'; '.join(self.not_submitted[:10])}")
+        if self.not_cancelled:
+            problems.append(f"DELETE never answered for {', '.join(self.not_cancelled[:10])}")
         if self.snapshot.strangers:
             problems.append(f"{self.snapshot.strangers} jobs in the database that nobody submitted")
-        origin = self.origin
-        if verdict.duplicates:
-            shown = [
-                f"  {d.first.job_id}: {d.first.describe(self.kills, origin)} | "
-                f"{d.second.describe(self.kills, origin)}"
-                for d in verdict.duplicates[:20]
-            ]
-            problems.append(
-                f"{len(verdict.duplicates)} attempts ran twice at the same time:\n"
-                + "\n".join(shown)
-            )
+        for found, what in (
+            (verdict.duplicates, "attempts ran twice at the same time"),
+            (verdict.overlapping_attempts, "times two attempts of one job ran at the same time"),
+        ):
+            if found:
+                shown = [
+                    f"  {d.first.job_id}: {d.first.describe(faults, origin)} | "
+                    f"{d.second.describe(faults, origin)}"
+                    for d in found[:20]
+                ]
+                problems.append(f"{len(found)} {what}:\n" + "\n".join(shown))
         if verdict.unexplained:
-            shown = [
-                f"  {e.execution.job_id} ({rows[e.execution.job_id].state}, counted attempt "
-                f"{rows[e.execution.job_id].attempt}): {e.execution.describe(self.kills, origin)}"
-                f" -- {e.reason}"
-                for e in verdict.unexplained[:20]
-            ]
             problems.append(
-                f"{len(verdict.unexplained)} extra executions not explained by a kill:\n"
-                + "\n".join(shown)
+                f"{len(verdict.unexplained)} executions or counted attempts that nothing the "
+                "run did explains:\n" + "\n".join(self._fates(verdict.unexplained[:20]))
             )
+        if verdict.limitations:
+            lines += [
+                "",
+                f"known limitation, {len(verdict.limitations)} times: "
+                f"{records.LOST_TO_SHUTDOWN_IN_OUTAGE} (a worker that must exit while "
+                "PostgreSQL is away leaves its jobs RUNNING; they are taken back counted):",
+                *self._fates(verdict.limitations[:20]),
+            ]
         if verdict.succeeded_unrun:
             problems.append(
                 f"{len(verdict.succeeded_unrun)} SUCCEEDED jobs without a finished execution of "
                 f"their last attempt: {', '.join(verdict.succeeded_unrun[:10])}"
             )
-        other_failed = [row for row in failed if row not in failed_lost]
-        other_failed += [row for row in rows.values() if row.state == "CANCELLED"]
-        if other_failed:
-            problems.append(
-                f"{len(other_failed)} jobs FAILED or CANCELLED for another reason than lost "
-                "workers:\n"
-                + "\n".join(f"  {r.id} {r.state}: {r.last_error}" for r in other_failed[:20])
-            )
+        for check in checks:
+            failed = verdict.problems_of(check)
+            if failed:
+                problems.append(
+                    f"{len(failed)} jobs fail the check '{check}':\n"
+                    + "\n".join(
+                        f"  {p.job_id} ({rows[p.job_id].plan}, {rows[p.job_id].state}): {p.text}"
+                        for p in failed[:20]
+                    )
+                )
         if verdict.strangers or parsed.bad_lines:
             problems.append(
                 f"executions file: {len(verdict.strangers)} executions of unknown jobs, "
@@ -731,42 +1156,61 @@ class ChaosRun:
                 f"{len(self.exits)} processes exited instead of riding out the faults: "
                 + ", ".join(f"{e.role} pid {e.pid} (code {e.code})" for e in self.exits[:10])
             )
+        if self.term_problems:
+            problems.append(
+                f"{len(self.term_problems)} SIGTERMed processes did not stop cleanly:\n"
+                + "\n".join(self.term_problems[:5])
+            )
         if self.not_ready:
             problems.append(
                 f"{len(self.not_ready)} processes not ready after the chaos:\n"
                 + "\n".join(self.not_ready[:5])
             )
-        unexpected_api = [e for e in self.api_errors if not e.startswith("503")]
-        if unexpected_api:
+        if self.api_errors:
             problems.append(
-                f"{len(unexpected_api)} REST answers other than 200/201/503: {unexpected_api[:5]}"
+                f"{len(self.api_errors)} unexpected REST answers: {self.api_errors[:5]}"
             )
-        if verdict.overlapping_attempts:
-            lines += [
-                "",
-                f"note: {len(verdict.overlapping_attempts)} times two attempts of one job ran at "
-                "the same time (an old attempt still running when the next one started):",
-                *(
-                    f"  {d.first.job_id}: {d.first.describe(self.kills, origin)} | "
-                    f"{d.second.describe(self.kills, origin)}"
-                    for d in verdict.overlapping_attempts[:10]
-                ),
-            ]
         lines += ["", *self.straggler_logs(), *log_summary(self.system.services)]
         return "\n".join(lines), problems
 
+    def _fates(self, fates: Sequence[records.Fate]) -> list[str]:
+        """One line per fate, with the job's final row."""
+        assert self.snapshot is not None
+        lines = []
+        for fate in fates:
+            row = self.snapshot.rows[fate.job_id]
+            run = (
+                fate.execution.describe(self.faults, self.origin)
+                if fate.execution is not None
+                else f"attempt {fate.attempt}, never executed"
+            )
+            lines.append(
+                f"  {fate.job_id} ({row.plan}, {row.state}, counted attempt {row.attempt}): "
+                f"{run} -- {fate.reason}"
+            )
+        return lines
+
     def _timeline(self, parsed: records.Parsed) -> list[str]:
-        """The timeline, each worker kill with the executions it cut short."""
+        """The timeline, each worker kill with the executions it cut short, each SIGTERM
+        with the executions its worker stopped."""
         cut: Counter[int] = Counter(
             run.pid
             for run in parsed.executions
-            if run.ended is None and run.killed_by(self.kills) is not None
+            if run.ended is None and self.faults.killed(run) is not None
+        )
+        stopped: Counter[int] = Counter(
+            run.pid
+            for run in parsed.executions
+            if run.cancelled
+            and run.ended is not None
+            and run.ended >= self.terms.get(run.pid, float("inf"))
         )
         lines = []
         for moment, text in self.timeline:
-            match = re.match(r"SIGKILL worker pid (\d+)", text)
-            if match:
+            if match := re.match(r"SIGKILL worker pid (\d+)", text):
                 text += f" (cut short {cut[int(match.group(1))]} executions)"
+            elif match := re.match(r"SIGTERM worker pid (\d+)", text):
+                text += f" (it stopped {stopped[int(match.group(1))]} executions)"
             lines.append(f"  +{moment - self.origin:6.2f}s  {text}")
         return lines
 
@@ -788,20 +1232,20 @@ class ChaosRun:
                 cause = "never executed"
             elif last.attempt != row.attempt:
                 cause = f"last execution was attempt {last.attempt}"
-            elif last.ended is None and last.killed_by(self.kills) is not None:
+            elif last.ended is None and self.faults.killed(last) is not None:
                 cause = "its execution was cut short by SIGKILL"
-            elif last.finished:
-                cause = "its execution finished, the outcome was not recorded"
+            elif last.ended is not None:
+                cause = f"its execution ended ({last.end}), the outcome was not recorded"
             else:
-                cause = "its execution has no END"
+                cause = "its execution has no end line"
             causes[(row.state, cause)] += 1
             if len(detail) < STUCK_SHOWN:
                 age = now - self.snapshot.updated_at[row.id]
-                executions = "; ".join(r.describe(self.kills, self.origin) for r in mine) or "none"
+                executions = "; ".join(r.describe(self.faults, self.origin) for r in mine)
                 detail.append(
                     f"  {row.id} {row.state:<9} attempt {row.attempt}/{row.max_attempts}, "
                     f"unchanged for {age:.1f}s, last_error={row.last_error!r}; "
-                    f"executions: {executions}"
+                    f"executions: {executions or 'none'}"
                 )
         lines = [f"stuck jobs ({len(stuck)} not terminal, {len(missing)} missing):"]
         lines += [f"  {n:5} {state}: {cause}" for (state, cause), n in sorted(causes.items())]
@@ -858,7 +1302,11 @@ def describe_plan(plan: Plan, seed: int) -> str:
         "schedulers": plan.schedulers,
         "workers": plan.workers,
         "chaos_s": plan.chaos_s,
-        "nats": "/".join(plan.nats_restarts),
-        "postgres": "/".join(plan.postgres_restarts),
+        "nats": "/".join(plan.nats_restarts) or "-",
+        "nats_node_kills": plan.nats_node_kills,
+        "postgres": "/".join(plan.postgres_restarts) or "-",
+        "shutdown_outages": plan.shutdown_outages,
+        "cuts": plan.cuts,
+        "latencies_ms": "/".join(map(str, plan.latencies_ms)) or "-",
     }
     return f"chaos {plan.name} seed={seed} " + " ".join(f"{k}={v}" for k, v in values.items())

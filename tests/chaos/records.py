@@ -1,13 +1,35 @@
 """Reading the executions file and judging it against the jobs' final rows: pure functions.
 
-The chaos executor (``tests/chaos/executors.py``) writes START / END / CANCEL
-lines; the run knows when it SIGKILLed which process. From those two sources
-alone this module decides, without trusting the services' own bookkeeping:
+The chaos executors (``tests/chaos/executors.py``) write a START line and an end
+line (END, FAIL or CANCEL) for every execution; the run knows what it did to
+which process and server when (:class:`Faults`). From those two sources alone,
+and the final rows, this module decides, without trusting the services' own
+bookkeeping:
 
-- whether one attempt of a job ran twice at the same time (a *duplicate*);
-- which executions beyond the one that counted are explained by a kill (the
-  at-least-once allowance) and which are not;
-- how many times each job ran.
+- whether two executions of one job ran at the same time: the same attempt (a
+  *duplicate*) or two attempts (an *overlap*); an execution without an end line
+  ran until its process was SIGKILLed or exited, and, if neither, may still run;
+- why each execution happened and what it became (its *fate*): the counted
+  success, a planned failure, a timeout, a cancellation, a hand-back by a
+  stopping worker, an attempt cut short by SIGKILL, one fenced while its worker
+  could not reach PostgreSQL; and which ones nothing the run did explains;
+- whether the row counts retries right: an ``errors`` entry for every attempt
+  but a successful last one, each entry explained by the execution of its
+  attempt (a PlannedFailure by a FAIL line within the plan's ``fail_times``, a
+  JobTimeout by a CANCEL after the timeout, a WorkerLost by a kill or an
+  outage), and ``handoffs`` equal to the hand-backs of the last attempt;
+- whether a shutdown cost anything: a stopping worker hands its unfinished
+  attempts back uncounted, so a WorkerLost for an attempt of a SIGTERMed worker
+  is a shutdown that used an attempt, and a job FAILED because of one is failed
+  by a shutdown. The one exception is reported on its own, as a known
+  limitation: a worker that must exit while PostgreSQL is away cannot write its
+  hand-backs, and its attempts are taken back counted (*an attempt lost to a
+  shutdown during a database outage*);
+- whether every accepted cancellation was honoured: the job ends CANCELLED, no
+  execution runs to its end after the request, and none starts after it;
+- whether each job ended as its plan says (``payload["plan"]``): ``plain``,
+  ``long`` and ``retry`` jobs SUCCEEDED, ``timeout`` jobs FAILED after all their attempts,
+  ``cancel`` jobs CANCELLED.
 """
 
 from __future__ import annotations
@@ -18,56 +40,82 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any
+
+from orchestrix.services.worker.stops import MAX_HANDOFFS
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 WORKER_LOST = "WorkerLost"
+JOB_TIMEOUT = "JobTimeout"
+PLANNED_FAILURE = "PlannedFailure"
+INTERRUPTED = "Interrupted"
+ENDS = ("END", "FAIL", "CANCEL")
+# A timed-out execution's CANCEL comes at least this close to its timeout after
+# its START (the timeout starts just before the executor's first line).
+TIMEOUT_SLACK_S = 0.05
+# A fence or an unwritten outcome is explained by trouble with PostgreSQL this
+# long before it (the renewals that failed came within a lease before the fence).
+TROUBLE_LOOKBACK_S = 4.0
+# After PostgreSQL is back (or fast again), a worker's heartbeat takes this long
+# to reconnect and renew: the trouble lasts that much longer for it.
+RECONNECT_S = 1.0
+# An attempt taken back without an execution: its claim was in flight during a
+# fault this long before the rescue (a lease and the rescuer's grace, and more).
+UNSTARTED_LOOKBACK_S = 15.0
+# A worker writes START a moment after its claim committed: a DELETE answered
+# 202 (the job RUNNING) may come back first.
+CLAIM_TO_START_S = 0.5
+LOST_TO_SHUTDOWN_IN_OUTAGE = "attempt lost to a shutdown during a database outage"
+
+
+class Judgement(Enum):
+    """What an execution's fate, or an ``errors`` entry, says about the engine."""
+
+    EXPLAINED = "explained"  # what the run did allows it
+    LIMITATION = "known limitation"  # reported on its own, not a failure
+    UNEXPLAINED = "unexplained"  # a bug: the test fails
 
 
 @dataclass
 class Execution:
-    """One START line, with the END or CANCEL line of the same process that closed it."""
+    """One START line, with the end line (END, FAIL or CANCEL) of the process that closed it."""
 
     job_id: str
     attempt: int
     pid: int
     started: float
     ended: float | None = None
-    cancelled: bool = False
+    end: str | None = None
 
     @property
     def finished(self) -> bool:
-        """The executor returned (an END line)."""
-        return self.ended is not None and not self.cancelled
+        """The executor returned its result (an END line)."""
+        return self.end == "END"
 
-    def killed_by(self, kills: Mapping[int, float]) -> float | None:
-        """When the suite SIGKILLed this execution's process, if it did so after the START."""
-        killed = kills.get(self.pid)
-        return killed if killed is not None and killed >= self.started else None
+    @property
+    def failed(self) -> bool:
+        """The executor raised its planned failure (a FAIL line)."""
+        return self.end == "FAIL"
 
-    def until(self, kills: Mapping[int, float]) -> float:
-        """The end of the interval in which this execution may have been running.
+    @property
+    def cancelled(self) -> bool:
+        """The worker stopped the executor (a CANCEL line)."""
+        return self.end == "CANCEL"
 
-        An execution without an END ran until its process was killed, or, if the
-        process was never killed, for all we know it still runs (+inf).
-        """
-        if self.ended is not None:
-            return self.ended
-        killed = self.killed_by(kills)
-        return math.inf if killed is None else killed
-
-    def describe(self, kills: Mapping[int, float], origin: float) -> str:
+    def describe(self, faults: Faults, origin: float) -> str:
         """One line for a failure message, times relative to ``origin`` (the run's start)."""
         text = f"attempt {self.attempt} in pid {self.pid} from +{self.started - origin:.2f}s"
-        killed = self.killed_by(kills)
-        if self.cancelled and self.ended is not None:
-            text += f", cancelled at +{self.ended - origin:.2f}s"
-        elif self.ended is not None:
-            text += f", END at +{self.ended - origin:.2f}s"
+        if self.ended is not None:
+            text += f", {self.end} at +{self.ended - origin:.2f}s"
         else:
-            text += ", no END"
+            text += ", no end"
+        killed = faults.killed(self)
         if killed is not None:
             text += f" (pid SIGKILLed at +{killed - origin:.2f}s)"
+        termed = faults.terms.get(self.pid)
+        if termed is not None:
+            text += f" (pid SIGTERMed at +{termed - origin:.2f}s)"
         return text
 
 
@@ -76,17 +124,17 @@ class Parsed:
     """The executions file, as executions and the lines that made no sense."""
 
     executions: list[Execution]
-    bad_lines: list[str]  # malformed lines, and END/CANCEL lines without a START
+    bad_lines: list[str]  # malformed lines, and end lines without a START
 
 
 def parse(text: str) -> Parsed:
-    """Pair each START with the first later END/CANCEL of the same job, attempt and pid."""
+    """Pair each START with the first later end line of the same job, attempt and pid."""
     executions: list[Execution] = []
     open_: dict[tuple[str, int, int], deque[Execution]] = defaultdict(deque)
     bad: list[str] = []
     for line in text.splitlines():
         parts = line.split(",")
-        if len(parts) != 5 or parts[0] not in ("START", "END", "CANCEL"):
+        if len(parts) != 5 or parts[0] not in ("START", *ENDS):
             bad.append(line)
             continue
         kind, job_id, attempt_text, pid_text, moment_text = parts
@@ -103,10 +151,87 @@ def parse(text: str) -> Parsed:
         elif open_[key]:
             closed = open_[key].popleft()
             closed.ended = moment
-            closed.cancelled = kind == "CANCEL"
+            closed.end = kind
         else:
             bad.append(line)
     return Parsed(executions, bad)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A time PostgreSQL was away (``unreachable``) or slow for some workers (``pids``,
+    None: every worker)."""
+
+    start: float
+    end: float
+    what: str
+    unreachable: bool = True
+    pids: frozenset[int] | None = None
+
+    def covers(self, pid: int, start: float, end: float) -> bool:
+        """The window, and the reconnection after it, touch [start, end] for this worker."""
+        return (
+            (self.pids is None or pid in self.pids)
+            and self.start <= end
+            and self.end + RECONNECT_S >= start
+        )
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """The DELETE the run sent for a job, and the answer it settled on."""
+
+    sent: float  # when the DELETE that was answered went out
+    answered: float
+    status: int  # 200 cancelled at once, 202 requested while running, 409 too late
+
+
+@dataclass
+class Faults:
+    """What the run did: the facts that explain executions."""
+
+    kills: Mapping[int, float] = field(default_factory=dict)  # pid -> SIGKILL
+    terms: Mapping[int, float] = field(default_factory=dict)  # pid -> SIGTERM sent
+    exits: Mapping[int, float] = field(default_factory=dict)  # pid -> seen exited (not killed)
+    windows: Sequence[Window] = ()
+    cancels: Mapping[str, CancelRequest] = field(default_factory=dict)  # job id -> DELETE
+
+    def killed(self, run: Execution) -> float | None:
+        """When the run SIGKILLed this execution's process, if it did so after the START."""
+        killed = self.kills.get(run.pid)
+        return killed if killed is not None and killed >= run.started else None
+
+    def until(self, run: Execution) -> float:
+        """The end of the interval in which this execution may have been running.
+
+        An execution without an end line ran until its process was killed or
+        exited; if neither, for all we know it still runs (+inf).
+        """
+        if run.ended is not None:
+            return run.ended
+        ends = [t for t in (self.killed(run), self.exits.get(run.pid)) if t is not None]
+        ends = [t for t in ends if t >= run.started]
+        return min(ends) if ends else math.inf
+
+    def trouble(
+        self, pid: int, start: float, end: float, *, unreachable: bool = False
+    ) -> Window | None:
+        """A window in which PostgreSQL was away (or, unless ``unreachable``, slow) for
+        this worker, touching [start, end]."""
+        for window in self.windows:
+            if (window.unreachable or not unreachable) and window.covers(pid, start, end):
+                return window
+        return None
+
+    def any_fault(self, start: float, end: float) -> str | None:
+        """Some kill or outage between ``start`` and ``end``, named."""
+        for pid, at in self.kills.items():
+            if start <= at <= end:
+                return f"pid {pid} SIGKILLed"
+        for window in self.windows:
+            if window.unreachable and window.start <= end and window.end >= start:
+                return window.what
+        return None
 
 
 @dataclass(frozen=True)
@@ -119,37 +244,64 @@ class JobRow:
     max_attempts: int
     last_error: str | None
     errors: Sequence[Mapping[str, Any]]
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    timeout_seconds: int = 300
+    handoffs: int = 0
+
+    @property
+    def plan(self) -> str:
+        """What the suite expects of the job: plain, long, retry, timeout or cancel."""
+        return str(self.payload.get("plan", "plain"))
+
+    @property
+    def fail_times(self) -> int:
+        return int(self.payload.get("fail_times", 0))
 
     @property
     def workers_lost(self) -> int:
         """Failed attempts that the rescuer recorded as lost with their worker."""
         return sum(1 for e in self.errors if str(e.get("error", "")).startswith(WORKER_LOST))
 
-    def lost_at(self, attempt: int) -> float | None:
-        """When the rescuer recorded this attempt as lost with its worker (epoch seconds)."""
-        for entry in self.errors:
-            if entry.get("attempt") == attempt and str(entry.get("error", "")).startswith(
-                WORKER_LOST
-            ):
-                return datetime.fromisoformat(str(entry["at"])).timestamp()
-        return None
+
+def error_time(entry: Mapping[str, Any]) -> float:
+    """When an ``errors`` entry was written (epoch seconds)."""
+    return datetime.fromisoformat(str(entry["at"])).timestamp()
 
 
 @dataclass(frozen=True)
 class Duplicate:
-    """Two executions of the same attempt whose intervals overlap."""
+    """Two executions of one job whose intervals overlap."""
 
     first: Execution
     second: Execution
 
 
 @dataclass(frozen=True)
-class Extra:
-    """An execution beyond the one that counted for its job, and what explains it."""
+class Fate:
+    """Why one execution happened and what it became; ``execution`` None: an attempt
+    that was counted without ever running."""
 
-    execution: Execution
+    job_id: str
+    attempt: int
+    execution: Execution | None
     reason: str
-    explained: bool
+    judgement: Judgement
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """Something wrong with a job as a whole: ``check`` names the check it fails."""
+
+    job_id: str
+    check: str
+    text: str
+
+
+# The checks a JobProblem can fail, as the report names them.
+RETRIES = "retries counted right"
+FINAL_STATE = "ended as planned"
+SHUTDOWN_FAILED = "none FAILED by a shutdown"
+CANCEL_HONOURED = "every cancellation honoured"
 
 
 @dataclass
@@ -158,94 +310,329 @@ class Verdict:
 
     executions_per_job: Counter[int] = field(default_factory=Counter)
     executions: int = 0
-    cut_short_by_kill: int = 0  # a START whose process was SIGKILLed before the END
+    cut_short_by_kill: int = 0  # a START whose process was SIGKILLed before the end line
     duplicates: list[Duplicate] = field(default_factory=list)
     overlapping_attempts: list[Duplicate] = field(default_factory=list)
-    extras: list[Extra] = field(default_factory=list)
+    fates: list[Fate] = field(default_factory=list)
+    job_problems: list[JobProblem] = field(default_factory=list)
     # A SUCCEEDED job with no finished execution of its final attempt.
     succeeded_unrun: list[str] = field(default_factory=list)
     # Executions of jobs that were not submitted by this run.
     strangers: list[Execution] = field(default_factory=list)
+    # FAILED jobs whose every attempt a fault other than a shutdown explains.
+    failed_by_faults: list[str] = field(default_factory=list)
+    # Seconds from an accepted DELETE (202) to the CANCEL line of the execution it stopped.
+    cancel_delays: list[float] = field(default_factory=list)
 
     @property
-    def explained(self) -> list[Extra]:
-        """Extra executions that at-least-once delivery allows."""
-        return [extra for extra in self.extras if extra.explained]
+    def unexplained(self) -> list[Fate]:
+        return [f for f in self.fates if f.judgement is Judgement.UNEXPLAINED]
 
     @property
-    def unexplained(self) -> list[Extra]:
-        """Extra executions that should not have happened."""
-        return [extra for extra in self.extras if not extra.explained]
+    def limitations(self) -> list[Fate]:
+        return [f for f in self.fates if f.judgement is Judgement.LIMITATION]
 
-    def reasons(self, explained: bool) -> Counter[str]:
-        """How many extra executions each kind of reason covers."""
+    def reasons(self, judgement: Judgement) -> Counter[str]:
+        """How many fates of each kind of reason there are, times left out."""
         return Counter(
-            re.sub(r"[+-]?\d+\.\d+s", "T", e.reason)
-            for e in self.extras
-            if e.explained == explained
+            re.sub(r"[+-]?\d+\.\d+s|pid \d+", "T", f.reason)
+            for f in self.fates
+            if f.judgement is judgement
         )
 
-
-def _counted(
-    row: JobRow, runs: Sequence[Execution], kills: Mapping[int, float]
-) -> Execution | None:
-    """The execution whose outcome the job's row shows: a finished run of its last attempt."""
-    if row.state != "SUCCEEDED":
-        return None
-    finished = [r for r in runs if r.attempt == row.attempt and r.finished]
-    # Prefer a process that was never killed: its outcome is the one that got written.
-    finished.sort(key=lambda r: (r.killed_by(kills) is not None, r.started))
-    return finished[0] if finished else None
+    def problems_of(self, check: str) -> list[JobProblem]:
+        return [p for p in self.job_problems if p.check == check]
 
 
-def _explain(
-    run: Execution, row: JobRow, kills: Mapping[int, float], origin: float
-) -> tuple[str, bool]:
-    """Why an execution that did not count happened, and whether that is allowed.
+@dataclass
+class _Job:
+    """The judgement of one terminal job: its executions against its row."""
 
-    Allowed (at-least-once): the process was SIGKILLed, before the rescuer took
-    the attempt back if it did; and a hand-back by a stopping worker. Not allowed:
-    anything that ran again although its worker was alive.
-    """
-    killed = run.killed_by(kills)
-    lost = row.lost_at(run.attempt)
-    if lost is not None and (killed is None or killed > lost):
-        # The rescuer declared the attempt lost while its worker was alive.
-        what = "dropped it (CANCEL)" if run.cancelled else "was still on it"
-        later = f", SIGKILLed only at +{killed - origin:.2f}s" if killed is not None else ""
+    row: JobRow
+    runs: Sequence[Execution]
+    faults: Faults
+    origin: float
+    verdict: Verdict
+    shutdown_cost: list[str] = field(default_factory=list)  # attempts a shutdown counted
+
+    def fate(self, attempt: int, run: Execution | None, reason: str, judgement: Judgement) -> None:
+        self.verdict.fates.append(Fate(self.row.id, attempt, run, reason, judgement))
+        if judgement is Judgement.LIMITATION or reason.startswith("attempt used by a shutdown"):
+            self.shutdown_cost.append(f"attempt {attempt}: {reason}")
+
+    def problem(self, check: str, text: str) -> None:
+        self.verdict.job_problems.append(JobProblem(self.row.id, check, text))
+
+    def at(self, moment: float) -> str:
+        return f"+{moment - self.origin:.2f}s"
+
+    def judge(self) -> None:
+        row = self.row
+        entries = self.entries()
+        by_attempt: dict[int, list[Execution]] = defaultdict(list)
+        for run in self.runs:
+            by_attempt[run.attempt].append(run)
+        # A job cancelled while PENDING after a hand-back has the attempt number
+        # from before it (the hand-back gave it back): its executions were all handed back.
+        given_back = row.attempt + 1 if row.state == "CANCELLED" else None
+        for run in by_attempt.get(given_back or -1, []):
+            self.handed_back(row.attempt + 1, run)
+        for attempt, runs in sorted(by_attempt.items()):
+            if not 1 <= attempt <= row.attempt and attempt != given_back:
+                for run in runs:
+                    self.fate(
+                        attempt,
+                        run,
+                        f"ran attempt {attempt}, beyond the row's attempt {row.attempt}",
+                        Judgement.UNEXPLAINED,
+                    )
+        handbacks_in_a_row = 0
+        for attempt in range(1, row.attempt + 1):
+            runs = by_attempt.get(attempt, [])
+            # A hand-back gives the attempt number back: every execution of an
+            # attempt but its last was handed back by a stopping worker.
+            for run in runs[:-1]:
+                self.handed_back(attempt, run)
+            handbacks_in_a_row += max(len(runs) - 1, 0)
+            last = runs[-1] if runs else None
+            entry = entries.get(attempt)
+            if entry is not None:
+                reason, judgement = self.explain(attempt, entry, last, handbacks_in_a_row)
+                self.fate(attempt, last, reason, judgement)
+                handbacks_in_a_row = 0
+            elif attempt == row.attempt:
+                self.last_attempt(attempt, last)
+            elif last is not None:
+                self.fate(attempt, last, "its attempt has no errors entry", Judgement.UNEXPLAINED)
+        self.final_state()
+        self.cancellation()
+        if row.state == "SUCCEEDED":
+            handbacks = max(len(by_attempt.get(row.attempt, [])) - 1, 0)
+            if row.handoffs != handbacks:
+                self.problem(
+                    RETRIES,
+                    f"handoffs is {row.handoffs}, but the executions show {handbacks} "
+                    f"hand-backs of its last attempt {row.attempt}",
+                )
+
+    def entries(self) -> dict[int, Mapping[str, Any]]:
+        """The ``errors`` entries by attempt, after checking that they count every attempt."""
+        row = self.row
+        entries: dict[int, Mapping[str, Any]] = {}
+        for entry in row.errors:
+            attempt = int(entry.get("attempt", 0))
+            if attempt in entries:
+                self.problem(RETRIES, f"two errors entries for attempt {attempt}")
+            entries[attempt] = entry
+        # Every attempt before the last failed; the last failed too when the job FAILED,
+        # and may have (a retry or a rescue that found the cancellation) when CANCELLED.
+        required = set(range(1, row.attempt)) | ({row.attempt} if row.state == "FAILED" else set())
+        allowed = required | ({row.attempt} if row.state == "CANCELLED" else set())
+        if missing := sorted(required - set(entries)):
+            self.problem(RETRIES, f"attempt {row.attempt}, but no errors entry for {missing}")
+        if extra := sorted(set(entries) - allowed):
+            self.problem(RETRIES, f"attempt {row.attempt}, but errors entries for {extra}")
+        if row.state == "FAILED" and row.attempt != row.max_attempts:
+            self.problem(
+                RETRIES, f"FAILED at attempt {row.attempt} of {row.max_attempts}: none is permanent"
+            )
+        return entries
+
+    def handed_back(self, attempt: int, run: Execution) -> None:
+        """An execution after which the same attempt ran again: only a hand-back does that."""
+        termed = self.faults.terms.get(run.pid)
+        if run.cancelled and run.ended is not None and termed is not None and termed <= run.ended:
+            self.fate(attempt, run, "handed back by its stopping worker", Judgement.EXPLAINED)
+        else:
+            self.fate(
+                attempt,
+                run,
+                "its attempt ran again uncounted, yet it was no hand-back by a stopping worker",
+                Judgement.UNEXPLAINED,
+            )
+
+    def explain(
+        self, attempt: int, entry: Mapping[str, Any], last: Execution | None, handbacks: int
+    ) -> tuple[str, Judgement]:
+        """Why the row counts ``attempt`` as failed, from its last execution."""
+        row = self.row
+        text = str(entry.get("error", ""))
+        if text.startswith(PLANNED_FAILURE):
+            if attempt > row.fail_times:
+                return f"PlannedFailure beyond the plan's {row.fail_times}", Judgement.UNEXPLAINED
+            if last is None or not last.failed:
+                return "PlannedFailure recorded without a FAIL line", Judgement.UNEXPLAINED
+            return "failed as planned", Judgement.EXPLAINED
+        if text.startswith(JOB_TIMEOUT):
+            ran = last.ended - last.started if last is not None and last.ended else 0.0
+            if last is None or not last.cancelled or ran < row.timeout_seconds - TIMEOUT_SLACK_S:
+                return "JobTimeout recorded without an execution that ran its time out", (
+                    Judgement.UNEXPLAINED
+                )
+            if row.plan != "timeout":
+                return "timed out, though its plan has no timeout", Judgement.UNEXPLAINED
+            return "timed out", Judgement.EXPLAINED
+        if text.startswith(INTERRUPTED):
+            if handbacks >= MAX_HANDOFFS:
+                return f"interrupted by a shutdown after {handbacks} hand-backs", (
+                    Judgement.EXPLAINED
+                )
+            return f"attempt used by a shutdown: Interrupted after {handbacks} hand-backs", (
+                Judgement.UNEXPLAINED
+            )
+        if text.startswith(WORKER_LOST):
+            return self.lost(last, error_time(entry))
+        return f"unexpected error {text[:80]!r}", Judgement.UNEXPLAINED
+
+    def lost(self, last: Execution | None, lost_at: float) -> tuple[str, Judgement]:
+        """Why the rescuer (or the lifeline) took the attempt back at ``lost_at``."""
+        faults = self.faults
+        if last is None:
+            fault = faults.any_fault(lost_at - UNSTARTED_LOOKBACK_S, lost_at)
+            if fault is None:
+                return "taken back without ever running, and no fault before", (
+                    Judgement.UNEXPLAINED
+                )
+            return "taken back before it started (claimed during a fault)", Judgement.EXPLAINED
+        killed = faults.killed(last)
+        if killed is not None and killed <= lost_at:
+            if last.ended is None:
+                return "cut short by SIGKILL", Judgement.EXPLAINED
+            return "ended, but its worker was SIGKILLed before the outcome was written", (
+                Judgement.EXPLAINED
+            )
+        termed = faults.terms.get(last.pid)
+        if termed is not None and termed <= (last.ended or lost_at):
+            gone = faults.exits.get(last.pid, lost_at)
+            outage = faults.trouble(last.pid, termed, gone, unreachable=True)
+            if outage is not None:
+                return f"{LOST_TO_SHUTDOWN_IN_OUTAGE} ({outage.what})", Judgement.LIMITATION
+            return "attempt used by a shutdown: WorkerLost instead of a hand-back", (
+                Judgement.UNEXPLAINED
+            )
+        if last.ended is not None and last.ended <= lost_at:
+            trouble = faults.trouble(last.pid, last.ended - TROUBLE_LOOKBACK_S, lost_at)
+            if last.cancelled:
+                what = "stopped by its worker (fenced or cancelled), then taken back"
+            else:
+                what = "ended, but its outcome was not written before its lease ran out"
+            if trouble is None:
+                return f"{what}, while PostgreSQL was fine", Judgement.UNEXPLAINED
+            return f"{what} ({trouble.what})", Judgement.EXPLAINED
+        later = f", SIGKILLed only at {self.at(killed)}" if killed is not None else ""
         return (
-            f"lease declared lost at +{lost - origin:.2f}s while its live worker {what}{later}",
-            False,
+            f"lease declared lost at {self.at(lost_at)} while its live worker was still on "
+            f"it{later}",
+            Judgement.UNEXPLAINED,
         )
-    if run.cancelled:
-        return "handed back by its stopping worker", True
-    if killed is not None:
-        if run.ended is None:
-            return "cut short by SIGKILL", True
-        return "finished, but its worker was SIGKILLed before the outcome was written", True
-    if run.ended is None:
-        return "no END although its process was never killed", False
-    return "finished in a live worker, yet the job ran again", False
+
+    def last_attempt(self, attempt: int, last: Execution | None) -> None:
+        """The last attempt, when the row records no failure of it."""
+        row = self.row
+        if row.state == "SUCCEEDED":
+            if last is None or not last.finished:
+                self.verdict.succeeded_unrun.append(row.id)
+                if last is not None:
+                    self.fate(attempt, last, "the job SUCCEEDED without it", Judgement.UNEXPLAINED)
+                return
+            if attempt <= row.fail_times:
+                self.problem(RETRIES, f"SUCCEEDED at attempt {attempt}, planned to fail it")
+            self.fate(attempt, last, "the counted success", Judgement.EXPLAINED)
+        elif row.state == "CANCELLED":
+            request = self.faults.cancels.get(row.id)
+            if request is None or request.status not in (200, 202):
+                if last is not None:
+                    self.fate(attempt, last, "cancelled, never asked to", Judgement.UNEXPLAINED)
+            elif last is not None:
+                if last.cancelled:
+                    self.fate(attempt, last, "cancelled as requested", Judgement.EXPLAINED)
+                else:
+                    self.fate(
+                        attempt,
+                        last,
+                        f"the job was CANCELLED while this execution ended {last.end}",
+                        Judgement.UNEXPLAINED,
+                    )
+
+    def final_state(self) -> None:
+        """The state the job's plan calls for; a FAILED job that should not be, and why."""
+        row = self.row
+        expected = {"timeout": "FAILED", "cancel": "CANCELLED"}.get(row.plan, "SUCCEEDED")
+        if row.state == expected:
+            return
+        if row.state == "FAILED" and self.shutdown_cost:
+            self.problem(
+                SHUTDOWN_FAILED,
+                f"FAILED, and a shutdown counted {len(self.shutdown_cost)} of its attempts: "
+                + "; ".join(self.shutdown_cost),
+            )
+            return
+        mine = [f for f in self.verdict.fates if f.job_id == row.id]
+        # Every attempt lost to a kill or an outage: the at-least-once price.
+        if (
+            row.state == "FAILED"
+            and all(f.judgement is Judgement.EXPLAINED for f in mine)
+            and all(str(e.get("error", "")).startswith(WORKER_LOST) for e in row.errors)
+        ):
+            self.verdict.failed_by_faults.append(row.id)
+            return
+        self.problem(
+            FINAL_STATE,
+            f"a {row.plan} job ended {row.state} (expected {expected}): {row.last_error}",
+        )
+
+    def cancellation(self) -> None:
+        """An accepted DELETE: CANCELLED, nothing ran on to its end or started after it."""
+        row = self.row
+        request = self.faults.cancels.get(row.id)
+        if request is None:
+            if row.plan == "cancel":
+                self.problem(CANCEL_HONOURED, "a cancel job the run never sent a DELETE for")
+            return
+        if request.status not in (200, 202):
+            if row.plan == "cancel":
+                self.problem(CANCEL_HONOURED, f"DELETE answered {request.status}")
+            return
+        when = f"DELETE at {self.at(request.sent)} answered {request.status}"
+        if row.state != "CANCELLED":
+            self.problem(CANCEL_HONOURED, f"{when}, but the job ended {row.state}")
+        for run in self.runs:
+            if run.started > request.answered + CLAIM_TO_START_S:
+                self.problem(
+                    CANCEL_HONOURED,
+                    f"{when}, yet {run.describe(self.faults, self.origin)} started after it",
+                )
+            elif run.ended is not None and run.ended > request.sent and not run.cancelled:
+                self.problem(
+                    CANCEL_HONOURED,
+                    f"{when}, yet {run.describe(self.faults, self.origin)} ran on to its end",
+                )
+            elif (
+                request.status == 202
+                and run.cancelled
+                and run.ended is not None
+                and run.ended >= request.sent
+            ):
+                self.verdict.cancel_delays.append(max(run.ended - request.answered, 0.0))
 
 
 def judge(
     executions: Iterable[Execution],
     rows: Mapping[str, JobRow],
-    kills: Mapping[int, float],
+    faults: Faults,
     origin: float = 0.0,
 ) -> Verdict:
     """Judge every execution of the submitted jobs (``rows``, keyed by job id).
 
-    ``kills`` maps the pid of every process the run SIGKILLed to the time of the kill;
-    ``origin`` is the time that messages show as +0s.
-    Jobs that are not terminal get no extra-execution verdict: they are reported
-    as lost instead.
+    ``faults`` is what the run did; ``origin`` the time that messages show as +0s.
+    Jobs that are not terminal get no verdict beyond overlaps: they are
+    reported as lost instead.
     """
     verdict = Verdict()
     by_job: dict[str, list[Execution]] = defaultdict(list)
     for run in executions:
         verdict.executions += 1
-        if run.ended is None and run.killed_by(kills) is not None:
+        if run.ended is None and faults.killed(run) is not None:
             verdict.cut_short_by_kill += 1
         if run.job_id in rows:
             by_job[run.job_id].append(run)
@@ -256,19 +643,12 @@ def judge(
         verdict.executions_per_job[len(runs)] += 1
         for i, first in enumerate(runs):
             for second in runs[i + 1 :]:
-                if second.started >= first.until(kills):
+                if second.started >= faults.until(first):
                     continue
                 if first.attempt == second.attempt:
                     verdict.duplicates.append(Duplicate(first, second))
                 else:
                     verdict.overlapping_attempts.append(Duplicate(first, second))
-        if row.state not in TERMINAL:
-            continue
-        counted = _counted(row, runs, kills)
-        if row.state == "SUCCEEDED" and counted is None:
-            verdict.succeeded_unrun.append(job_id)
-        for run in runs:
-            if run is not counted:
-                reason, explained = _explain(run, row, kills, origin)
-                verdict.extras.append(Extra(run, reason, explained))
+        if row.state in TERMINAL:
+            _Job(row, runs, faults, origin, verdict).judge()
     return verdict

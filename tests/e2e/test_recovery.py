@@ -1,15 +1,19 @@
-"""Crash recovery with real processes: a killed worker, a lost claim answer, a running cancel."""
+"""Crash recovery with real processes: a killed worker, a lost claim answer, a running cancel,
+a worker cut off from PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
 from orchestrix import ids
 
+from tests.chaos.proxy import Proxy
 from tests.e2e.conftest import SystemFactory
 from tests.e2e.harness import read_executions, until
 
@@ -142,3 +146,53 @@ async def test_cancelling_a_running_job_stops_it(
             assert "job cancelled while running" in worker.log()
     # Neither attempt ran to its end.
     assert read_executions(system.executions) == []
+
+
+async def test_a_worker_cut_off_from_postgresql_works_again_once_it_is_back(
+    make_system: SystemFactory, pool: asyncpg.Pool, database: str
+) -> None:
+    # The worker reaches PostgreSQL through a proxy that the test cuts (silence,
+    # no error) while the worker holds a full batch, for long enough that the
+    # fence stops those jobs and frees their slots.
+    target = urlsplit(database)
+    assert target.port is not None
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port)
+    await proxy.start()
+    system = make_system(**FAST, WORKER_CONCURRENCY="4", SHUTDOWN_TIMEOUT="1s")
+    scheduler = system.start("scheduler")
+    worker = system.start("worker", DATABASE_URL=proxy.url(database))
+    try:
+        await system.ready(scheduler)
+        await system.ready(worker)
+        job_ids = [ids.new_id() for _ in range(8)]
+        await pool.execute(
+            "INSERT INTO jobs (id, type, payload) "
+            "SELECT id, 'record', $2 FROM unnest($1::text[]) AS id",
+            job_ids,
+            {"sleep_ms": 5000},
+        )
+
+        async def running() -> int:
+            n: int = await pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'RUNNING'", job_ids
+            )
+            return n
+
+        await until(lambda: _n(running(), 4), 20, "a full batch to start")
+        proxy.cut()
+        await until(
+            lambda: "lease not renewed in time" in worker.log(), 10, "the fence to stop them"
+        )
+        await asyncio.sleep(1.0)  # the fenced jobs' slots are free, PostgreSQL still away
+        proxy.passthrough()
+        # Back in touch: it answers /ready and claims again (the other four jobs,
+        # and the four the rescuer took back).
+        await system.ready(worker, 10)
+        await until(lambda: _n(running(), 4), 15, "the worker to claim again", worker.log)
+    finally:
+        system.stop_all()
+        await proxy.stop()
+
+
+async def _n(count: Awaitable[int], wanted: int) -> bool:
+    return await count >= wanted
