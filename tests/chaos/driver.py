@@ -15,7 +15,7 @@ back), SIGKILL a scheduler, restart the whole NATS cluster, SIGKILL one NATS
 node and start it again, restart PostgreSQL, stop PostgreSQL while a worker is
 shutting down, cut one worker off from PostgreSQL, make PostgreSQL answer
 slowly. Every worker reaches PostgreSQL through a proxy of its own
-(``tests/chaos/proxy.py``), which the run cuts or slows. Worker faults come at
+(``tests/faults/proxy.py``), which the run cuts or slows. Worker faults come at
 any time; the others each get a slot of their own, so two of them never
 overlap. A watchdog notices any process that exits without being told to,
 records its last log lines and starts a replacement, so one crash does not hide
@@ -53,9 +53,9 @@ from orchestrix.models import DEFAULT_TIMEOUT_SECONDS
 
 from tests.chaos import records
 from tests.chaos.executors import JOB_TYPE, RECORDS_ENV, SYNC_JOB_TYPE
-from tests.chaos.proxy import Proxy
 from tests.chaos.servers import ChaosServers
 from tests.e2e.harness import Service, System
+from tests.faults.proxy import Proxy
 
 T = TypeVar("T")
 
@@ -305,7 +305,8 @@ class ChaosRun:
             port = self.servers.postgres.port
             assert port is not None
             proxy = Proxy("127.0.0.1", port)
-            await proxy.start()
+            # Its own thread and loop: forwarding never waits for the driver.
+            await asyncio.to_thread(proxy.start)
             if self.latency_ms:
                 proxy.latency(self.latency_ms)
             service = self.system.start(role, DATABASE_URL=proxy.url(self.servers.database_url))
@@ -443,7 +444,7 @@ class ChaosRun:
                 await asyncio.to_thread(service.wait, 5)
         self.alive.clear()
         for proxy in self.proxies.values():
-            await proxy.stop()
+            await asyncio.to_thread(proxy.stop)
         if self._http is not None:
             await self._http.close()
 
@@ -584,7 +585,10 @@ class ChaosRun:
         self._cut_off = victim
         self.note(f"worker pid {pid} cut off from PostgreSQL")
         await asyncio.sleep(fault.pause_s)
-        proxy.passthrough()
+        if self.latency_ms:
+            proxy.latency(self.latency_ms)  # forwarding again, still slow
+        else:
+            proxy.heal()
         self._cut_off = None
         self.windows.append(records.Window(began, time.time(), "cut off", pids=frozenset({pid})))
         self.note(f"worker pid {pid} reconnected to PostgreSQL")
@@ -600,8 +604,9 @@ class ChaosRun:
         self.note(f"PostgreSQL slow for every worker: +{ms} ms each way")
         await asyncio.sleep(fault.pause_s)
         self.latency_ms = 0
-        for proxy in self.proxies.values():
-            proxy.passthrough()
+        for pid, proxy in self.proxies.items():
+            if self._cut_off is None or self._cut_off.process.pid != pid:
+                proxy.heal()  # (a worker cut off meanwhile stays cut)
         self._trouble(False)
         away = ms >= AWAY_LATENCY_MS
         what = f"PostgreSQL slow (+{ms} ms)"

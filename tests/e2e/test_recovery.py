@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 from orchestrix import ids
 
-from tests.chaos.proxy import Proxy
 from tests.e2e.conftest import SystemFactory
 from tests.e2e.harness import read_executions, until
+from tests.faults.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(120)
 FAST = {
@@ -157,7 +157,7 @@ async def test_a_worker_cut_off_from_postgresql_works_again_once_it_is_back(
     target = urlsplit(database)
     assert target.port is not None
     proxy = Proxy(target.hostname or "127.0.0.1", target.port)
-    await proxy.start()
+    proxy.start()
     system = make_system(**FAST, WORKER_CONCURRENCY="4", SHUTDOWN_TIMEOUT="1s")
     scheduler = system.start("scheduler")
     worker = system.start("worker", DATABASE_URL=proxy.url(database))
@@ -184,14 +184,14 @@ async def test_a_worker_cut_off_from_postgresql_works_again_once_it_is_back(
             lambda: "lease not renewed in time" in worker.log(), 10, "the fence to stop them"
         )
         await asyncio.sleep(1.0)  # the fenced jobs' slots are free, PostgreSQL still away
-        proxy.passthrough()
+        proxy.heal()
         # Back in touch: it answers /ready and claims again (the other four jobs,
         # and the four the rescuer took back).
         await system.ready(worker, 10)
         await until(lambda: _n(running(), 4), 15, "the worker to claim again", worker.log)
     finally:
         system.stop_all()
-        await proxy.stop()
+        proxy.stop()
 
 
 async def _n(count: Awaitable[int], wanted: int) -> bool:
