@@ -44,6 +44,7 @@ from orchestrix.services.worker.completer import Completer
 from orchestrix.services.worker.heartbeat import Heartbeat
 from orchestrix.services.worker.stops import (
     LEDGER_TIMEOUT_S,
+    MAX_HANDOFFS,
     WRITE_PATIENCE_S,
     Stop,
     Stopper,
@@ -258,7 +259,8 @@ class Consumer:
             # Their outcome is lost with the database away: the attempts are returned
             # (they run again), never counted as failed.
             for job in stuck:
-                await self._stopper.leave_word(job)
+                if job.handoffs < MAX_HANDOFFS:
+                    await self._stopper.leave_word(job)
 
     def _stop(self, running: Running, reason: Stop) -> None:
         if running.stop is None and running.phase is Phase.EXECUTING:
@@ -299,7 +301,7 @@ class Consumer:
                     log.warning(
                         "lease not renewed in time; stopping the job", extra={"job_id": job_id}
                     )
-                    self._stop(running, Stop.LOST)
+                    self._stop(running, Stop.FENCED)
 
     async def _run(self, job: Job) -> None:
         running = self._running[job.id]  # _start registered it before this task ran

@@ -8,9 +8,11 @@
   worker leaves it in the hand-back ledger on NATS (``orchestrix.handbacks``),
   which the scheduler applies once the database answers.
 - CANCEL: a user asked for it to stop. It ends CANCELLED.
-- LOST: the attempt is no longer this worker's: the rescuer took it, or the
-  worker could not renew its lease and stopped it before the lease ran out
-  (fenced). Nothing is written: whoever owns the job now decides.
+- LOST: the attempt is no longer this worker's (the rescuer took it). Nothing
+  is written: whoever owns the job now decides.
+- FENCED: the worker could not renew its lease and stopped the attempt before
+  the lease ran out. PostgreSQL does not answer, so the attempt is returned
+  through the hand-back ledger; if the rescuer takes it first, it counts.
 
 A stop arrives only while the executor runs. Once an outcome is being written
 nothing stops it: the write is guarded by the attempt, so a late one changes
@@ -57,6 +59,7 @@ class Stop(Enum):
     SHUTDOWN = "shutdown"
     CANCEL = "cancel"
     LOST = "lost"
+    FENCED = "fenced"
 
 
 async def persist(
@@ -103,6 +106,11 @@ class Stopper:
         try:
             if reason is Stop.LOST:
                 log.warning("lease lost; attempt abandoned", extra=extra)
+            elif reason is Stop.FENCED:
+                # Stopped because PostgreSQL did not answer: the attempt is returned
+                # through the ledger (a hand-back), not left to be counted as lost.
+                if job.handoffs < MAX_HANDOFFS:
+                    await self.leave_word(job)
             elif reason is Stop.CANCEL:
                 cancelled = await persist(
                     lambda: db.cancel_running(

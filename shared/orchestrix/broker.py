@@ -1,4 +1,4 @@
-"""NATS as Orchestrix uses it: the connection and the subjects, signals only.
+"""NATS as Orchestrix uses it: the connection and the subjects.
 
 PostgreSQL holds every job; nothing on NATS is the record. A worker
 claims its jobs from the database, and NATS carries what makes that fast:

@@ -156,8 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
         _scheduler,
         "Turns PostgreSQL NOTIFY on job creation into a NATS wake-up for the workers.\n"
-        "The one holding the maintenance lock takes back the jobs of dead workers\n"
-        "(within seconds) and of expired leases. Run two for availability.\n"
+        "The one holding the maintenance lock applies the hand-back ledger (attempts\n"
+        "workers returned on JetStream while PostgreSQL was away), then takes back\n"
+        "the jobs of dead workers (within seconds) and of expired leases.\n"
+        "Run two for availability.\n"
         "Serves /health, /ready and /metrics on METRICS_PORT.",
     )
 

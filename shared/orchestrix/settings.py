@@ -177,7 +177,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 class NatsSettings:
     """Where NATS is, and the subjects Orchestrix uses on it.
 
-    NATS carries signals only, never the record: wake-ups for workers with free
+    NATS carries signals, never the record: wake-ups for workers with free
     slots, cancel requests, and the lifeline's question to a worker that seems
     dead. PostgreSQL holds every job. ``servers`` are the URLs of ``NATS_URL``:
     one server, or the nodes of a cluster, any of which a process connects and
