@@ -68,6 +68,12 @@ class HandBackApplier:
                 break
         return applied
 
+    async def close(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+            self._subscription = None
+
     async def _apply(self, messages: list[Any]) -> int:
         applied = 0
         for index, message in enumerate(messages):

@@ -111,10 +111,11 @@ async def serve(settings: Settings) -> None:
     waker = Waker(settings.database.url, nc, settings.nats)
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
     leadership = Leadership(settings.database.url)
+    ledger = HandBackApplier(pool, nc.jetstream(), settings.nats, metrics)
     maintenance = asyncio.create_task(
         _maintain(
             leadership,
-            HandBackApplier(pool, nc.jetstream(), settings.nats, metrics),
+            ledger,
             Lifeline(pool, nc, settings.nats, settings.retry, metrics),
             Rescuer(pool, settings.recovery, settings.retry, metrics),
             settings,
@@ -134,6 +135,8 @@ async def serve(settings: Settings) -> None:
                 await task
         await leadership.release()
         await waker.close()
+        # Before the drain: draining a pull subscription waits out its timeout (30 s).
+        await ledger.close()
         await broker.disconnect(nc)
         await pool.close()
         await status.stop()
