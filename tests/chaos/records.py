@@ -441,8 +441,22 @@ class _Job:
     def handed_back(self, attempt: int, run: Execution) -> None:
         """An execution after which the same attempt ran again: only a hand-back does that."""
         termed = self.faults.terms.get(run.pid)
+        trouble = (
+            self.faults.trouble(run.pid, run.ended - TROUBLE_LOOKBACK_S, run.ended)
+            if run.cancelled and run.ended is not None
+            else None
+        )
         if run.cancelled and run.ended is not None and termed is not None and termed <= run.ended:
             self.fate(attempt, run, "handed back by its stopping worker", Judgement.EXPLAINED)
+        elif trouble is not None:
+            # The fence stopped it (PostgreSQL did not answer) and returned it through
+            # the hand-back ledger: the same attempt, not counted.
+            self.fate(
+                attempt,
+                run,
+                f"fenced, then returned through the hand-back ledger ({trouble.what})",
+                Judgement.EXPLAINED,
+            )
         else:
             self.fate(
                 attempt,

@@ -152,6 +152,7 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_jobs_before_they_run_e
 
     await until(all_running_on_it, 20, "the ten jobs to run on the first worker", cut_off.log)
     other = await start(system, "worker", WORKER_CONCURRENCY="10", WORKER_QUEUES="default")
+    other_id = await worker_id(pool, other)
 
     cut_at = time.time()
     pg.cut()
@@ -159,8 +160,9 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_jobs_before_they_run_e
 
     async def all_restarted() -> bool:
         n = await pool.fetchval(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'RUNNING' AND attempt = 2",
+            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'RUNNING' AND worker_id = $2",
             job_ids,
+            other_id,
         )
         return bool(n == 10)
 
@@ -174,20 +176,20 @@ async def test_a_worker_cut_off_from_postgresql_stops_its_jobs_before_they_run_e
     assert claimed == []
     assert await states(pool, stranded) == {"PENDING": 5}
 
-    # End the second attempts, so that each has its interval in the file.
+    # End the second runs, so that each has its interval in the file.
     other.signal(signal.SIGTERM)
     assert await exited(other, 20) == 0
     runs = attempts_by_job(system)
     for job_id in job_ids:
         first, second = (
-            [r for r in runs[job_id] if r["attempt"] == "1"],
-            [r for r in runs[job_id] if r["attempt"] == "2"],
+            [r for r in runs[job_id] if r["pid"] == str(cut_off.process.pid)],
+            [r for r in runs[job_id] if r["pid"] == str(other.process.pid)],
         )
         assert len(second) == 1
-        assert second[0]["pid"] == str(other.process.pid)
-        # The first attempt ended: the fence stopped it; nothing else would have.
-        assert len(first) == 1, f"attempt 1 of {job_id} still ran when attempt 2 started"
-        assert first[0]["pid"] == str(cut_off.process.pid)
+        # The fence returned it through the hand-back ledger: the attempt is not counted.
+        assert second[0]["attempt"] == "1"
+        # The first run ended: the fence stopped it; nothing else would have.
+        assert len(first) == 1, f"the first run of {job_id} still ran when the second started"
         assert first[0]["how"] == "stopped"
         waited = float(second[0]["start"]) - cut_at
         assert waited < LEASE_S + 5, f"{job_id} ran again {waited:.1f} s after the cut"
