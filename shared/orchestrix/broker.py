@@ -89,4 +89,7 @@ async def disconnect(nc: Client) -> None:
         await nc.drain()
     except errors.Error as exc:
         log.warning("nats not drained; closing", extra={"error": repr(exc)})
-        await nc.close()
+        try:
+            await nc.close()
+        except Exception as closing:  # nats-py writes to a transport already closed
+            log.warning("nats connection not closed cleanly", extra={"error": repr(closing)})
