@@ -87,7 +87,13 @@ async def test_a_claim_whose_answer_was_lost_is_handed_back_and_run(
     system = make_system(LEASE_TIMEOUT="3s")
     worker = system.start("worker")
     await system.ready(worker)
-    worker_id = await pool.fetchval("SELECT id FROM workers WHERE pid = $1", worker.process.pid)
+    # /ready answers before the worker has registered: wait for its row.
+    worker_id = await until(
+        lambda: pool.fetchval("SELECT id FROM workers WHERE pid = $1", worker.process.pid),
+        20,
+        "the worker to register",
+        worker.log,
+    )
     # As if this worker's claim had committed but its answer never arrived: the
     # job is RUNNING for it, claimed a while ago, leased for an hour.
     job_id = ids.new_id()
