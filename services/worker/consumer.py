@@ -100,6 +100,8 @@ class Consumer:
             ledger=(nc.jetstream(), settings.nats),
         )
         self._concurrency = settings.worker.concurrency
+        # Freed slots are claimed for once this many are free (a wake-up claims at once).
+        self._batch = max(1, self._concurrency // 4)
         self._queues = settings.worker.queues
         self._types = tuple(registry.types())
         self._lease_s = settings.recovery.lease_timeout_s
@@ -166,7 +168,6 @@ class Consumer:
 
     async def _wait(self) -> None:
         """Until a wake-up, the poll, or (while jobs are there) enough freed slots."""
-        threshold = max(1, self._concurrency // 4)
         deadline = time.monotonic() + self._settings.worker.poll_interval_s
         while not self._wake.is_set():
             # Freed slots are a reason to claim only while PostgreSQL answers: else
@@ -174,7 +175,7 @@ class Consumer:
             # spin without ever yielding, the heartbeat starved, for ever.
             if (
                 not self._dry
-                and self._free() >= threshold
+                and self._free() >= self._batch
                 and self._heartbeat.reachable(time.monotonic())
             ):
                 return
@@ -195,7 +196,7 @@ class Consumer:
         self._wake.clear()
         if free <= 0 or not self._heartbeat.reachable(time.monotonic()):
             return False
-        if not woken and (self._dry or free < max(1, self._concurrency // 4)):
+        if not woken and (self._dry or free < self._batch):
             return False
         sent = time.monotonic()
         try:
