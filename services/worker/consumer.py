@@ -106,7 +106,8 @@ class Consumer:
         self._types = tuple(registry.types())
         self._lease_s = settings.recovery.lease_timeout_s
         self._threads = Threads(self._concurrency, "executor")
-        self._running: dict[str, Running] = {}  # one per held job: its slot
+        self._running: dict[str, Running] = {}  # every held job, until its outcome is written
+        self._recording = 0  # of which this many are having their outcome written
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
         self._freed = asyncio.Event()  # a slot was freed
         self._dry = False  # the last claim found fewer jobs than it asked for
@@ -163,8 +164,15 @@ class Consumer:
             self._threads.shutdown()
 
     def _free(self) -> int:
-        # A thread still running an abandoned attempt's function holds a slot.
-        return self._concurrency - len(self._running) - self._threads.abandoned
+        """Slots for new jobs: a job whose outcome is being written frees its slot,
+        so the next claim overlaps the previous batch's write; up to
+        ``concurrency`` such jobs, so that held jobs stay bounded when writes are
+        slow. A thread still running an abandoned attempt's function holds a slot."""
+        executing = len(self._running) - self._recording
+        return min(
+            self._concurrency - executing - self._threads.abandoned,
+            2 * self._concurrency - len(self._running),
+        )
 
     async def _wait(self) -> None:
         """Until a wake-up, the poll, or (while jobs are there) enough freed slots."""
@@ -232,8 +240,16 @@ class Consumer:
         self._running[job.id] = Running(job, task)
         task.add_done_callback(lambda _: self._release(job.id))
 
+    def _recording_started(self, running: Running) -> None:
+        """``running``'s attempt has ended: its slot is free while its outcome is written."""
+        running.phase = Phase.RECORDING
+        self._recording += 1
+        self._freed.set()
+
     def _release(self, job_id: str) -> None:
-        self._running.pop(job_id, None)
+        running = self._running.pop(job_id, None)
+        if running is not None and running.phase is Phase.RECORDING:
+            self._recording -= 1
         self._heartbeat.forget(job_id)
         self._freed.set()
 
@@ -309,10 +325,10 @@ class Consumer:
         try:
             outcome = await self._execute(job)
         except asyncio.CancelledError:
-            running.phase = Phase.RECORDING
+            self._recording_started(running)
             await self._stopper.finish(job, running.stop or Stop.SHUTDOWN)
             return
-        running.phase = Phase.RECORDING
+        self._recording_started(running)
         extra = {"job_id": job.id, "attempt": job.attempt}
         try:
             # The outcome must be committed: keep trying while the database is away.

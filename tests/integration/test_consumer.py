@@ -1,11 +1,13 @@
-"""The worker's main loop in this process, on real servers: what stops a job, and what must not."""
+"""The worker's main loop in this process, on real servers: what stops a job and
+what must not, and how many jobs it holds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import nats
@@ -28,6 +30,40 @@ async def _until(check: Callable[[], bool], timeout_s: float, what: str) -> None
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def consumer_of(
+    pool: asyncpg.Pool, settings: Settings, registry: Registry, *, concurrency: int = 100
+) -> AsyncIterator[Consumer]:
+    """A Consumer running in this process, on subjects of its own; stopped on exit."""
+    nats_settings = dataclasses.replace(settings.nats, subject_prefix=f"orxtest.c{RUN_ID}.jobs")
+    worker = dataclasses.replace(settings.worker, concurrency=concurrency)
+    settings = dataclasses.replace(settings, nats=nats_settings, worker=worker)
+    nc = await nats.connect(list(settings.nats.servers))
+    consumer = Consumer(pool, nc, settings, registry, WorkerMetrics(concurrency))
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def transaction_on(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in an open transaction, rolled back on exit: its row locks
+    hold the worker's writes to those rows until then."""
+    conn = await asyncpg.connect(url)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield conn
+    finally:
+        await transaction.rollback()
+        await conn.close()
+
+
 async def test_a_lost_lease_reported_while_the_success_is_being_written_stops_nothing(
     pool: asyncpg.Pool, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -35,8 +71,6 @@ async def test_a_lost_lease_reported_while_the_success_is_being_written_stops_no
     # RUNNING when that job's batched success commits first, and reports it lost
     # while the worker is still recording the outcome. The success must stand and
     # count once; nothing may cancel the write.
-    nats_settings = dataclasses.replace(settings.nats, subject_prefix=f"orxtest.c{RUN_ID}.jobs")
-    settings = dataclasses.replace(settings, nats=nats_settings)
     release = asyncio.Event()
 
     async def held(ctx: JobContext) -> dict[str, bool]:
@@ -45,39 +79,66 @@ async def test_a_lost_lease_reported_while_the_success_is_being_written_stops_no
 
     registry = Registry()
     registry.register("held", held)
-    metrics = WorkerMetrics(settings.worker.concurrency)
-    nc = await nats.connect(list(settings.nats.servers))
-    consumer = Consumer(pool, nc, settings, registry, metrics)
-    stop = asyncio.Event()
     job, _ = await db.insert(pool, NewJob(type="held"))
-    loop = asyncio.create_task(consumer.run(stop))
-    lock = await asyncpg.connect(settings.database.url)
-    try:
-        await _until(lambda: job.id in consumer._running, 10, "the job to be claimed")
-        running = consumer._running[job.id]
-        # Hold the success write: the job's row is locked until we say.
-        transaction = lock.transaction()
-        await transaction.start()
-        await lock.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
-        release.set()
-        await _until(lambda: running.phase is Phase.RECORDING, 5, "the outcome to be written")
-        await asyncio.sleep(0.2)  # the batched UPDATE is at the server, waiting for the row
-
-        consumer._apply(db.Renewal(cancel=set(), lost={job.id}))
-        await transaction.rollback()
-        await _until(lambda: job.id not in consumer._running, 10, "the outcome to be recorded")
-
+    async with consumer_of(pool, settings, registry) as consumer:
+        try:
+            await _until(lambda: job.id in consumer._running, 10, "the job to be claimed")
+            running = consumer._running[job.id]
+            async with transaction_on(settings.database.url) as lock:
+                await lock.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
+                release.set()
+                await _until(lambda: running.phase is Phase.RECORDING, 5, "the outcome write")
+                await asyncio.sleep(0.2)  # the batched UPDATE is at the server, waiting
+                consumer._apply(db.Renewal(cancel=set(), lost={job.id}))
+            await _until(lambda: job.id not in consumer._running, 10, "the outcome to be written")
+        finally:
+            release.set()
         assert not running.task.cancelled()
-        row = await pool.fetchrow("SELECT state, result, attempt FROM jobs WHERE id = $1", job.id)
+        row = await pool.fetchrow("SELECT state, attempt FROM jobs WHERE id = $1", job.id)
         assert (row["state"], row["attempt"]) == ("SUCCEEDED", 1)
-        succeeded = metrics.registry.get_sample_value(
+        succeeded = consumer._metrics.registry.get_sample_value(
             "orchestrix_jobs_succeeded_total", {"type": "held", "queue": "default"}
         )
         assert succeeded == 1
-        assert "abandoned" not in caplog.text
-    finally:
-        stop.set()
-        release.set()
-        await asyncio.wait_for(loop, 30)
-        await lock.close()
-        await nc.close()
+    assert "abandoned" not in caplog.text
+
+
+async def test_slots_free_while_outcomes_are_written_but_held_jobs_stay_bounded(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    # Each job, before it returns, has the test lock its row: every success write
+    # waits. A job being recorded frees its slot, so the worker claims on, but it
+    # holds at most twice its concurrency, and never executes more than it.
+    concurrency = 2
+    executing, most_executing = 0, 0
+    one_at_a_time = asyncio.Lock()  # on the test's one connection
+    released = False
+    async with transaction_on(settings.database.url) as lock:
+
+        async def locks_its_row(ctx: JobContext) -> None:
+            nonlocal executing, most_executing
+            executing += 1
+            most_executing = max(most_executing, executing)
+            await asyncio.sleep(0.05)
+            async with one_at_a_time:
+                if not released:
+                    await lock.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", ctx.id)
+            executing -= 1
+
+        registry = Registry()
+        registry.register("locks", locks_its_row)
+        for _ in range(10):
+            await db.insert(pool, NewJob(type="locks"))
+        async with consumer_of(pool, settings, registry, concurrency=concurrency) as consumer:
+            await _until(lambda: len(consumer._running) == 2 * concurrency, 10, "4 held jobs")
+            await asyncio.sleep(1.5)  # past the poll: a claim would have happened
+            assert len(consumer._running) == 2 * concurrency
+            pending = await pool.fetchval("SELECT count(*) FROM jobs WHERE state = 'PENDING'")
+            assert pending == 10 - 2 * concurrency
+            async with one_at_a_time:
+                released = True
+                await lock.execute("ROLLBACK; BEGIN")  # the writes go through
+            await _until(lambda: not consumer._running, 10, "every outcome to be written")
+            succeeded = await pool.fetchval("SELECT count(*) FROM jobs WHERE state = 'SUCCEEDED'")
+    assert most_executing <= concurrency
+    assert succeeded == 10
