@@ -325,6 +325,55 @@ def _schemas() -> dict[str, Schema]:
             "required": ["jobs", "total", "workers", "waiting_for_executor"],
             "additionalProperties": False,
         },
+        "Queue": {
+            "type": "object",
+            "description": "A queue: any queue a job names, and any queue ever paused.",
+            "properties": {
+                "name": {"type": "string", "pattern": QUEUE_PATTERN.pattern},
+                "paused": {
+                    "type": "boolean",
+                    "description": "no worker claims its jobs; the ones running finish",
+                },
+                "paused_at": {**_DATE_TIME, "nullable": True},
+                "jobs": {
+                    "type": "object",
+                    "properties": {state.value: count for state in JobState},
+                    "required": [state.value for state in JobState],
+                    "additionalProperties": False,
+                },
+                "total": count,
+                "oldest_due_at": {
+                    **_DATE_TIME,
+                    "nullable": True,
+                    "description": "run_at of the oldest job that is due and waits "
+                    "(PENDING or RETRYING); null when none waits",
+                },
+                "oldest_due_age_seconds": {
+                    "type": "number",
+                    "minimum": 0,
+                    "nullable": True,
+                    "description": "how long that job has been due",
+                },
+            },
+            "required": [
+                "name",
+                "paused",
+                "paused_at",
+                "jobs",
+                "total",
+                "oldest_due_at",
+                "oldest_due_age_seconds",
+            ],
+            "additionalProperties": False,
+        },
+        "QueueList": {
+            "type": "object",
+            "properties": {
+                "queues": {"type": "array", "items": _ref("Queue"), "description": "by name"}
+            },
+            "required": ["queues"],
+            "additionalProperties": False,
+        },
         "Error": {
             "type": "object",
             "properties": {"error": {"type": "string"}},
@@ -379,6 +428,13 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
         "required": True,
         "schema": {"type": "string"},
         "description": f"the job's id (a ULID matching {ULID_PATTERN}); any other value is 404",
+    }
+    queue_name = {
+        "name": "queue",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": QUEUE_PATTERN.pattern},
+        "description": "the queue's name; any other value is 400",
     }
     low, high = LIMIT_RANGE
 
@@ -514,6 +570,58 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 },
             }
         },
+        "/api/v1/queues": {
+            "get": {
+                "operationId": "listQueues",
+                "summary": "List the queues: counts by state, the oldest due job, paused or not",
+                "responses": {
+                    "200": _json(_ref("QueueList"), "every queue, by name"),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/api/v1/queues/{queue}": {
+            "parameters": [queue_name],
+            "get": {
+                "operationId": "getQueue",
+                "summary": "Get one queue",
+                "responses": {
+                    "200": _json(_ref("Queue"), "the queue"),
+                    "400": _error("the name is not a valid queue name"),
+                    "404": _error("no job names the queue and it was never paused"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/queues/{queue}/pause": {
+            "parameters": [queue_name],
+            "post": {
+                "operationId": "pauseQueue",
+                "summary": "Pause a queue: no worker claims its jobs from its next claim on",
+                "description": "The jobs already running finish; new jobs can still be "
+                "created and wait. A queue with no jobs yet can be paused. Pausing a paused "
+                "queue changes nothing.",
+                "responses": {
+                    "200": _json(_ref("Queue"), "the queue, paused"),
+                    "400": _error("the name is not a valid queue name"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/queues/{queue}/resume": {
+            "parameters": [queue_name],
+            "post": {
+                "operationId": "resumeQueue",
+                "summary": "Resume a paused queue: its due jobs start at once",
+                "description": "Resuming a queue that is not paused changes nothing.",
+                "responses": {
+                    "200": _json(_ref("Queue"), "the queue, not paused"),
+                    "400": _error("the name is not a valid queue name"),
+                    "404": _error("no job names the queue and it was never paused"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
         "/health": {
             "get": {
                 "operationId": "health",
@@ -580,7 +688,8 @@ def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str
         "info": {
             "title": "Orchestrix API",
             "version": "1",
-            "description": "Create jobs, read them back, cancel them.\n\n"
+            "description": "Create jobs, read them back, cancel them; pause and resume "
+            "queues.\n\n"
             'Every error answers JSON {"error": "..."}. An unknown path is 404, a method '
             "not allowed on a path is 405 with an Allow header, and an unexpected failure "
             "is 500.\n\nLimits:\n" + limits,

@@ -3,8 +3,12 @@ types it has executors for; the rest wait for a worker that can run them."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from orchestrix import ids
@@ -86,3 +90,64 @@ async def test_a_worker_takes_only_its_queues(
     await until(all_done, 40, "every job to succeed")
     ran = {row["id"]: row["pid"] for row in read_executions(system.executions)}
     assert {ran[job_id] for job_id in report_jobs} == {str(everything.process.pid)}
+
+
+async def test_a_pause_holds_fleet_wide_within_a_second_and_a_resume_starts_at_once(
+    make_system: SystemFactory, pool: asyncpg.Pool
+) -> None:
+    system = make_system(WORKER_CONCURRENCY="10")
+    api = system.start("api")
+    scheduler = system.start("scheduler")
+    workers = [system.start("worker") for _ in range(2)]
+    for service in (api, scheduler, *workers):
+        await system.ready(service)
+    job_ids = await insert_with(pool, 400, "record", "mail", {"sleep_ms": 100})
+    other_ids = await insert_with(pool, 40, "record", "reports", {"sleep_ms": 100})
+    base = f"http://127.0.0.1:{api.port}/api/v1/queues/mail"
+
+    async def some_ran() -> bool:
+        return len(read_executions(system.executions)) >= 20
+
+    async with aiohttp.ClientSession() as http:
+        await until(some_ran, 20, "the first jobs to run")
+        async with http.post(f"{base}/pause") as response:
+            assert response.status == 200, await response.text()
+        paused = time.time()
+        await asyncio.sleep(2)
+        # Another queue is not held by it.
+        assert await states(pool, other_ids) == {"SUCCEEDED": 40}
+        waiting = await states(pool, job_ids)
+        assert waiting["PENDING"] > 100, waiting
+        async with http.get(base) as response:
+            assert (await response.json())["paused"]
+        resumed = time.time()  # before: jobs start before the answer arrives
+        async with http.post(f"{base}/resume") as response:
+            assert response.status == 200, await response.text()
+
+        async def all_done() -> bool:
+            return await states(pool, job_ids) == {"SUCCEEDED": 400}
+
+        await until(all_done, 40, "the queue to drain once resumed")
+    ours = set(job_ids)
+    mail = [row for row in read_executions(system.executions, stopped=True) if row["id"] in ours]
+    # What was running when the pause came finished; nothing started a second after it
+    # until the resume, and the resume did not wait for the poll.
+    assert all(row["how"] == "done" for row in mail)
+    held = [row for row in mail if paused + 1 < float(row["start"]) < resumed]
+    assert held == []
+    first_after = min(float(row["start"]) for row in mail if float(row["start"]) >= resumed)
+    assert first_after - resumed < 1.0
+
+
+async def insert_with(
+    pool: asyncpg.Pool, count: int, job_type: str, queue: str, payload: dict[str, Any]
+) -> list[str]:
+    job_ids = [ids.new_id() for _ in range(count)]
+    await pool.execute(
+        "INSERT INTO jobs (id, type, queue, payload) SELECT unnest($1::text[]), $2, $3, $4::jsonb",
+        job_ids,
+        job_type,
+        queue,
+        payload,
+    )
+    return job_ids

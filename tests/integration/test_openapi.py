@@ -307,6 +307,16 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     )
     assert made["created"] == 2
     await responses.call(api, "POST", batch, batch, 400, json={"jobs": []})
+    queues, queue = "/api/v1/queues", "/api/v1/queues/{queue}"
+    await responses.call(api, "GET", queues, queues, 200)
+    await responses.call(api, "GET", f"{queues}/default", queue, 200)
+    await responses.call(api, "GET", f"{queues}/nobody", queue, 404)
+    await responses.call(api, "GET", f"{queues}/bad%20name", queue, 400)
+    await responses.call(api, "POST", f"{queues}/default/pause", f"{queue}/pause", 200)
+    await responses.call(api, "POST", f"{queues}/bad%20name/pause", f"{queue}/pause", 400)
+    await responses.call(api, "POST", f"{queues}/default/resume", f"{queue}/resume", 200)
+    await responses.call(api, "POST", f"{queues}/nobody/resume", f"{queue}/resume", 404)
+    await responses.call(api, "POST", f"{queues}/bad%20name/resume", f"{queue}/resume", 400)
     await responses.call(api, "GET", "/health", "/health", 200)
     await responses.call(api, "GET", "/ready", "/ready", 200)
     await responses.call(api, "GET", "/metrics", "/metrics", 200)

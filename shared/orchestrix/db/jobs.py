@@ -227,6 +227,7 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # other workers go past each other). The jobs of a queue take turns in priority
 # order, and the queues take turns with each other: with two queues backlogged,
 # each gets half the slots, and a quiet queue's job goes in the first turn.
+# A paused queue (db.queues) is passed over: one primary-key probe per pair.
 _CLAIM = """
 WITH RECURSIVE pairs AS (
     (SELECT queue, type FROM jobs WHERE state IN ('PENDING', 'RETRYING')
@@ -247,6 +248,9 @@ WITH RECURSIVE pairs AS (
         FOR UPDATE SKIP LOCKED
     ) AS due
     WHERE ($1::text[] IS NULL OR pairs.queue = ANY($1::text[])) AND pairs.type = ANY($2::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM queues WHERE queues.name = pairs.queue AND queues.paused_at IS NOT NULL
+      )
 ), turns AS (
     SELECT id, priority, run_at,
            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn

@@ -1,0 +1,62 @@
+"""Routes for ``/api/v1/queues``: what waits and runs in each queue, pause and resume.
+
+A paused queue's jobs are not claimed by any worker from the next claim on (the
+claim reads the ``queues`` table); the jobs already running finish. Creating
+jobs in a paused queue still works: they wait. Resuming wakes the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from orchestrix.db import queues as db
+from orchestrix.services.api.errors import ApiError, json_response
+from orchestrix.services.api.keys import POOL
+from orchestrix.services.api.parsing import QUEUE_PATTERN
+
+log = logging.getLogger("api")
+routes = web.RouteTableDef()
+QUEUE_PATH = "/api/v1/queues/{queue}"
+
+
+@routes.get("/api/v1/queues")
+async def list_queues(request: web.Request) -> web.Response:
+    queues = await db.overview(request.app[POOL])
+    return json_response({"queues": [queue.to_json() for queue in queues]})
+
+
+@routes.get(QUEUE_PATH)
+async def get_queue(request: web.Request) -> web.Response:
+    return json_response((await _existing(request, _name(request))).to_json())
+
+
+@routes.post(QUEUE_PATH + "/pause")
+async def pause_queue(request: web.Request) -> web.Response:
+    # Any well-formed name: a queue may be paused before its first job arrives.
+    name = _name(request)
+    await db.pause(request.app[POOL], name)
+    log.info("queue paused", extra={"queue": name})
+    return json_response((await _existing(request, name)).to_json())
+
+
+@routes.post(QUEUE_PATH + "/resume")
+async def resume_queue(request: web.Request) -> web.Response:
+    name = _name(request)
+    if await db.resume(request.app[POOL], name):
+        log.info("queue resumed", extra={"queue": name})
+    return json_response((await _existing(request, name)).to_json())
+
+
+def _name(request: web.Request) -> str:
+    name = request.match_info["queue"]
+    if not QUEUE_PATTERN.fullmatch(name):
+        raise ApiError(400, f"queue must be a string matching {QUEUE_PATTERN.pattern}")
+    return name
+
+
+async def _existing(request: web.Request, name: str) -> db.Queue:
+    found = await db.overview(request.app[POOL], name)
+    if not found:
+        raise ApiError(404, f"queue {name} not found: no job names it and it was never paused")
+    return found[0]

@@ -1,0 +1,109 @@
+"""Every query on the ``queues`` table, and what the API shows of a queue.
+
+A queue exists once a job names it or once it has been paused. Pausing gives it
+a row with ``paused_at`` set; the claim (``db.jobs._CLAIM``) skips the queues
+whose row says so, so a pause holds from the next claim of every worker on.
+Resuming clears ``paused_at`` and notifies the workers in the same statement.
+
+The counts are read from ``jobs`` grouped by queue and state: one pass over the
+table, as ``/api/v1/stats`` makes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from orchestrix.models import rfc3339
+from orchestrix.states import JobState
+
+Conn = Any
+
+_PAUSE = """
+INSERT INTO queues (name, paused_at) VALUES ($1, now())
+ON CONFLICT (name) DO UPDATE
+SET paused_at = coalesce(queues.paused_at, excluded.paused_at), updated_at = now()
+RETURNING name
+"""
+
+# Workers hear the notification (through the schedulers' waker) and claim at once.
+_RESUME = """
+WITH resumed AS (
+    UPDATE queues SET paused_at = NULL, updated_at = now()
+    WHERE name = $1 AND paused_at IS NOT NULL
+    RETURNING name
+)
+SELECT name, pg_notify('orchestrix_jobs', '') FROM resumed
+"""
+
+_COUNTS = """
+SELECT queue, state, count(*) AS n FROM jobs
+WHERE $1::text IS NULL OR queue = $1
+GROUP BY queue, state
+"""
+
+# Waiting and due: a paused queue's jobs keep ageing. A run_at of year 1 is stored
+# as -infinity (see models.rfc3339): its age is counted from year 1.
+_OLDEST_DUE = """
+SELECT queue, min(run_at) AS oldest,
+       extract(epoch FROM now() - greatest(min(run_at), '0001-01-01T00:00:00Z'))::float8 AS age_s
+FROM jobs
+WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now() AND ($1::text IS NULL OR queue = $1)
+GROUP BY queue
+"""
+
+_ROWS = "SELECT name, paused_at FROM queues WHERE $1::text IS NULL OR name = $1"
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    paused_at: datetime | None
+    jobs: dict[JobState, int]
+    oldest_due_at: datetime | None  # the oldest due job that waits, if any
+    oldest_due_age_s: float | None  # since when it is due, by the database's clock
+
+    def to_json(self) -> dict[str, Any]:
+        age = self.oldest_due_age_s
+        return {
+            "name": self.name,
+            "paused": self.paused_at is not None,
+            "paused_at": rfc3339(self.paused_at),
+            "jobs": {state.value: n for state, n in self.jobs.items()},
+            "total": sum(self.jobs.values()),
+            "oldest_due_at": rfc3339(self.oldest_due_at),
+            "oldest_due_age_seconds": None if age is None else max(0.0, age),
+        }
+
+
+async def overview(pool: Any, name: str | None = None) -> list[Queue]:
+    """Every queue (or only ``name``), by name: those with jobs and those with a row.
+    Read in one snapshot, so the counts add up."""
+    async with pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
+        rows = {row["name"]: row["paused_at"] for row in await c.fetch(_ROWS, name)}
+        counts: dict[str, dict[JobState, int]] = {}
+        for row in await c.fetch(_COUNTS, name):
+            by_state = counts.setdefault(row["queue"], dict.fromkeys(JobState, 0))
+            by_state[JobState(row["state"])] = row["n"]
+        oldest = {row["queue"]: row for row in await c.fetch(_OLDEST_DUE, name)}
+    return [
+        Queue(
+            name=queue,
+            paused_at=rows.get(queue),
+            jobs=counts.get(queue, dict.fromkeys(JobState, 0)),
+            oldest_due_at=oldest[queue]["oldest"] if queue in oldest else None,
+            oldest_due_age_s=oldest[queue]["age_s"] if queue in oldest else None,
+        )
+        for queue in sorted(rows.keys() | counts.keys())
+    ]
+
+
+async def pause(conn: Conn, name: str) -> None:
+    """Pause ``name`` (a queue with no jobs yet too); pausing a paused queue changes nothing."""
+    await conn.fetchval(_PAUSE, name)
+
+
+async def resume(conn: Conn, name: str) -> bool:
+    """Resume ``name`` and wake the workers; False when it was not paused."""
+    return await conn.fetchval(_RESUME, name) is not None
