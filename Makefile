@@ -48,10 +48,11 @@ clean:
 
 ## The chaos suite: SIGKILL and SIGTERM workers, SIGKILL schedulers, restart NATS and
 ## PostgreSQL, cut and slow PostgreSQL while jobs run, then check that nothing was lost,
-## FAILED by a shutdown or run twice at once (the short and the long run).
+## FAILED by a shutdown or run twice at once (the short and the long run); and cron
+## exactly once while schedulers are SIGKILLed (tests/e2e/test_cron.py).
 .PHONY: chaos
 chaos: $(STAMP)
-	$(BIN)/pytest tests/chaos -m chaos -s
+	$(BIN)/pytest tests/chaos tests/e2e/test_cron.py -m chaos -s
 
 ## The benchmark (code under bench/): starts its own PostgreSQL and NATS, runs the real
 ## services, prints a table and writes bench/results/latest.json (see docs/performance.md).

@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from orchestrix.cron import MAX_EXPRESSION_CHARS
+from orchestrix.db.schedules import TEMPLATE_FIELDS
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
 from orchestrix.services.api.errors import MAX_BODY
@@ -41,6 +43,14 @@ from orchestrix.services.api.parsing import (
     TIMEOUT_SECONDS_RANGE,
     TYPE_PATTERN,
 )
+from orchestrix.services.api.schedules import (
+    CATCH_UP_RANGE,
+    MISSED,
+    NEXT_RUNS,
+    OVERLAP,
+)
+from orchestrix.services.api.schedules import DEFAULTS as SCHEDULE_DEFAULTS
+from orchestrix.services.api.schedules import NAME_PATTERN as SCHEDULE_NAME_PATTERN
 from orchestrix.settings import ApiSettings
 from orchestrix.states import JobState
 
@@ -117,6 +127,8 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
         "description": "hand-backs in a row by stopping workers (attempts not counted)",
     },
     "completed_at": {"description": "set only in SUCCEEDED, FAILED and CANCELLED"},
+    "schedule": {"description": "the cron schedule that created the job, if one did"},
+    "tick_at": {"description": "the nominal time of the schedule's tick the job is for"},
 }
 
 
@@ -374,6 +386,7 @@ def _schemas() -> dict[str, Schema]:
             "required": ["queues"],
             "additionalProperties": False,
         },
+        **_schedule_schemas(),
         "Error": {
             "type": "object",
             "properties": {"error": {"type": "string"}},
@@ -410,6 +423,105 @@ def _schemas() -> dict[str, Schema]:
     }
 
 
+def _schedule_schemas() -> dict[str, Schema]:
+    new_job = new_job_schema()
+    template = {
+        "type": "object",
+        "description": "the job each tick creates: the fields of a create but run_at (a "
+        "tick's job is due when it fires) and idempotency_key (the tick is its key)",
+        "properties": {k: v for k, v in new_job["properties"].items() if k in TEMPLATE_FIELDS},
+        "required": ["type"],
+        "additionalProperties": False,
+    }
+    fields: dict[str, Schema] = {
+        "cron": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_EXPRESSION_CHARS,
+            "description": "five fields (minute hour day month weekday), or six with "
+            "seconds first; an expression that never fires is refused",
+        },
+        "timezone": {
+            "type": "string",
+            "default": SCHEDULE_DEFAULTS["timezone"],
+            "description": "an IANA time zone name; ticks are computed in it",
+        },
+        "job": template,
+        "missed": {
+            "type": "string",
+            "enum": list(MISSED),
+            "default": SCHEDULE_DEFAULTS["missed"],
+            "description": "ticks found later than catch_up_seconds: skip (no job) or "
+            "run_once (one job, for the latest of them)",
+        },
+        "catch_up_seconds": {
+            **_range(CATCH_UP_RANGE),
+            "default": SCHEDULE_DEFAULTS["catch_up_seconds"],
+            "description": "how late a tick may still fire with its own job",
+        },
+        "overlap": {
+            "type": "string",
+            "enum": list(OVERLAP),
+            "default": SCHEDULE_DEFAULTS["overlap"],
+            "description": "skip: no job for a tick while the previous tick's job is unfinished",
+        },
+        "paused": {
+            "type": "boolean",
+            "default": SCHEDULE_DEFAULTS["paused"],
+            "description": "a paused schedule fires nothing; resumed, it fires from its "
+            "next tick after now",
+        },
+    }
+    name = {"type": "string", "pattern": SCHEDULE_NAME_PATTERN.pattern}
+    shown = {
+        **{
+            k: {key: v for key, v in schema.items() if key != "default"}
+            for k, schema in fields.items()
+        },
+        "name": name,
+        "job": {**template, "required": sorted(TEMPLATE_FIELDS)},
+        "next_tick_at": {**_DATE_TIME, "nullable": True, "description": "null while paused"},
+        "last_tick_at": {**_DATE_TIME, "nullable": True},
+        "last_job_id": {"type": "string", "nullable": True, "pattern": ULID_PATTERN},
+        "created_at": dict(_DATE_TIME),
+        "updated_at": dict(_DATE_TIME),
+        "next_runs": {
+            "type": "array",
+            "items": dict(_DATE_TIME),
+            "maxItems": NEXT_RUNS,
+            "description": "the next ticks; empty while paused",
+        },
+    }
+    return {
+        "NewSchedule": {
+            "type": "object",
+            "properties": {"name": name, **fields},
+            "required": ["name", "cron", "job"],
+            "additionalProperties": False,
+        },
+        "SchedulePatch": {
+            "type": "object",
+            "description": "any of the fields of a schedule but its name",
+            "properties": fields,
+            "additionalProperties": False,
+        },
+        "Schedule": {
+            "type": "object",
+            "properties": shown,
+            "required": list(shown),
+            "additionalProperties": False,
+        },
+        "ScheduleList": {
+            "type": "object",
+            "properties": {
+                "schedules": {"type": "array", "items": _ref("Schedule"), "description": "by name"}
+            },
+            "required": ["schedules"],
+            "additionalProperties": False,
+        },
+    }
+
+
 def _json(schema: Schema, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -435,6 +547,13 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
         "required": True,
         "schema": {"type": "string", "pattern": QUEUE_PATTERN.pattern},
         "description": "the queue's name; any other value is 400",
+    }
+    schedule_name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": SCHEDULE_NAME_PATTERN.pattern},
+        "description": "the schedule's name; any other value is 400",
     }
     low, high = LIMIT_RANGE
 
@@ -622,6 +741,73 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 },
             },
         },
+        "/api/v1/schedules": {
+            "post": {
+                "operationId": "createSchedule",
+                "summary": "Create a cron schedule",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewSchedule")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Schedule"), "created"),
+                    "400": _error("a bad field: the message names it"),
+                    "409": _error("a schedule of that name exists"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "get": {
+                "operationId": "listSchedules",
+                "summary": "List the cron schedules",
+                "responses": {
+                    "200": _json(_ref("ScheduleList"), "every schedule, by name"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/schedules/{name}": {
+            "parameters": [schedule_name],
+            "get": {
+                "operationId": "getSchedule",
+                "summary": "Get one schedule, with its next runs",
+                "responses": {
+                    "200": _json(_ref("Schedule"), "the schedule"),
+                    "400": _error("the name is not a valid schedule name"),
+                    "404": _error("no schedule has that name"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "patch": {
+                "operationId": "changeSchedule",
+                "summary": "Change any field of a schedule but its name",
+                "description": "A change of cron, timezone or paused computes the next tick "
+                "from now.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SchedulePatch")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Schedule"), "the schedule as changed"),
+                    "400": _error("a bad field: the message names it"),
+                    "404": _error("no schedule has that name"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "operationId": "deleteSchedule",
+                "summary": "Delete a schedule; the jobs it created stay",
+                "responses": {
+                    "200": _json(_ref("Schedule"), "the schedule as it was"),
+                    "400": _error("the name is not a valid schedule name"),
+                    "404": _error("no schedule has that name"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
         "/health": {
             "get": {
                 "operationId": "health",
@@ -689,7 +875,7 @@ def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str
             "title": "Orchestrix API",
             "version": "1",
             "description": "Create jobs, read them back, cancel them; pause and resume "
-            "queues.\n\n"
+            "queues; create jobs on cron schedules.\n\n"
             'Every error answers JSON {"error": "..."}. An unknown path is 404, a method '
             "not allowed on a path is 405 with an Allow header, and an unexpected failure "
             "is 500.\n\nLimits:\n" + limits,

@@ -104,18 +104,22 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
     elif payload:
         _check_no_nul(payload)
     return NewJob(
-        type=_name("type", data["type"], TYPE_PATTERN),
+        type=checked_name("type", data["type"], TYPE_PATTERN),
         payload=payload,
-        queue=_name("queue", data["queue"], QUEUE_PATTERN) if "queue" in data else DEFAULT_QUEUE,
-        priority=_int("priority", data["priority"], PRIORITY_RANGE) if "priority" in data else 0,
+        queue=checked_name("queue", data["queue"], QUEUE_PATTERN)
+        if "queue" in data
+        else DEFAULT_QUEUE,
+        priority=checked_int("priority", data["priority"], PRIORITY_RANGE)
+        if "priority" in data
+        else 0,
         max_attempts=(
-            _int("max_attempts", data["max_attempts"], MAX_ATTEMPTS_RANGE)
+            checked_int("max_attempts", data["max_attempts"], MAX_ATTEMPTS_RANGE)
             if "max_attempts" in data
             else DEFAULT_MAX_ATTEMPTS
         ),
         run_at=_optional_time("run_at", data.get("run_at")),
         timeout_seconds=(
-            _int("timeout_seconds", data["timeout_seconds"], TIMEOUT_SECONDS_RANGE)
+            checked_int("timeout_seconds", data["timeout_seconds"], TIMEOUT_SECONDS_RANGE)
             if "timeout_seconds" in data
             else DEFAULT_TIMEOUT_SECONDS
         ),
@@ -138,22 +142,22 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | No
         except ValueError:
             allowed = ", ".join(s.value for s in JobState)
             raise ApiError(400, f"state must be one of {allowed}") from None
-    job_type = _name("type", query["type"], TYPE_PATTERN) if query.get("type") else None
-    queue = _name("queue", query["queue"], QUEUE_PATTERN) if query.get("queue") else None
+    job_type = checked_name("type", query["type"], TYPE_PATTERN) if query.get("type") else None
+    queue = checked_name("queue", query["queue"], QUEUE_PATTERN) if query.get("queue") else None
     limit = DEFAULT_LIMIT
     if query.get("limit"):
         # Decimal ASCII digits only: int() would also take "+5", "5_0" and "\u0665".
         if not _DECIMAL.fullmatch(query["limit"]):
             raise ApiError(400, "limit must be an integer")
         limit = int(query["limit"])
-        _int("limit", limit, LIMIT_RANGE)
+        checked_int("limit", limit, LIMIT_RANGE)
     cursor = query.get("cursor") or None
     if cursor is not None and not ids.is_valid(cursor):
         raise ApiError(400, "cursor must be a job id, as returned in next_cursor")
     return JobFilter(state=state, type=job_type, queue=queue), limit, cursor
 
 
-def _name(field: str, value: Any, pattern: re.Pattern[str]) -> str:
+def checked_name(field: str, value: Any, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ApiError(
             400,
@@ -162,7 +166,7 @@ def _name(field: str, value: Any, pattern: re.Pattern[str]) -> str:
     return value
 
 
-def _int(field: str, value: Any, bounds: tuple[int, int]) -> int:
+def checked_int(field: str, value: Any, bounds: tuple[int, int]) -> int:
     low, high = bounds
     # bool is an int in Python, but `true` is not a number in JSON.
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:

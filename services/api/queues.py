@@ -13,7 +13,7 @@ from aiohttp import web
 from orchestrix.db import queues as db
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.keys import POOL
-from orchestrix.services.api.parsing import QUEUE_PATTERN
+from orchestrix.services.api.parsing import QUEUE_PATTERN, checked_name
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
@@ -49,10 +49,7 @@ async def resume_queue(request: web.Request) -> web.Response:
 
 
 def _name(request: web.Request) -> str:
-    name = request.match_info["queue"]
-    if not QUEUE_PATTERN.fullmatch(name):
-        raise ApiError(400, f"queue must be a string matching {QUEUE_PATTERN.pattern}")
-    return name
+    return checked_name("queue", request.match_info["queue"], QUEUE_PATTERN)
 
 
 async def _existing(request: web.Request, name: str) -> db.Queue:

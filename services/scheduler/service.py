@@ -7,10 +7,12 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
   they had to exit while PostgreSQL was away;
 - the lifeline takes back the jobs of workers that died (seconds);
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
-- the depth reporter keeps the queue gauges current.
+- the depth reporter keeps the queue gauges current;
+- the cron firer creates the jobs of due cron schedules.
 
-Any number of schedulers may run. Every one wakes workers; the lifeline and the
-rescuer run in the one that holds the maintenance lock. On SIGTERM or SIGINT
+Any number of schedulers may run. Every one wakes workers and fires schedules
+(each tick once: services/scheduler/cron.py); the lifeline and the rescuer run
+in the one that holds the maintenance lock. On SIGTERM or SIGINT
 the scheduler stops and exits.
 """
 
@@ -30,6 +32,7 @@ from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.liveness import LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.services.scheduler.cron import CronFirer
 from orchestrix.services.scheduler.depth import DepthReporter
 from orchestrix.services.scheduler.handbacks import HandBackApplier
 from orchestrix.services.scheduler.leader import Leadership
@@ -110,6 +113,7 @@ async def serve(settings: Settings) -> None:
     await status.start()
     waker = Waker(settings.database.url, nc, settings.nats)
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
+    cron_task = asyncio.create_task(CronFirer(pool, metrics).run(stop))
     leadership = Leadership(settings.database.url)
     ledger = HandBackApplier(pool, nc.jetstream(), settings.nats, metrics)
     maintenance = asyncio.create_task(
@@ -129,7 +133,7 @@ async def serve(settings: Settings) -> None:
             await sleep_unless_stopped(stop, WAKER_RETRY_S)
     finally:
         log.info("scheduler stopping")
-        for task in (depth_task, maintenance):
+        for task in (depth_task, cron_task, maintenance):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

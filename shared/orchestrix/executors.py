@@ -40,6 +40,10 @@ class JobContext:
     max_attempts: int
     timeout_seconds: int
     created_at: datetime
+    # For a job a cron schedule created: the schedule's name and the tick's
+    # nominal time (when it was due, not when it fired).
+    schedule: str | None = None
+    tick_at: datetime | None = None
     # Set when the attempt should stop (timeout, shutdown): a plain-function
     # executor cannot be interrupted, so long loops should check it.
     cancel_event: threading.Event = field(default_factory=threading.Event, compare=False)
@@ -59,6 +63,8 @@ class JobContext:
             max_attempts=job.max_attempts,
             timeout_seconds=job.timeout_seconds,
             created_at=job.created_at,
+            schedule=job.schedule,
+            tick_at=job.tick_at,
         )
 
 

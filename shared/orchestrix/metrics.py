@@ -143,6 +143,15 @@ class SchedulerMetrics:
             "Workers found dead by the lifeline (PostgreSQL session and NATS connection gone).",
             registry=self.registry,
         )
+        self.schedule_ticks = Counter(
+            "orchestrix_schedule_ticks_total",
+            "Cron ticks handled by this scheduler: created (a job), missed (older than the "
+            "catch-up window, no job), overlapped (the previous job unfinished, no job).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("created", "missed", "overlapped"):
+            self.schedule_ticks.labels(outcome)
 
     def preset(self, queues: Iterable[str]) -> None:
         """Export the per-queue counters at 0 for ``queues``."""

@@ -54,6 +54,8 @@ class Job:
     cancel_requested_at: datetime | None = None
     worker_id: str | None = None
     handoffs: int = 0
+    schedule: str | None = None
+    tick_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -84,6 +86,8 @@ class Job:
             cancel_requested_at=row["cancel_requested_at"],
             worker_id=row["worker_id"],
             handoffs=row["handoffs"],
+            schedule=row["schedule"],
+            tick_at=row["tick_at"],
         )
         return job
 
@@ -112,6 +116,8 @@ class Job:
             "cancel_requested_at": rfc3339(self.cancel_requested_at),
             "worker_id": self.worker_id,
             "handoffs": self.handoffs,
+            "schedule": self.schedule,
+            "tick_at": rfc3339(self.tick_at),
         }
 
 

@@ -98,6 +98,8 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "completed_at",
         "cancel_requested_at",
         "worker_id",
+        "schedule",
+        "tick_at",
     }
 
 
@@ -317,6 +319,23 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "POST", f"{queues}/default/resume", f"{queue}/resume", 200)
     await responses.call(api, "POST", f"{queues}/nobody/resume", f"{queue}/resume", 404)
     await responses.call(api, "POST", f"{queues}/bad%20name/resume", f"{queue}/resume", 400)
+    schedules, schedule = "/api/v1/schedules", "/api/v1/schedules/{name}"
+    nightly = {"name": "nightly", "cron": "0 3 * * *", "job": {"type": "t", "payload": {}}}
+    await responses.call(api, "POST", schedules, schedules, 201, json=nightly)
+    await responses.call(api, "POST", schedules, schedules, 409, json=nightly)
+    await responses.call(api, "POST", schedules, schedules, 400, json={**nightly, "cron": "x"})
+    await responses.call(api, "GET", schedules, schedules, 200)
+    await responses.call(api, "GET", f"{schedules}/nightly", schedule, 200)
+    await responses.call(api, "GET", f"{schedules}/nobody", schedule, 404)
+    await responses.call(api, "GET", f"{schedules}/bad%20name", schedule, 400)
+    paused = await responses.call(
+        api, "PATCH", f"{schedules}/nightly", schedule, 200, json={"paused": True}
+    )
+    assert paused["next_runs"] == []
+    await responses.call(api, "PATCH", f"{schedules}/nightly", schedule, 400, json={"overlap": "x"})
+    await responses.call(api, "PATCH", f"{schedules}/nobody", schedule, 404, json={"paused": True})
+    await responses.call(api, "DELETE", f"{schedules}/nightly", schedule, 200)
+    await responses.call(api, "DELETE", f"{schedules}/nightly", schedule, 404)
     await responses.call(api, "GET", "/health", "/health", 200)
     await responses.call(api, "GET", "/ready", "/ready", 200)
     await responses.call(api, "GET", "/metrics", "/metrics", 200)
