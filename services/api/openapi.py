@@ -129,6 +129,11 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
     "completed_at": {"description": "set only in SUCCEEDED, FAILED and CANCELLED"},
     "schedule": {"description": "the cron schedule that created the job, if one did"},
     "tick_at": {"description": "the nominal time of the schedule's tick the job is for"},
+    "progress": {
+        "description": "what the executor last reported with job.progress(...), any JSON "
+        "value; written at most once a second while it runs"
+    },
+    "progress_at": {"description": "when that report was written"},
 }
 
 

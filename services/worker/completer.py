@@ -24,7 +24,7 @@ from orchestrix.db import jobs as db
 from orchestrix.errors import UNSTORABLE_ERROR, Kind, storable_error
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
-from orchestrix.services.worker.runner import Failure, Outcome, Success
+from orchestrix.services.worker.runner import Failure, Outcome, Snoozed, Success
 from orchestrix.settings import RetrySettings
 from orchestrix.states import JobState
 
@@ -87,6 +87,8 @@ class Completer:
                     log.debug("job succeeded", extra={"job_id": job.id, "attempt": job.attempt})
                 return written
             outcome = Failure(written, Kind.PERMANENT)
+        if isinstance(outcome, Snoozed):
+            return await self._snooze(job, outcome.delay_s)
         decision = retry.decide(
             outcome.kind,
             attempt=job.attempt,
@@ -120,6 +122,20 @@ class Completer:
         else:
             self._metrics.jobs_failed.labels(*labels).inc()
             log.warning("job failed", extra={**extra, "kind": outcome.kind.value})
+        return True
+
+    async def _snooze(self, job: Job, delay_s: float) -> bool:
+        state = await db.snooze(self._pool, job.id, job.attempt, delay_s, worker_id=self._worker_id)
+        if state is None:
+            return False
+        labels = (job.type, job.queue)
+        extra = {"job_id": job.id, "attempt": job.attempt}
+        if state is JobState.CANCELLED:
+            self._metrics.jobs_cancelled.labels(*labels).inc()
+            log.info("job snoozed; cancelled as requested instead", extra=extra)
+        else:
+            self._metrics.jobs_snoozed.labels(*labels).inc()
+            log.info("job snoozed", extra={**extra, "run_in_s": delay_s})
         return True
 
     async def _write_failure(self, job: Job, error: str, delay_s: float | None) -> Job | None:

@@ -15,7 +15,8 @@ while the heartbeat cannot reach PostgreSQL, or while the worker stops.
 
 The heartbeat (services/worker/heartbeat.py) renews leases and fences; stops
 (services/worker/stops.py) say what a stopped attempt writes; the completer
-writes outcomes.
+writes outcomes; the progress writer (services/worker/progress.py) writes what
+executors report.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from orchestrix.models import Job
 from orchestrix.services.worker import runner
 from orchestrix.services.worker.completer import Completer
 from orchestrix.services.worker.heartbeat import Heartbeat
+from orchestrix.services.worker.progress import ProgressWriter
 from orchestrix.services.worker.stops import (
     LEDGER_TIMEOUT_S,
     MAX_HANDOFFS,
@@ -106,6 +108,7 @@ class Consumer:
         self._types = tuple(registry.types())
         self._lease_s = settings.recovery.lease_timeout_s
         self._threads = Threads(self._concurrency, "executor")
+        self._progress = ProgressWriter(pool, self.id)
         self._running: dict[str, Running] = {}  # every held job, until its outcome is written
         self._recording = 0  # of which this many are having their outcome written
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
@@ -139,6 +142,7 @@ class Consumer:
         ]
         beat = asyncio.create_task(self._heartbeat.run())
         fence = asyncio.create_task(self._fence())
+        progress = asyncio.create_task(self._progress.run())
         stopped = asyncio.create_task(stop.wait())
         stopped.add_done_callback(lambda _: self._wake.set())
         try:
@@ -157,6 +161,7 @@ class Consumer:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
             fence.cancel()
+            progress.cancel()
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
@@ -351,11 +356,16 @@ class Consumer:
         self._metrics.slots_busy.inc()
         clock = time.perf_counter()
         try:
-            outcome = await runner.run(
-                self._registry.get(job.type), JobContext.of(job), self._threads
-            )
+            context = JobContext.of(job)
+            context.controls.report = self._progress.reporter(job.id, job.attempt)
+            outcome = await runner.run(self._registry.get(job.type), context, self._threads)
         finally:
             self._metrics.slots_busy.dec()
-        name = "success" if isinstance(outcome, runner.Success) else outcome.kind.value
+        if isinstance(outcome, runner.Success):
+            name = "success"
+        elif isinstance(outcome, runner.Snoozed):
+            name = "snoozed"
+        else:
+            name = outcome.kind.value
         self._metrics.job_duration.labels(*labels, name).observe(time.perf_counter() - clock)
         return outcome

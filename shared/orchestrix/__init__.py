@@ -9,7 +9,7 @@ code imports::
 from __future__ import annotations
 
 from orchestrix.errors import InvalidPayload, PermanentError
-from orchestrix.executors import JobContext, executor
+from orchestrix.executors import JobContext, Snooze, executor
 
-__all__ = ["InvalidPayload", "JobContext", "PermanentError", "executor"]
+__all__ = ["InvalidPayload", "JobContext", "PermanentError", "Snooze", "executor"]
 __version__ = "0.1.0"

@@ -25,7 +25,32 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+import orjson
+
 from orchestrix.models import Job
+
+MAX_PROGRESS_BYTES = 65_536
+# A snooze or a timeout extension: at most a week (the longest timeout_seconds).
+MAX_SNOOZE_OR_EXTENSION_S = 7 * 24 * 3600
+
+
+class Snooze(Exception):
+    """Raise from an executor to run the job again after ``seconds``, without using up
+    an attempt: it goes back to PENDING, due then, its attempt not counted."""
+
+    def __init__(self, seconds: float) -> None:
+        if not 0 < seconds <= MAX_SNOOZE_OR_EXTENSION_S:
+            raise ValueError(f"Snooze: seconds must be in (0, {MAX_SNOOZE_OR_EXTENSION_S}]")
+        super().__init__(f"snoozed for {seconds:g} s")
+        self.seconds = float(seconds)
+
+
+class Controls:
+    """Set by the worker running an attempt: where its reports go."""
+
+    def __init__(self) -> None:
+        self.report: Callable[[bytes], None] | None = None  # the latest progress, as JSON
+        self.extend: Callable[[float], None] | None = None  # seconds more from now
 
 
 @dataclass(frozen=True)
@@ -47,10 +72,34 @@ class JobContext:
     # Set when the attempt should stop (timeout, shutdown): a plain-function
     # executor cannot be interrupted, so long loops should check it.
     cancel_event: threading.Event = field(default_factory=threading.Event, compare=False)
+    # How the worker hears progress and timeout extensions (none outside a worker).
+    controls: Controls = field(default_factory=lambda: Controls(), compare=False, repr=False)
 
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def progress(self, value: Any) -> None:
+        """Report progress: any JSON value (at most MAX_PROGRESS_BYTES), shown on the
+        job as ``progress``. Only the latest report counts; the worker writes it at
+        most once a second while the attempt runs. Callable from a thread."""
+        try:
+            data = orjson.dumps(value)
+        except TypeError as exc:
+            raise ValueError(f"progress must be a JSON value: {exc}") from None
+        if len(data) > MAX_PROGRESS_BYTES:
+            raise ValueError(f"progress must be at most {MAX_PROGRESS_BYTES} bytes of JSON")
+        if self.controls.report is not None:
+            self.controls.report(data)
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Let this attempt run ``seconds`` more from now (never less than it had).
+        The job's ``timeout_seconds`` is unchanged: the next attempt starts with it.
+        Callable from a thread."""
+        if not 0 < seconds <= MAX_SNOOZE_OR_EXTENSION_S:
+            raise ValueError(f"seconds must be in (0, {MAX_SNOOZE_OR_EXTENSION_S}]")
+        if self.controls.extend is not None:
+            self.controls.extend(seconds)
 
     @classmethod
     def of(cls, job: Job) -> JobContext:

@@ -200,6 +200,12 @@ class WorkerMetrics:
             labels,
             registry=self.registry,
         )
+        self.jobs_snoozed = Counter(
+            "orchestrix_jobs_snoozed_total",
+            "Attempts whose executor asked to run again later (Snooze): not counted.",
+            labels,
+            registry=self.registry,
+        )
         self.jobs_cancelled = Counter(
             "orchestrix_jobs_cancelled_while_running_total",
             "Running jobs that ended CANCELLED because a user cancelled them.",
@@ -240,6 +246,7 @@ class WorkerMetrics:
             self.jobs_failed,
             self.jobs_retried,
             self.jobs_handed_back,
+            self.jobs_snoozed,
             self.jobs_cancelled,
         )
         for job_type, queue in product(types, tuple(queues)):

@@ -56,6 +56,8 @@ class Job:
     handoffs: int = 0
     schedule: str | None = None
     tick_at: datetime | None = None
+    progress: Any = None
+    progress_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -88,6 +90,8 @@ class Job:
             handoffs=row["handoffs"],
             schedule=row["schedule"],
             tick_at=row["tick_at"],
+            progress=row["progress"],
+            progress_at=row["progress_at"],
         )
         return job
 
@@ -118,6 +122,8 @@ class Job:
             "handoffs": self.handoffs,
             "schedule": self.schedule,
             "tick_at": rfc3339(self.tick_at),
+            "progress": self.progress,
+            "progress_at": rfc3339(self.progress_at),
         }
 
 

@@ -68,6 +68,7 @@ def assert_each_tick_once(ticks: list[datetime], at_least: int) -> None:
     assert missing == [], f"ticks without a job: {missing}"
     assert len(ticks) == len(set(ticks)), "a tick has two jobs"
     assert len(ticks) >= at_least
+    print(f"\ncron: {len(ticks)} consecutive ticks, each with exactly one job")
 
 
 @pytest.mark.timeout(90)

@@ -13,9 +13,9 @@ import asyncpg
 import nats
 import pytest
 from orchestrix.db import jobs as db
-from orchestrix.executors import JobContext, Registry
+from orchestrix.executors import JobContext, Registry, Snooze
 from orchestrix.metrics import WorkerMetrics
-from orchestrix.models import NewJob
+from orchestrix.models import Job, NewJob
 from orchestrix.settings import Settings
 
 from services.worker.consumer import Consumer, Phase
@@ -142,3 +142,161 @@ async def test_slots_free_while_outcomes_are_written_but_held_jobs_stay_bounded(
             succeeded = await pool.fetchval("SELECT count(*) FROM jobs WHERE state = 'SUCCEEDED'")
     assert most_executing <= concurrency
     assert succeeded == 10
+
+
+# --- what executors can say besides success and failure ----------------------------
+
+
+async def _settled(pool: asyncpg.Pool, job_id: str, timeout_s: float = 15) -> asyncpg.Record:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = await pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+        if row["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {row['state']}")
+        await asyncio.sleep(0.05)
+
+
+async def test_progress_is_shown_on_the_job_while_it_runs(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    release = asyncio.Event()
+
+    async def reports(ctx: JobContext) -> str:
+        for done in (10, 50, 90):
+            ctx.progress({"percent": done})
+        await release.wait()
+        return "ok"
+
+    def reports_from_a_thread(ctx: JobContext) -> str:
+        ctx.progress("halfway")
+        time.sleep(1.5)
+        return "ok"
+
+    registry = Registry()
+    registry.register("reports", reports)
+    registry.register("threaded", reports_from_a_thread)
+    job, _ = await db.insert(pool, NewJob(type="reports"))
+    threaded, _ = await db.insert(pool, NewJob(type="threaded"))
+    async with consumer_of(pool, settings, registry):
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                rows = {
+                    row["id"]: row
+                    for row in await pool.fetch(
+                        "SELECT id, progress, progress_at FROM jobs WHERE id = ANY($1::text[])",
+                        [job.id, threaded.id],
+                    )
+                }
+                if rows[job.id]["progress"] is not None and rows[threaded.id]["progress"]:
+                    break
+                assert time.monotonic() < deadline, "no progress written"
+                await asyncio.sleep(0.1)
+            # Only the latest report counts.
+            assert rows[job.id]["progress"] == {"percent": 90}
+            assert rows[job.id]["progress_at"] is not None
+            assert rows[threaded.id]["progress"] == "halfway"
+        finally:
+            release.set()
+        row = await _settled(pool, job.id)
+        assert (row["state"], row["progress"]) == ("SUCCEEDED", {"percent": 90})
+
+
+def test_progress_refuses_what_is_not_small_json() -> None:
+    ctx = JobContext.of(
+        Job.from_row(
+            {
+                **dict.fromkeys(Job.__dataclass_fields__),
+                "id": "x",
+                "state": "RUNNING",
+                "errors": [],
+                "handoffs": 0,
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="JSON value"):
+        ctx.progress({1, 2})
+    with pytest.raises(ValueError, match="at most"):
+        ctx.progress("x" * 70_000)
+    ctx.progress({"fine": True})  # outside a worker, a report goes nowhere
+
+
+async def test_a_snooze_runs_the_job_again_later_without_using_an_attempt(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    starts: list[tuple[int, float]] = []
+
+    async def snoozes_once(ctx: JobContext) -> str:
+        starts.append((ctx.attempt, time.monotonic()))
+        if len(starts) == 1:
+            raise Snooze(0.5)
+        return "done"
+
+    registry = Registry()
+    registry.register("snoozy", snoozes_once)
+    # One attempt only: a snooze must not use it up.
+    job, _ = await db.insert(pool, NewJob(type="snoozy", max_attempts=1))
+    async with consumer_of(pool, settings, registry) as consumer:
+        row = await _settled(pool, job.id)
+        snoozed = consumer._metrics.registry.get_sample_value(
+            "orchestrix_jobs_snoozed_total", {"type": "snoozy", "queue": "default"}
+        )
+    assert (row["state"], row["attempt"], row["result"], row["errors"]) == (
+        "SUCCEEDED",
+        1,
+        "done",
+        [],
+    )
+    assert [attempt for attempt, _ in starts] == [1, 1]
+    assert starts[1][1] - starts[0][1] >= 0.5
+    assert snoozed == 1
+
+
+async def test_a_snooze_of_a_job_whose_cancel_was_asked_for_cancels_it(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    async def snoozes(ctx: JobContext) -> None:
+        await pool.execute("UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", ctx.id)
+        raise Snooze(60)
+
+    registry = Registry()
+    registry.register("snoozes", snoozes)
+    job, _ = await db.insert(pool, NewJob(type="snoozes"))
+    async with consumer_of(pool, settings, registry):
+        row = await _settled(pool, job.id)
+    assert row["state"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("in_a_thread", [False, True])
+async def test_an_executor_extends_its_own_timeout(
+    pool: asyncpg.Pool, settings: Settings, in_a_thread: bool
+) -> None:
+    async def extends(ctx: JobContext) -> str:
+        if ctx.payload["extend"]:
+            ctx.extend_timeout(5)
+        await asyncio.sleep(2)
+        return "in time"
+
+    def extends_in_thread(ctx: JobContext) -> str:
+        if ctx.payload["extend"]:
+            ctx.extend_timeout(5)
+        time.sleep(2)
+        return "in time"
+
+    registry = Registry()
+    registry.register("slow", extends_in_thread if in_a_thread else extends)
+    # A timeout of 1 s: 2 s of work fit only with the extension.
+    extended, _ = await db.insert(
+        pool, NewJob(type="slow", timeout_seconds=1, max_attempts=1, payload={"extend": True})
+    )
+    plain, _ = await db.insert(
+        pool, NewJob(type="slow", timeout_seconds=1, max_attempts=1, payload={"extend": False})
+    )
+    async with consumer_of(pool, settings, registry):
+        done = await _settled(pool, extended.id)
+        timed_out = await _settled(pool, plain.id)
+    assert (done["state"], done["result"]) == ("SUCCEEDED", "in time")
+    assert timed_out["state"] == "FAILED"
+    assert timed_out["last_error"].startswith("JobTimeout")

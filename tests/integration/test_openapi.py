@@ -100,6 +100,7 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "worker_id",
         "schedule",
         "tick_at",
+        "progress_at",
     }
 
 

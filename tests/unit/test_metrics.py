@@ -22,7 +22,7 @@ def test_a_fresh_worker_exports_every_outcome_counter_at_zero() -> None:
     assert 'orchestrix_jobs_failed_total{queue="default",type="noop"} 0.0' in text
     # Every per-type-and-queue counter; one added later must be added to preset() too.
     per_job = [counter for counter in _counters(metrics) if _labels(counter) == ("type", "queue")]
-    assert len(per_job) == 6
+    assert len(per_job) == 7
     for counter in per_job:
         (family,) = counter.describe()
         for job_type in ("demo_job", "noop"):

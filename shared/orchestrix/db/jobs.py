@@ -351,6 +351,30 @@ WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING state
 """
 
+# An executor asked to run again later (a snooze): like a hand-back, the attempt
+# is not counted, but the job is due only after $3 s, and hand-backs start over.
+_SNOOZE = """
+UPDATE jobs
+SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
+    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
+    handoffs = 0,
+    run_at = CASE WHEN cancel_requested_at IS NULL THEN now() + make_interval(secs => $3)
+                  ELSE run_at END,
+    started_at = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+  AND ($4::text IS NULL OR worker_id = $4)
+RETURNING state
+"""
+
+# The latest progress of running attempts, one statement for all of a worker's.
+_PROGRESS = """
+UPDATE jobs SET progress = p.progress::jsonb, progress_at = now()
+FROM unnest($1::text[], $2::int[], $3::text[]) AS p(id, attempt, progress)
+WHERE jobs.id = p.id AND jobs.attempt = p.attempt AND jobs.state = 'RUNNING'
+  AND ($4::text IS NULL OR jobs.worker_id = $4)
+"""
+
 # Jobs RUNNING for a worker that does not know it runs them: a claim whose
 # commit the worker never saw (the connection broke after the server committed).
 # Only claims older than $3 s: a claim that is answering right now is not one.
@@ -413,6 +437,24 @@ async def hand_back(
     for); None when the job had moved on. ``counted`` adds one to ``handoffs``."""
     state = await conn.fetchval(_HAND_BACK, job_id, attempt, 1 if counted else 0, worker_id)
     return None if state is None else JobState(state)
+
+
+async def snooze(
+    conn: Conn, job_id: str, attempt: int, delay_s: float, *, worker_id: str | None = None
+) -> JobState | None:
+    """RUNNING → PENDING, due in ``delay_s``, the attempt not counted (CANCELLED if a
+    cancel was asked for); None when the job had moved on."""
+    state = await conn.fetchval(_SNOOZE, job_id, attempt, delay_s, worker_id)
+    return None if state is None else JobState(state)
+
+
+async def write_progress(
+    conn: Conn, reports: Sequence[tuple[str, int, str]], *, worker_id: str | None = None
+) -> None:
+    """Store each running attempt's latest progress: (id, attempt, JSON text)."""
+    if reports:
+        ids_, attempts, values = zip(*reports, strict=True)
+        await conn.execute(_PROGRESS, list(ids_), list(attempts), list(values), worker_id)
 
 
 async def orphans(
