@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 from orchestrix.errors import Kind, classify, describe
-from orchestrix.executors import Executor, JobContext, Snooze
+from orchestrix.executors import MAX_RESULT_BYTES, Executor, JobContext, Snooze
 from orchestrix.services.worker.threads import Threads
 
 
@@ -72,9 +72,15 @@ async def run(executor: Executor | None, job: JobContext, threads: Threads) -> O
     except Exception as exc:  # the executor's failure is the job's, never the worker's
         return Failure(describe(exc), classify(exc))
     try:
-        orjson.dumps(result)
+        size = len(orjson.dumps(result))
     except TypeError as exc:
         return Failure(f"InvalidResult: the result cannot be stored as JSON: {exc}", Kind.PERMANENT)
+    if size > MAX_RESULT_BYTES:
+        return Failure(
+            f"InvalidResult: the result is {size:,} bytes of JSON, more than the "
+            f"{MAX_RESULT_BYTES:,} allowed",
+            Kind.PERMANENT,
+        )
     return Success(result)
 
 

@@ -30,6 +30,9 @@ import orjson
 from orchestrix.models import Job
 
 MAX_PROGRESS_BYTES = 65_536
+# The largest result an attempt may return, as JSON: a larger one fails the job
+# (InvalidResult), so that no response or row grows without bound.
+MAX_RESULT_BYTES = 1024 * 1024
 # A snooze or a timeout extension: at most a week (the longest timeout_seconds).
 MAX_SNOOZE_OR_EXTENSION_S = 7 * 24 * 3600
 

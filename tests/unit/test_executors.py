@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from orchestrix import PermanentError, executor
 from orchestrix.errors import Kind
-from orchestrix.executors import JobContext, Registry, registry
+from orchestrix.executors import MAX_RESULT_BYTES, JobContext, Registry, registry
 from orchestrix.services.worker.runner import Failure, Success, run
 from orchestrix.services.worker.threads import Threads
 
@@ -99,6 +99,22 @@ async def test_failures_are_classified(threads: Threads) -> None:
     assert isinstance(outcome, Failure)
     assert outcome.kind is Kind.PERMANENT
     assert outcome.error.startswith("InvalidResult: the result cannot be stored as JSON")
+
+    async def huge(job: JobContext) -> str:
+        return "x" * MAX_RESULT_BYTES  # two bytes more as JSON, with its quotes
+
+    async def just_fits(job: JobContext) -> str:
+        return "x" * (MAX_RESULT_BYTES - 2)
+
+    local.register("huge", huge)
+    local.register("fits", just_fits)
+    too_big = await run(local.get("huge"), context(), threads)
+    assert too_big == Failure(
+        f"InvalidResult: the result is {MAX_RESULT_BYTES + 2:,} bytes of JSON, more than the "
+        f"{MAX_RESULT_BYTES:,} allowed",
+        Kind.PERMANENT,
+    )
+    assert isinstance(await run(local.get("fits"), context(), threads), Success)
     missing = await run(None, context("ghost"), threads)
     assert missing == Failure(
         "NoExecutor: no executor is registered for job type 'ghost'", Kind.PERMANENT
