@@ -19,7 +19,7 @@ from orchestrix.services.api.parsing import (
     parse_new_job,
     read_json_object,
 )
-from orchestrix.states import TERMINAL, JobState
+from orchestrix.states import CLAIMABLE, TERMINAL, JobState
 
 log = logging.getLogger("api")
 # /api/v1/stats names at most this many types waiting for an executor.
@@ -91,6 +91,37 @@ async def cancel_job(request: web.Request) -> web.Response:
     if cancelled is not None:
         return _cancelled(request, cancelled)
     raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
+
+
+@routes.post(JOB_PATH + "/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    """A FAILED or CANCELLED job runs again: PENDING, due now, a new budget of attempts."""
+    job_id = request.match_info["id"]
+    retried = await db.retry_by_hand(request.app[POOL], job_id) if ids.is_valid(job_id) else None
+    if retried is None:
+        job = await _existing(request)
+        raise ApiError(
+            409,
+            f"job {job.id} is {job.state}; only FAILED or CANCELLED jobs can be retried",
+        )
+    log.info("job retried by hand", extra={"job_id": retried.id, "type": retried.type})
+    return json_response(retried.to_json())
+
+
+@routes.post(JOB_PATH + "/run")
+async def run_job_now(request: web.Request) -> web.Response:
+    """A job waiting for a later run_at becomes due now; an already due one stays as it is."""
+    job_id = request.match_info["id"]
+    moved = await db.run_now(request.app[POOL], job_id) if ids.is_valid(job_id) else None
+    if moved is not None:
+        log.info("job made due now", extra={"job_id": moved.id, "type": moved.type})
+        return json_response(moved.to_json())
+    job = await _existing(request)
+    if job.state not in CLAIMABLE:
+        raise ApiError(
+            409, f"job {job.id} is {job.state}; only PENDING or RETRYING jobs can be run now"
+        )
+    return json_response(job.to_json())
 
 
 async def _request_cancel(request: web.Request, job: Job) -> web.Response:

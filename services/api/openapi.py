@@ -683,6 +683,36 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 },
             },
         },
+        "/api/v1/jobs/{id}/retry": {
+            "parameters": [job_id],
+            "post": {
+                "operationId": "retryJob",
+                "summary": "Run a FAILED or CANCELLED job again",
+                "description": "It becomes PENDING, due now, with a new budget of "
+                "max_attempts attempts (attempt starts again from 0); its errors stay.",
+                "responses": {
+                    "200": _json(_ref("Job"), "the job, PENDING again"),
+                    "404": _error("no job has that id"),
+                    "409": _error("the job is not FAILED or CANCELLED; the message says its state"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/{id}/run": {
+            "parameters": [job_id],
+            "post": {
+                "operationId": "runJobNow",
+                "summary": "Make a job waiting for a later run_at due now",
+                "description": "A PENDING or RETRYING job whose run_at is ahead becomes "
+                "due at once and the workers are woken; one already due is left as it is.",
+                "responses": {
+                    "200": _json(_ref("Job"), "the job, due now"),
+                    "404": _error("no job has that id"),
+                    "409": _error("the job is RUNNING or finished"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
         "/api/v1/stats": {
             "get": {
                 "operationId": "stats",

@@ -19,11 +19,13 @@ class JobState(StrEnum):
     SUCCEEDED = "SUCCEEDED"
     """Terminal: the executor returned a result."""
     FAILED = "FAILED"
-    """Terminal: a permanent error, or the last attempt failed."""
+    """Terminal: a permanent error, or the last attempt failed. Only an operator's
+    retry (``POST /api/v1/jobs/{id}/retry``) moves it on, to PENDING."""
     RETRYING = "RETRYING"
     """An attempt failed; due again at ``run_at`` and claimed like PENDING."""
     CANCELLED = "CANCELLED"
-    """Terminal: a user cancelled the job before it finished."""
+    """Terminal: a user cancelled the job before it finished. Like FAILED, an
+    operator may retry it."""
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -43,11 +45,15 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    # An operator's retry: PENDING again, with a new budget of attempts.
+    JobState.FAILED: frozenset({JobState.PENDING}),
+    JobState.CANCELLED: frozenset({JobState.PENDING}),
 }
 
-TERMINAL: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+# Finished: no worker, scheduler or timer moves these on; only an operator's retry
+# does, for RETRYABLE_BY_HAND.
+TERMINAL: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+RETRYABLE_BY_HAND: frozenset[JobState] = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 # States from which a worker claims a job once its run_at has passed.
 CLAIMABLE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})

@@ -18,6 +18,7 @@ from orchestrix.models import Job, NewJob
 from orchestrix.states import (
     CANCELLABLE_AT_ONCE,
     CLAIMABLE,
+    RETRYABLE_BY_HAND,
     JobState,
     can_transition,
     sources_of,
@@ -393,6 +394,15 @@ async def _hand_back_cancelled(pool: asyncpg.Pool, job: Job) -> JobState | None:
     return await db.hand_back(pool, job.id, job.attempt)
 
 
+async def _snooze(pool: asyncpg.Pool, job: Job) -> JobState | None:
+    return await db.snooze(pool, job.id, job.attempt, 5.0)
+
+
+async def _retry_by_hand(pool: asyncpg.Pool, job: Job) -> JobState | None:
+    retried = await db.retry_by_hand(pool, job.id)
+    return None if retried is None else retried.state
+
+
 async def _cancel(pool: asyncpg.Pool, job: Job) -> JobState | None:
     cancelled = await db.cancel(pool, job.id)
     return None if cancelled is None else cancelled.state
@@ -426,7 +436,9 @@ MOVES = [
     Move("succeed_many", _succeed_many, S.SUCCEEDED, sources_of(S.SUCCEEDED)),
     Move("retry", _retry, S.RETRYING, sources_of(S.RETRYING)),
     Move("fail", _fail, S.FAILED, sources_of(S.FAILED)),
-    Move("hand_back", _hand_back, S.PENDING, sources_of(S.PENDING)),
+    Move("hand_back", _hand_back, S.PENDING, frozenset({S.RUNNING})),
+    Move("snooze", _snooze, S.PENDING, frozenset({S.RUNNING})),
+    Move("retry_by_hand", _retry_by_hand, S.PENDING, RETRYABLE_BY_HAND),
     Move("hand_back_cancelled", _hand_back_cancelled, S.CANCELLED, ONLY_RUNNING),
     Move("cancel", _cancel, S.CANCELLED, CANCELLABLE_AT_ONCE),
     Move("cancel_running", _cancel_running, S.CANCELLED, ONLY_RUNNING),

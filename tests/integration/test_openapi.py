@@ -289,6 +289,13 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
         api, "POST", jobs, jobs, 201, json={"type": "t", "run_at": "2030-01-01T00:00:00+02:00"}
     )
     await responses.call(api, "DELETE", f"{jobs}/{later['id']}", one, 200)
+    retry, run = f"{one}/retry", f"{one}/run"
+    await responses.call(api, "POST", f"{url}/retry", retry, 200)
+    await responses.call(api, "POST", f"{url}/retry", retry, 409)
+    await responses.call(api, "POST", f"{jobs}/{ids.new_id()}/retry", retry, 404)
+    await responses.call(api, "POST", f"{url}/run", run, 200)
+    await responses.call(api, "POST", f"{jobs}/{running['id']}/run", run, 409)
+    await responses.call(api, "POST", f"{jobs}/{ids.new_id()}/run", run, 404)
     await responses.call(api, "GET", f"{jobs}/{ids.new_id()}", one, 404)
     await responses.call(api, "DELETE", f"{jobs}/not-an-id", one, 404)
     page = await responses.call(api, "GET", f"{jobs}?limit=1", jobs, 200)

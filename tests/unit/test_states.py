@@ -6,6 +6,7 @@ import pytest
 from orchestrix.states import (
     CANCELLABLE_AT_ONCE,
     CLAIMABLE,
+    RETRYABLE_BY_HAND,
     TERMINAL,
     InvalidTransition,
     JobState,
@@ -25,6 +26,8 @@ ALLOWED = {
     (S.RUNNING, S.PENDING),
     (S.RETRYING, S.RUNNING),
     (S.RETRYING, S.CANCELLED),
+    (S.FAILED, S.PENDING),
+    (S.CANCELLED, S.PENDING),
 }
 FORBIDDEN = set(itertools.product(S, S)) - ALLOWED
 
@@ -59,4 +62,6 @@ def test_derived_sets() -> None:
     assert {S.PENDING, S.RETRYING} == CLAIMABLE
     assert sources_of(S.CANCELLED) >= CANCELLABLE_AT_ONCE
     assert sources_of(S.RUNNING) == {S.PENDING, S.RETRYING}
-    assert sources_of(S.PENDING) == {S.RUNNING}
+    assert sources_of(S.PENDING) == {S.RUNNING} | RETRYABLE_BY_HAND
+    assert {S.FAILED, S.CANCELLED} == RETRYABLE_BY_HAND
+    assert RETRYABLE_BY_HAND <= TERMINAL

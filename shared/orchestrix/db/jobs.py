@@ -367,6 +367,31 @@ WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING state
 """
 
+# An operator's retry of a finished job: PENDING and due now, with a new budget
+# of attempts; its errors stay. The workers are woken as for a new job.
+_RETRY_BY_HAND = """
+WITH moved AS (
+    UPDATE jobs
+    SET state = 'PENDING', attempt = 0, run_at = now(), completed_at = NULL,
+        scheduled_at = NULL, started_at = NULL, lease_expires_at = NULL,
+        cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
+        updated_at = now()
+    WHERE id = $1 AND state IN ('FAILED', 'CANCELLED')
+    RETURNING *
+)
+SELECT moved.*, pg_notify('orchestrix_jobs', '') FROM moved
+"""
+
+# A waiting job whose run_at is still ahead becomes due now.
+_RUN_NOW = """
+WITH moved AS (
+    UPDATE jobs SET run_at = now(), updated_at = now()
+    WHERE id = $1 AND state IN ('PENDING', 'RETRYING') AND run_at > now()
+    RETURNING *
+)
+SELECT moved.*, pg_notify('orchestrix_jobs', '') FROM moved
+"""
+
 # The latest progress of running attempts, one statement for all of a worker's.
 _PROGRESS = """
 UPDATE jobs SET progress = p.progress::jsonb, progress_at = now()
@@ -437,6 +462,19 @@ async def hand_back(
     for); None when the job had moved on. ``counted`` adds one to ``handoffs``."""
     state = await conn.fetchval(_HAND_BACK, job_id, attempt, 1 if counted else 0, worker_id)
     return None if state is None else JobState(state)
+
+
+async def retry_by_hand(conn: Conn, job_id: str) -> Job | None:
+    """FAILED or CANCELLED → PENDING, due now, attempts counted from 0 again; None
+    when the job is in another state (or does not exist)."""
+    row = await conn.fetchrow(_RETRY_BY_HAND, job_id)
+    return None if row is None else Job.from_row(row)
+
+
+async def run_now(conn: Conn, job_id: str) -> Job | None:
+    """Make a waiting job due now; None when it is not waiting for a later run_at."""
+    row = await conn.fetchrow(_RUN_NOW, job_id)
+    return None if row is None else Job.from_row(row)
 
 
 async def snooze(
