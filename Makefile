@@ -20,8 +20,12 @@ install: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/orchestrix dev
 
+## promtool, for the checks of deploy/observability/alerts.yml (from Debian's package).
+$(BIN)/promtool: | $(STAMP)
+	sh deploy/observability/get-promtool $@
+
 ## Run the test suite against real servers (TEST_DATABASE_URL / TEST_NATS_URL, or embedded ones).
-test: $(STAMP)
+test: $(STAMP) $(BIN)/promtool
 	$(BIN)/pytest
 
 ## Soak and benchmark runs, on demand.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+from orchestrix.metrics import CONTENT_TYPE_LATEST, expose, record_dependencies
 from orchestrix.services.api.errors import json_response
 from orchestrix.services.api.keys import LIFECYCLE, METRICS, POOL
 from orchestrix.status import REQUIRED, check_dependencies, reasons
@@ -49,5 +49,10 @@ async def ready(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    body = expose(request.app[METRICS].registry)
+    lifecycle = request.app[LIFECYCLE]
+    measured = request.app[METRICS]
+    record_dependencies(
+        measured.dependency_up, await check_dependencies(request.app[POOL], lifecycle.nats)
+    )
+    body = expose(measured.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -108,7 +108,11 @@ async def serve(settings: Settings) -> None:
     metrics = SchedulerMetrics()
     metrics.preset((DEFAULT_QUEUE,))
     status = StatusServer(
-        settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
+        settings.metrics,
+        metrics.registry,
+        lambda: check_dependencies(pool, nc),
+        stop,
+        metrics.dependency_up,
     )
     await status.start()
     waker = Waker(settings.database.url, nc, settings.nats)

@@ -34,7 +34,11 @@ async def serve(settings: Settings) -> None:
     metrics = WorkerMetrics(settings.worker.concurrency)
     metrics.preset(executors.registry.types(), settings.worker.queues or (DEFAULT_QUEUE,))
     status = StatusServer(
-        settings.metrics, metrics.registry, lambda: check_dependencies(pool, nc), stop
+        settings.metrics,
+        metrics.registry,
+        lambda: check_dependencies(pool, nc),
+        stop,
+        metrics.dependency_up,
     )
     await status.start()
     consumer = Consumer(pool, nc, settings, executors.registry, metrics)

@@ -26,12 +26,34 @@ __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "SchedulerMetrics", "WorkerMetri
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+DEPENDENCIES = ("postgres", "nats")
+
+
+def _dependency_up(registry: CollectorRegistry) -> Gauge:
+    gauge = Gauge(
+        "orchestrix_dependency_up",
+        "1 if this process reached the dependency when it was last scraped, else 0.",
+        ["dependency"],
+        registry=registry,
+    )
+    for name in DEPENDENCIES:
+        gauge.labels(name)
+    return gauge
+
+
+def record_dependencies(gauge: Gauge, checks: dict[str, str]) -> None:
+    """Set ``orchestrix_dependency_up`` from a readiness check's answers."""
+    for name in DEPENDENCIES:
+        gauge.labels(name).set(1 if checks.get(name) == "ok" else 0)
+
+
 class ApiMetrics:
     """Nothing is preset: the API loads no executors, so it knows no job types, and
     its counters are all per type and queue. Each series appears with its first job."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.dependency_up = _dependency_up(self.registry)
         self.jobs_created = Counter(
             "orchestrix_jobs_created_total",
             "Jobs created through the API.",
@@ -114,6 +136,7 @@ RESCUED_STATES = (JobState.RETRYING, JobState.FAILED, JobState.CANCELLED)
 class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.dependency_up = _dependency_up(self.registry)
         self.queue_depth = Gauge(
             "orchestrix_queue_depth",
             "Jobs waiting to run (PENDING or RETRYING), per queue.",
@@ -163,6 +186,7 @@ class SchedulerMetrics:
 class WorkerMetrics:
     def __init__(self, concurrency: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.dependency_up = _dependency_up(self.registry)
         labels = ["type", "queue"]
         self.jobs_claimed = Counter(
             "orchestrix_jobs_claimed_total",

@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
-from orchestrix.metrics import CONTENT_TYPE_LATEST, expose
+from orchestrix.metrics import CONTENT_TYPE_LATEST, expose, record_dependencies
 from orchestrix.settings import MetricsSettings
 
 log = logging.getLogger("status")
@@ -44,10 +44,13 @@ class StatusServer:
         registry: CollectorRegistry,
         ready: ReadyCheck,
         stop: asyncio.Event,
+        dependency_up: Gauge | None = None,
     ) -> None:
+        """``dependency_up``: set from a readiness check at each scrape of /metrics."""
         self._settings = settings
         self._registry = registry
         self._ready = ready
+        self._dependency_up = dependency_up
         # /ready fails from the moment shutdown starts, while the process drains.
         self._stop = stop
         self._runner: web.AppRunner | None = None
@@ -71,6 +74,8 @@ class StatusServer:
         return _json({"status": "ready", "checks": checks})
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self._dependency_up is not None:
+            record_dependencies(self._dependency_up, await self._ready())
         return web.Response(
             body=expose(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import asyncpg
+import nats
 import pytest
-from orchestrix.settings import MetricsSettings
-from orchestrix.status import StatusServer
+from orchestrix.metrics import WorkerMetrics
+from orchestrix.settings import MetricsSettings, Settings
+from orchestrix.status import StatusServer, check_dependencies
 from prometheus_client import CollectorRegistry
+
+from tests.conftest import Api, free_port
 
 
 @pytest.mark.parametrize(
@@ -46,3 +51,37 @@ async def test_ready_needs_postgres_and_not_draining_only(
     assert response.status == status
     assert body["status"] == body_status
     assert body["checks"]["nats"] == checks["nats"]
+
+
+async def test_each_scrape_says_which_dependency_answers(settings: Settings) -> None:
+    # A pool to a port where nothing listens, and NATS connected: postgres 0, nats 1.
+    dead = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/x", min_size=0)
+    nc = await nats.connect(list(settings.nats.servers))
+    metrics = WorkerMetrics(concurrency=1)
+    server = StatusServer(
+        MetricsSettings(host="127.0.0.1", port=0),
+        metrics.registry,
+        lambda: check_dependencies(dead, nc),
+        asyncio.Event(),
+        metrics.dependency_up,
+    )
+    await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.port}/metrics") as response,
+        ):
+            text = await response.text()
+    finally:
+        await server.stop()
+        await nc.close()
+        await dead.close()
+    assert 'orchestrix_dependency_up{dependency="postgres"} 0.0' in text
+    assert 'orchestrix_dependency_up{dependency="nats"} 1.0' in text
+
+
+async def test_the_api_metrics_say_which_dependency_answers(api: Api) -> None:
+    status, text, _ = await api.request("GET", "/metrics")
+    assert status == 200
+    assert 'orchestrix_dependency_up{dependency="postgres"} 1.0' in text
+    assert 'orchestrix_dependency_up{dependency="nats"} 1.0' in text
