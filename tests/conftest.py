@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +48,18 @@ class Servers:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     admin_url = os.environ.get("TEST_DATABASE_URL")
     nats_url = os.environ.get("TEST_NATS_URL")
     started: list[Any] = []
+    root: Path | None = None
     if not admin_url or not nats_url:
         from orchestrix.devservers import EmbeddedNats, EmbeddedPostgres
 
-        root: Path = tmp_path_factory.mktemp("servers")
+        # Not under pytest's base temp folder: another pytest session starting on
+        # this machine deletes all but its three newest, data directory included
+        # (a CI run beside a developer's run lost its PostgreSQL that way).
+        root = Path(tempfile.mkdtemp(prefix="orx-test-servers-"))
         if not admin_url:
             postgres = EmbeddedPostgres(root / "postgres")
             started.append(postgres)
@@ -67,6 +73,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     finally:
         for server in reversed(started):
             server.stop()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 async def _admin(servers: Servers, sql: str) -> None:

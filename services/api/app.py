@@ -13,7 +13,7 @@ from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
 from orchestrix.lifecycle import stop_on_signals
 from orchestrix.metrics import ApiMetrics
-from orchestrix.services.api import health, jobs, openapi, queues, schedules
+from orchestrix.services.api import bulk, health, jobs, openapi, queues, schedules
 from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.errors import MAX_BODY, error_middleware
 from orchestrix.services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
@@ -51,6 +51,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
     app[LIFECYCLE] = Lifecycle()
+    app.add_routes(bulk.routes)
     app.add_routes(jobs.routes)
     app.add_routes(queues.routes)
     app.add_routes(schedules.routes)

@@ -25,9 +25,9 @@ log = logging.getLogger("api")
 # /api/v1/stats names at most this many types waiting for an executor.
 STATS_TYPES_MAX = 20
 routes = web.RouteTableDef()
-# Any id but "batch", which is its own resource: a 405 on /api/v1/jobs/batch must
-# not advertise this route's GET and DELETE in its Allow header.
-JOB_PATH = r"/api/v1/jobs/{id:(?!batch/?$)[^{}/]+}"
+# Any id but "batch", "cancel" and "retry", which are resources of their own: a
+# 405 on /api/v1/jobs/batch must not advertise this route's GET and DELETE.
+JOB_PATH = r"/api/v1/jobs/{id:(?!(?:batch|cancel|retry)/?$)[^{}/]+}"
 
 
 @routes.post("/api/v1/jobs")

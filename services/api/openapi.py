@@ -28,6 +28,8 @@ from orchestrix.cron import MAX_EXPRESSION_CHARS
 from orchestrix.db.schedules import TEMPLATE_FIELDS
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
+from orchestrix.services.api.bulk import CANCEL_STATES, RETRY_STATES
+from orchestrix.services.api.bulk import IDS_MAX as BULK_IDS_MAX
 from orchestrix.services.api.errors import MAX_BODY
 from orchestrix.services.api.jobs import STATS_TYPES_MAX
 from orchestrix.services.api.parsing import (
@@ -392,6 +394,26 @@ def _schemas() -> dict[str, Schema]:
             "additionalProperties": False,
         },
         **_schedule_schemas(),
+        "CancelSelection": _selection_schema(CANCEL_STATES),
+        "RetrySelection": _selection_schema(RETRY_STATES),
+        "BulkCancelled": {
+            "type": "object",
+            "properties": {
+                "cancelled": {**count, "description": "waiting jobs now CANCELLED"},
+                "cancel_requested": {
+                    **count,
+                    "description": "running jobs whose workers were asked to stop them",
+                },
+            },
+            "required": ["cancelled", "cancel_requested"],
+            "additionalProperties": False,
+        },
+        "BulkRetried": {
+            "type": "object",
+            "properties": {"retried": {**count, "description": "jobs now PENDING again"}},
+            "required": ["retried"],
+            "additionalProperties": False,
+        },
         "Error": {
             "type": "object",
             "properties": {"error": {"type": "string"}},
@@ -425,6 +447,29 @@ def _schemas() -> dict[str, Schema]:
             },
             "required": ["status", "checks"],
         },
+    }
+
+
+def _selection_schema(states: tuple[JobState, ...]) -> Schema:
+    """The body of a bulk action: which jobs, for an action on jobs in ``states``."""
+    return {
+        "type": "object",
+        "description": "Which jobs: every field given must hold; at least one is required",
+        "properties": {
+            "ids": {
+                "type": "array",
+                "items": {"type": "string", "pattern": ULID_PATTERN},
+                "minItems": 1,
+                "maxItems": BULK_IDS_MAX,
+            },
+            "state": {"type": "string", "enum": [s.value for s in states]},
+            "type": {"type": "string", "pattern": TYPE_PATTERN.pattern},
+            "queue": {"type": "string", "pattern": QUEUE_PATTERN.pattern},
+            "created_after": {**_DATE_TIME, "description": "inclusive"},
+            "created_before": {**_DATE_TIME, "description": "exclusive"},
+        },
+        "minProperties": 1,
+        "additionalProperties": False,
     }
 
 
@@ -651,6 +696,45 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "201": _json(_ref("JobBatch"), "every job, created or found by its key"),
                     "400": _error("a bad batch, or a bad job: the message names it, jobs[i]"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/cancel": {
+            "post": {
+                "operationId": "cancelJobs",
+                "summary": "Cancel every job a selection matches",
+                "description": "Waiting jobs (PENDING, RETRYING) are CANCELLED at once; for "
+                "running ones their workers are asked, as for DELETE on one job. Finished "
+                "jobs are left alone.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CancelSelection")}},
+                },
+                "responses": {
+                    "200": _json(_ref("BulkCancelled"), "how many jobs were changed"),
+                    "400": _error("no selection, an unknown field or a bad value"),
+                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+                    "415": _error("Content-Type is not application/json"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/retry": {
+            "post": {
+                "operationId": "retryJobs",
+                "summary": "Retry every FAILED or CANCELLED job a selection matches",
+                "description": "Each becomes PENDING with a new budget of attempts, as with "
+                "POST /api/v1/jobs/{id}/retry; jobs in other states are left alone.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RetrySelection")}},
+                },
+                "responses": {
+                    "200": _json(_ref("BulkRetried"), "how many jobs were changed"),
+                    "400": _error("no selection, an unknown field or a bad value"),
                     "413": _error("the body is larger than API_MAX_BODY_BYTES"),
                     "415": _error("Content-Type is not application/json"),
                     "503": _UNAVAILABLE,

@@ -117,7 +117,7 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
             if "max_attempts" in data
             else DEFAULT_MAX_ATTEMPTS
         ),
-        run_at=_optional_time("run_at", data.get("run_at")),
+        run_at=optional_time("run_at", data.get("run_at")),
         timeout_seconds=(
             checked_int("timeout_seconds", data["timeout_seconds"], TIMEOUT_SECONDS_RANGE)
             if "timeout_seconds" in data
@@ -174,7 +174,7 @@ def checked_int(field: str, value: Any, bounds: tuple[int, int]) -> int:
     return value
 
 
-def _optional_time(field: str, value: Any) -> datetime | None:
+def optional_time(field: str, value: Any) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):

@@ -296,6 +296,17 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "POST", f"{url}/run", run, 200)
     await responses.call(api, "POST", f"{jobs}/{running['id']}/run", run, 409)
     await responses.call(api, "POST", f"{jobs}/{ids.new_id()}/run", run, 404)
+    bulk_cancel, bulk_retry = f"{jobs}/cancel", f"{jobs}/retry"
+    cancelled = await responses.call(
+        api, "POST", bulk_cancel, bulk_cancel, 200, json={"ids": [later["id"]]}
+    )
+    assert cancelled == {"cancelled": 0, "cancel_requested": 0}
+    await responses.call(api, "POST", bulk_cancel, bulk_cancel, 400, json={})
+    retried = await responses.call(
+        api, "POST", bulk_retry, bulk_retry, 200, json={"ids": [later["id"]]}
+    )
+    assert retried == {"retried": 1}
+    await responses.call(api, "POST", bulk_retry, bulk_retry, 400, json={"state": "PENDING"})
     await responses.call(api, "GET", f"{jobs}/{ids.new_id()}", one, 404)
     await responses.call(api, "DELETE", f"{jobs}/not-an-id", one, 404)
     page = await responses.call(api, "GET", f"{jobs}?limit=1", jobs, 200)
