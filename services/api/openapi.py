@@ -580,6 +580,11 @@ def _error(description: str) -> Schema:
     return _json(_ref("Error"), description)
 
 
+# What any route that reads a JSON body may answer before it looks at the body.
+_BODY_ERRORS = {
+    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
+    "415": _error("Content-Type is not application/json"),
+}
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
 
@@ -631,8 +636,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Job"), "a job with this idempotency_key exists: that job"),
                     "201": _json(_ref("Job"), "created"),
                     "400": _error("invalid JSON, not an object, unknown field, bad value"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },
@@ -696,8 +700,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "201": _json(_ref("JobBatch"), "every job, created or found by its key"),
                     "400": _error("a bad batch, or a bad job: the message names it, jobs[i]"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },
@@ -716,8 +719,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "200": _json(_ref("BulkCancelled"), "how many jobs were changed"),
                     "400": _error("no selection, an unknown field or a bad value"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },
@@ -735,8 +737,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "200": _json(_ref("BulkRetried"), "how many jobs were changed"),
                     "400": _error("no selection, an unknown field or a bad value"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },
@@ -872,8 +873,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "201": _json(_ref("Schedule"), "created"),
                     "400": _error("a bad field: the message names it"),
                     "409": _error("a schedule of that name exists"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },
@@ -911,8 +911,7 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Schedule"), "the schedule as changed"),
                     "400": _error("a bad field: the message names it"),
                     "404": _error("no schedule has that name"),
-                    "413": _error("the body is larger than API_MAX_BODY_BYTES"),
-                    "415": _error("Content-Type is not application/json"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },

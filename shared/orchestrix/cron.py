@@ -18,6 +18,7 @@ and each local time fires at most once:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,12 +107,7 @@ def _zone(name: str) -> ZoneInfo:
         raise InvalidCron(f"timezone {name!r} is not known here") from None
 
 
-_ZONES: frozenset[str] = frozenset()
-
-
+@functools.cache
 def _zones() -> frozenset[str]:
     # Only names from the zone database: ZoneInfo would also open a path.
-    global _ZONES
-    if not _ZONES:
-        _ZONES = frozenset(available_timezones()) | {"UTC"}
-    return _ZONES
+    return frozenset(available_timezones()) | {"UTC"}

@@ -20,14 +20,20 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def insert(
-    pool: asyncpg.Pool, count: int, job_type: str, queue: str = "default"
+    pool: asyncpg.Pool,
+    count: int,
+    job_type: str,
+    queue: str = "default",
+    payload: dict[str, Any] | None = None,
 ) -> list[str]:
     job_ids = [ids.new_id() for _ in range(count)]
     await pool.execute(
-        "INSERT INTO jobs (id, type, queue, max_attempts) SELECT unnest($1::text[]), $2, $3, 1",
+        "INSERT INTO jobs (id, type, queue, max_attempts, payload)"
+        " SELECT unnest($1::text[]), $2, $3, 1, $4::jsonb",
         job_ids,
         job_type,
         queue,
+        payload or {},
     )
     return job_ids
 
@@ -101,8 +107,8 @@ async def test_a_pause_holds_fleet_wide_within_a_second_and_a_resume_starts_at_o
     workers = [system.start("worker") for _ in range(2)]
     for service in (api, scheduler, *workers):
         await system.ready(service)
-    job_ids = await insert_with(pool, 400, "record", "mail", {"sleep_ms": 100})
-    other_ids = await insert_with(pool, 40, "record", "reports", {"sleep_ms": 100})
+    job_ids = await insert(pool, 400, "record", "mail", {"sleep_ms": 100})
+    other_ids = await insert(pool, 40, "record", "reports", {"sleep_ms": 100})
     base = f"http://127.0.0.1:{api.port}/api/v1/queues/mail"
 
     async def some_ran() -> bool:
@@ -137,17 +143,3 @@ async def test_a_pause_holds_fleet_wide_within_a_second_and_a_resume_starts_at_o
     assert held == []
     first_after = min(float(row["start"]) for row in mail if float(row["start"]) >= resumed)
     assert first_after - resumed < 1.0
-
-
-async def insert_with(
-    pool: asyncpg.Pool, count: int, job_type: str, queue: str, payload: dict[str, Any]
-) -> list[str]:
-    job_ids = [ids.new_id() for _ in range(count)]
-    await pool.execute(
-        "INSERT INTO jobs (id, type, queue, payload) SELECT unnest($1::text[]), $2, $3, $4::jsonb",
-        job_ids,
-        job_type,
-        queue,
-        payload,
-    )
-    return job_ids

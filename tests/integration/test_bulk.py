@@ -59,33 +59,9 @@ async def test_cancel_by_queue_walks_every_chunk_and_asks_running_workers(
 
 
 async def test_retry_by_state_type_ids_and_creation_time(api: Api, pool: asyncpg.Pool) -> None:
-    failed = await insert(
-        pool,
-        30,
-        "mail",
-        state="FAILED",
-        attempt=3,
-        completed_at=datetime.now(UTC),
-        started_at=datetime.now(UTC),
-    )
-    other_type = await insert(
-        pool,
-        5,
-        "sms",
-        state="FAILED",
-        attempt=3,
-        completed_at=datetime.now(UTC),
-        started_at=datetime.now(UTC),
-    )
-    succeeded = await insert(
-        pool,
-        5,
-        "mail",
-        state="SUCCEEDED",
-        attempt=1,
-        completed_at=datetime.now(UTC),
-        started_at=datetime.now(UTC),
-    )
+    failed = await insert(pool, 30, "mail", state="FAILED", attempt=3, **FINISHED)
+    other_type = await insert(pool, 5, "sms", state="FAILED", attempt=3, **FINISHED)
+    succeeded = await insert(pool, 5, "mail", state="SUCCEEDED", attempt=1, **FINISHED)
     status, body, _ = await api.request(
         "POST", "/api/v1/jobs/retry", json={"state": "FAILED", "type": "mail"}
     )

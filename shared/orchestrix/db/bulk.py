@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrix.states import JobState
+from orchestrix.db import jobs
+from orchestrix.states import CANCELLABLE_AT_ONCE, RETRYABLE_BY_HAND, JobState
 
 Conn = Any
 CHUNK = 5_000
@@ -62,44 +63,29 @@ ORDER BY id
 LIMIT $8
 """
 
-_CANCEL_CHUNK = f"""
-WITH picked AS ({_MATCH.format(sources="ARRAY['PENDING', 'RETRYING']")}),
+
+def _chunk(sources: frozenset[JobState], set_clause: str, moved: str) -> str:
+    """One chunk of a bulk action: pick the next jobs in ``sources`` the selection
+    matches, move them with ``set_clause``; the last id picked, and ``moved``."""
+    states = ", ".join(f"'{state.value}'" for state in sorted(sources))
+    return f"""
+WITH picked AS ({_MATCH.format(sources=f"ARRAY[{states}]")}),
 moved AS (
-    UPDATE jobs SET state = 'CANCELLED', completed_at = now(), updated_at = now()
-    WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
-      AND (jobs.state IN ('PENDING', 'RETRYING')) IS TRUE
+    UPDATE jobs SET {set_clause}
+    WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked)) AND (jobs.state IN ({states})) IS TRUE
     RETURNING jobs.id
 )
-SELECT (SELECT max(id) FROM picked) AS last, (SELECT count(*) FROM moved) AS moved
+SELECT (SELECT max(id) FROM picked) AS last, {moved} AS moved
 """
 
-_RETRY_CHUNK = f"""
-WITH picked AS ({_MATCH.format(sources="ARRAY['FAILED', 'CANCELLED']")}),
-moved AS (
-    UPDATE jobs
-    SET state = 'PENDING', attempt = 0, run_at = now(), completed_at = NULL,
-        scheduled_at = NULL, started_at = NULL, lease_expires_at = NULL,
-        cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
-        updated_at = now()
-    WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
-      AND (jobs.state IN ('FAILED', 'CANCELLED')) IS TRUE
-    RETURNING jobs.id
-)
-SELECT (SELECT max(id) FROM picked) AS last, (SELECT count(*) FROM moved) AS moved
-"""
 
+_COUNT = "(SELECT count(*) FROM moved)"
+_CANCEL_CHUNK = _chunk(CANCELLABLE_AT_ONCE, jobs.CANCEL_SET, _COUNT)
+_RETRY_CHUNK = _chunk(RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT)
 # Running jobs cannot be cancelled by the API itself: their workers are asked.
-_REQUEST_CANCEL_CHUNK = f"""
-WITH picked AS ({_MATCH.format(sources="ARRAY['RUNNING']")}),
-moved AS (
-    UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()),
-                    updated_at = now()
-    WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
-      AND (jobs.state = 'RUNNING') IS TRUE
-    RETURNING jobs.id
+_REQUEST_CANCEL_CHUNK = _chunk(
+    frozenset({JobState.RUNNING}), jobs.REQUEST_CANCEL_SET, "ARRAY(SELECT id FROM moved)"
 )
-SELECT (SELECT max(id) FROM picked) AS last, ARRAY(SELECT id FROM moved) AS moved
-"""
 
 
 async def _chunks(pool: Any, sql: str, selection: Selection) -> list[Any]:

@@ -39,9 +39,21 @@ _BY_ID = "SELECT * FROM jobs WHERE id = $1"
 
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE idempotency_key = $1"
 
-_CANCEL = """
+# What three moves write, shared with the bulk actions (db.bulk).
+CANCEL_SET = "state = 'CANCELLED', completed_at = now(), updated_at = now()"
+REQUEST_CANCEL_SET = (
+    "cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()"
+)
+# An operator's retry of a finished job: PENDING and due now, with a new budget of
+# attempts; its errors stay.
+RETRY_BY_HAND_SET = """state = 'PENDING', attempt = 0, run_at = now(), completed_at = NULL,
+    scheduled_at = NULL, started_at = NULL, lease_expires_at = NULL,
+    cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
+    updated_at = now()"""
+
+_CANCEL = f"""
 UPDATE jobs
-SET state = 'CANCELLED', completed_at = now(), updated_at = now()
+SET {CANCEL_SET}
 WHERE id = $1 AND state = ANY($2::text[])
 RETURNING *
 """
@@ -367,15 +379,11 @@ WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
 RETURNING state
 """
 
-# An operator's retry of a finished job: PENDING and due now, with a new budget
-# of attempts; its errors stay. The workers are woken as for a new job.
-_RETRY_BY_HAND = """
+# The workers are woken as for a new job.
+_RETRY_BY_HAND = f"""
 WITH moved AS (
     UPDATE jobs
-    SET state = 'PENDING', attempt = 0, run_at = now(), completed_at = NULL,
-        scheduled_at = NULL, started_at = NULL, lease_expires_at = NULL,
-        cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
-        updated_at = now()
+    SET {RETRY_BY_HAND_SET}
     WHERE id = $1 AND state IN ('FAILED', 'CANCELLED')
     RETURNING *
 )
@@ -627,9 +635,9 @@ WHERE jobs.id = lost.id AND jobs.attempt = lost.attempt AND jobs.state || '' = '
 RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
 """
 
-_REQUEST_CANCEL = """
+_REQUEST_CANCEL = f"""
 UPDATE jobs
-SET cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()
+SET {REQUEST_CANCEL_SET}
 WHERE id = $1 AND state = 'RUNNING'
 RETURNING *
 """
