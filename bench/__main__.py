@@ -23,17 +23,30 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench import api, ceiling, claim, dispatch, drain, latency, report, sustained
+from bench import (
+    api,
+    ceiling,
+    claim,
+    dispatch,
+    drain,
+    history,
+    latency,
+    report,
+    subscribers,
+    sustained,
+)
 from bench.context import PHASES, Context, Options
 from bench.infra import REPO, RUN_TAG, BenchError, Databases, Servers, kill_leftovers
 
 RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "drain": drain.run_phase,
+    "history": history.run_phase,
     "claim": claim.run_phase,
     "latency": latency.run_phase,
     "api": api.run_phase,
     "priority": dispatch.run_priority,
     "fairness": dispatch.run_fairness,
+    "subscribers": subscribers.run_phase,
     "sustained": sustained.run_phase,
     "ceiling": ceiling.run_phase,
 }

@@ -12,7 +12,18 @@ from bench.infra import Databases, Servers, ServiceReport, Stack, checkpoint
 # The order. The claim-cost phase writes a million rows; run after the
 # latency phase, its write-back slowed that phase's commits (create->start p50
 # 2.2 to 2.4 ms after it, 1.6 to 2.0 ms alone).
-PHASES = ("drain", "sustained", "latency", "api", "priority", "fairness", "claim", "ceiling")
+PHASES = (
+    "drain",
+    "history",
+    "sustained",
+    "latency",
+    "api",
+    "priority",
+    "fairness",
+    "subscribers",
+    "claim",
+    "ceiling",
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,7 @@ class Options:
     jobs: int
     drain_workers: tuple[int, ...] = (1, 2, 4)
     drain_rounds: int = 2
+    history_workers: int = 2  # the drain with and without history (bench/history.py)
     worker_concurrency: int | None = None  # None: the engine's default (WORKER_CONCURRENCY)
     finished_rows: int = 1_000_000
     claim_rounds: int = 2
@@ -48,6 +60,9 @@ class Options:
     priority_gap_s: float = 0.05
     fair_rate: float = 20.0
     fair_duration_s: float = 10.0
+    subscribers: int = 1000  # open event streams (bench/subscribers.py)
+    subscribers_idle_s: float = 10.0
+    subscribers_events: int = 100
     phase_timeout_s: float = 900.0
 
     @classmethod
@@ -78,6 +93,9 @@ class Options:
             dispatch_backlog=2_000,
             priority_jobs=5,
             fair_duration_s=1.0,
+            subscribers=20,
+            subscribers_idle_s=1.0,
+            subscribers_events=10,
             phase_timeout_s=120.0,
         )
 

@@ -160,6 +160,10 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
     drain = results.get("drain", {})
     for run in drain.get("runs", []):
         out[f"drain_{run['workers']}w_jobs_per_s"] = run["jobs_per_s"]
+    history = results.get("history", {})
+    if "ratio" in history:
+        out["history_on_jobs_per_s"] = history["on"]["jobs_per_s"]
+        out["history_off_jobs_per_s"] = history["off"]["jobs_per_s"]
     sustained = results.get("sustained", {})
     if "held_rate" in sustained:
         out["sustained_held_rate"] = sustained["held_rate"]
@@ -188,6 +192,13 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         out["claim_full_ms"] = claim["full"]["claim"]["ms_min"]
         if claim.get("claim_curve"):
             out["claim_worst_ms"] = max(p["ms_min"] for p in claim["claim_curve"])
+    subs = results.get("subscribers", {})
+    if "api_rss_mib_held" in subs:
+        out["subscribers_rss_added_mib"] = round(
+            subs["api_rss_mib_held"] - subs["api_rss_mib_before"], 1
+        )
+        out["subscribers_idle_cpu_share"] = subs["idle_api_cpu_share"]
+        out["subscribers_burst_s"] = subs["burst_delivered_s"]
     for role, mib in results.get("rss", {}).get("peak_mib", {}).items():
         out[f"rss_{role}_mib"] = mib
     ceiling = results.get("ceiling", {})
@@ -250,6 +261,33 @@ def table(results: dict[str, Any]) -> str:
                 f">= {_n(target)}{_verdict(_at_least(value, target))}" if target else "-",
                 PEERS.get(f"drain_{workers}", "-"),
                 ceiling_1 if workers == 1 else ceiling_2,
+            )
+        )
+    if "subscribers_rss_added_mib" in s:
+        subs = results.get("subscribers", {})
+        rows.append(
+            (
+                f"API holding {subs.get('subscribers'):,} idle event streams",
+                f"+{s['subscribers_rss_added_mib']} MiB, "
+                f"{s['subscribers_idle_cpu_share'] * 100:.2f} % of a core",
+                "-",
+                "-",
+                f"{subs.get('burst_events')} events to every stream in "
+                f"{s['subscribers_burst_s']:.2f} s",
+            )
+        )
+    if "history_on_jobs_per_s" in s:
+        history = results.get("history", {})
+        on, off = s["history_on_jobs_per_s"], s["history_off_jobs_per_s"]
+        ratio = history.get("ratio")
+        ok = None if ratio is None else ratio >= 1 - history.get("within", 0.15)
+        rows.append(
+            (
+                f"Drain {history.get('workers')} workers with history vs without (jobs/s)",
+                f"{_n(on)} vs {_n(off)}" + (f" ({(ratio - 1) * 100:+.0f}%)" if ratio else ""),
+                f"within 15%{_verdict(ok)}",
+                "-",
+                f"events per job: {history.get('events_per_job', {}).get('on', '-')}",
             )
         )
     if "sustained_held_rate" in s:

@@ -5,18 +5,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
-from orchestrix.lifecycle import stop_on_signals
+from orchestrix.lifecycle import session_settings, stop_on_signals
 from orchestrix.metrics import ApiMetrics
-from orchestrix.services.api import bulk, health, jobs, openapi, queues, schedules
+from orchestrix.services.api import bulk, events, health, jobs, openapi, queues, schedules
 from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.errors import MAX_BODY, error_middleware
-from orchestrix.services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL, Lifecycle
+from orchestrix.services.api.feed import Feed
+from orchestrix.services.api.keys import (
+    CREATOR,
+    FEED,
+    LIFECYCLE,
+    METRICS,
+    NATS_SETTINGS,
+    POOL,
+    Lifecycle,
+)
 from orchestrix.settings import Settings
 
 log = logging.getLogger("api")
@@ -51,7 +61,16 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
     app[LIFECYCLE] = Lifecycle()
+    app[FEED] = Feed(
+        pool,
+        poll_interval_s=settings.api.events_poll_interval_s,
+        heartbeat_s=settings.api.events_heartbeat_s,
+    )
+    app.cleanup_ctx.append(_read_events)
+    # First of all at shutdown: the event streams end, and do not hold the drain up.
+    app.on_shutdown.append(_end_event_streams)
     app.add_routes(bulk.routes)
+    app.add_routes(events.routes)
     app.add_routes(jobs.routes)
     app.add_routes(queues.routes)
     app.add_routes(schedules.routes)
@@ -60,11 +79,24 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     return app
 
 
+async def _read_events(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[FEED].run())
+    yield
+    app[FEED].close()
+    await task
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    app[FEED].close()
+
+
 async def serve(settings: Settings) -> None:
     """Run the API until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
     stop = stop_on_signals()
 
-    pool = await connect_with_backoff(settings.database, stop)
+    pool = await connect_with_backoff(
+        settings.database, stop, server_settings=session_settings("api")
+    )
     if pool is None:
         return
     app = build_app(settings, pool)

@@ -12,11 +12,13 @@ from orchestrix.db import jobs as db
 from orchestrix.db import workers
 from orchestrix.models import Job
 from orchestrix.services.api.errors import ApiError, json_response
-from orchestrix.services.api.keys import CREATOR, LIFECYCLE, METRICS, NATS_SETTINGS, POOL
+from orchestrix.services.api.feed import until_finished
+from orchestrix.services.api.keys import CREATOR, FEED, LIFECYCLE, METRICS, NATS_SETTINGS, POOL
 from orchestrix.services.api.parsing import (
     parse_batch,
     parse_list_query,
     parse_new_job,
+    parse_wait,
     read_json_object,
 )
 from orchestrix.states import CLAIMABLE, TERMINAL, JobState
@@ -69,7 +71,12 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get(JOB_PATH)
 async def get_job(request: web.Request) -> web.Response:
-    return json_response((await _existing(request)).to_json())
+    """The job; with ``?wait=30s``, answered as soon as it finishes, or after 30 s."""
+    wait_s = parse_wait(request.query)
+    job = await _existing(request)
+    if wait_s > 0 and job.state not in TERMINAL:
+        job = await until_finished(request.app[FEED], job, wait_s)
+    return json_response(job.to_json())
 
 
 @routes.delete(JOB_PATH)

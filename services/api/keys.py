@@ -9,11 +9,13 @@ from aiohttp import web
 from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
 from orchestrix.services.api.creator import Creator
+from orchestrix.services.api.feed import Feed
 from orchestrix.settings import NatsSettings
 
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
 METRICS = web.AppKey("metrics", ApiMetrics)
 CREATOR = web.AppKey("creator", Creator)
+FEED = web.AppKey("feed", Feed)
 NATS_SETTINGS = web.AppKey("nats_settings", NatsSettings)
 
 

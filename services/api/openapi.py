@@ -44,6 +44,8 @@ from orchestrix.services.api.parsing import (
     QUEUE_PATTERN,
     TIMEOUT_SECONDS_RANGE,
     TYPE_PATTERN,
+    WAIT_MAX_S,
+    WAIT_PATTERN,
 )
 from orchestrix.services.api.schedules import (
     CATCH_UP_RANGE,
@@ -62,6 +64,7 @@ OPENAPI_VERSION = "3.0.3"
 DOCUMENT_PATH = "/openapi.json"
 # What orchestrix.ids.new_id makes and ids.is_valid accepts: a canonical ULID.
 ULID_PATTERN = "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"
+EVENT_ID_PATTERN = "^[0-9]{1,19}-[0-9]{1,19}$"
 # JobState values in any letter case, as ?state= accepts them (ASCII letters only).
 STATE_ANY_CASE_PATTERN = (
     "^(?:"
@@ -298,6 +301,51 @@ def _schemas() -> dict[str, Schema]:
                 },
             },
             "required": ["jobs", "created"],
+            "additionalProperties": False,
+        },
+        "Event": {
+            "type": "object",
+            "description": "One state change of a job, written in the same transaction.",
+            "properties": {
+                "id": {
+                    "type": "string",
+                    "pattern": EVENT_ID_PATTERN,
+                    "description": "its place in the feed of GET /api/v1/events "
+                    "(the Last-Event-ID to resume after it)",
+                },
+                "job_id": {"type": "string", "pattern": ULID_PATTERN},
+                "from": {
+                    "type": "string",
+                    "nullable": True,
+                    "enum": [*(s.value for s in JobState), None],
+                    "description": "null: the job was created",
+                },
+                "to": {"type": "string", "enum": [s.value for s in JobState]},
+                "attempt": {
+                    **count,
+                    "description": "the attempt the change concerns: the one claimed, or "
+                    "the one that ended (0 before the first)",
+                },
+                "at": dict(_DATE_TIME),
+                "by": {
+                    "type": "string",
+                    "nullable": True,
+                    "description": "who made the change: worker:<worker id>, "
+                    "rescuer:<host:pid>, lifeline:<host:pid>, schedule:<name>, "
+                    "api:<host:pid>; null when not known",
+                },
+                "queue": {"type": "string"},
+                "type": {"type": "string"},
+            },
+            "required": ["id", "job_id", "from", "to", "attempt", "at", "by", "queue", "type"],
+            "additionalProperties": False,
+        },
+        "EventList": {
+            "type": "object",
+            "properties": {
+                "events": {"type": "array", "items": _ref("Event"), "description": "oldest first"}
+            },
+            "required": ["events"],
             "additionalProperties": False,
         },
         "JobList": {
@@ -747,8 +795,21 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
             "get": {
                 "operationId": "getJob",
                 "summary": "Get one job",
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": f"^{WAIT_PATTERN.pattern}$"},
+                        "description": "answer once the job has finished (SUCCEEDED, FAILED "
+                        "or CANCELLED), or after this long with its state then: seconds "
+                        f"(30), or 500ms, 30s; a longer wait than {WAIT_MAX_S:g}s waits "
+                        f"{WAIT_MAX_S:g}s",
+                    }
+                ],
                 "responses": {
                     "200": _json(_ref("Job"), "the job"),
+                    "400": _error("a bad wait"),
                     "404": _error("no job has that id"),
                     "503": _UNAVAILABLE,
                 },
@@ -764,6 +825,78 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "202": _json(_ref("Job"), "the job is RUNNING; its cancellation is requested"),
                     "404": _error("no job has that id"),
                     "409": _error("the job has finished, or changed state during the cancel"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/jobs/{id}/events": {
+            "parameters": [job_id],
+            "get": {
+                "operationId": "getJobEvents",
+                "summary": "Every state change of a job, oldest first: from, to, attempt, "
+                "when and by whom",
+                "responses": {
+                    "200": _json(_ref("EventList"), "the job's events"),
+                    "404": _error("no job has that id"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/events": {
+            "get": {
+                "operationId": "streamEvents",
+                "summary": "A live stream of state changes (Server-Sent Events)",
+                "description": "Each event is `id: <event id>` and `data: <Event as JSON>`, "
+                "sent once its transaction and every older one have ended. Reconnect with "
+                "the Last-Event-ID header (or ?last_event_id=) to resume right after that "
+                "event, with no gap and no repeat, for as long as the events are kept. A "
+                "quiet stream sends a `: heartbeat` comment every API_EVENTS_HEARTBEAT "
+                f"(default {ApiSettings.events_heartbeat_s:g}s). Filters combine (all must "
+                "match).",
+                "parameters": [
+                    {
+                        "name": "job_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": ULID_PATTERN},
+                        "description": "only this job's events",
+                    },
+                    {
+                        "name": "queue",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": QUEUE_PATTERN.pattern},
+                        "description": "only jobs of this queue",
+                    },
+                    {
+                        "name": "type",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": TYPE_PATTERN.pattern},
+                        "description": "only jobs of this type",
+                    },
+                    {
+                        "name": "last_event_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": _or_empty(EVENT_ID_PATTERN)},
+                        "description": "resume after this event (the Last-Event-ID header "
+                        "wins when both are given); without it, the stream starts now",
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": _or_empty(EVENT_ID_PATTERN)},
+                        "description": "resume after this event",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the stream, open until the client or the server ends it",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("an unknown or bad query parameter, or a bad Last-Event-ID"),
                     "503": _UNAVAILABLE,
                 },
             },

@@ -29,6 +29,9 @@ IDEMPOTENCY_KEY_MAX = 255
 # No control characters. Every pattern here is matched whole (fullmatch): with
 # re.match, "$" would also match before a trailing newline.
 IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{IDEMPOTENCY_KEY_MAX}}}$")
+# ?wait= on a GET of a job, and the longest wait (a longer one is cut to it).
+WAIT_PATTERN = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s)?")
+WAIT_MAX_S = 120.0
 LIMIT_RANGE = (1, 1000)
 DEFAULT_LIMIT = 10
 _DECIMAL = re.compile(r"-?[0-9]{1,18}")
@@ -218,3 +221,16 @@ def _check_no_nul(payload: dict[str, Any]) -> None:
             stack.extend(item)
         elif isinstance(item, str) and "\x00" in item:
             raise ApiError(400, "payload must not contain the character U+0000")
+
+
+def parse_wait(query: Mapping[str, str]) -> float:
+    """``?wait=``: seconds (``30``), or with a unit (``30s``, ``500ms``); 0 when absent.
+    A longer wait than WAIT_MAX_S waits WAIT_MAX_S."""
+    text = query.get("wait")
+    if text is None:
+        return 0.0
+    match = WAIT_PATTERN.fullmatch(text)
+    if match is None:
+        raise ApiError(400, f"wait must be a duration such as 30, 30s or 500ms, got {text!r}")
+    seconds = float(match.group(1)) * (0.001 if match.group(2) == "ms" else 1.0)
+    return min(seconds, WAIT_MAX_S)

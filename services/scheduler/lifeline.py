@@ -27,6 +27,7 @@ from nats.errors import NoRespondersError
 from orchestrix import broker
 from orchestrix.db import jobs as db
 from orchestrix.db import workers
+from orchestrix.lifecycle import actor
 from orchestrix.liveness import CONFIRM_S, LOOK_EVERY_S
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.services.scheduler.rescuer import BATCH, decide
@@ -51,6 +52,7 @@ class Lifeline:
         self._nats = nats
         self._retry = retry_settings
         self._metrics = metrics
+        self._actor = actor("lifeline")  # who took the attempts back, in their history
         # Worker id -> when it was first seen gone from both, and last seen so.
         self._gone: dict[str, tuple[float, float]] = {}
 
@@ -89,7 +91,9 @@ class Lifeline:
     async def _take_back(self, dead: list[str]) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
             lost = await db.lost_by_worker(conn, dead, limit=BATCH)
-            rescued = await db.take_back(conn, decide(lost, self._retry, delay=False), WORKER_DIED)
+            rescued = await db.take_back(
+                conn, decide(lost, self._retry, delay=False), WORKER_DIED, actor=self._actor
+            )
             if len(lost) < BATCH:
                 await workers.forget(conn, dead)
         for worker_id in dead:

@@ -17,6 +17,7 @@ from typing import Any
 from orchestrix import retry
 from orchestrix.db import jobs as db
 from orchestrix.errors import Kind
+from orchestrix.lifecycle import actor
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.settings import RecoverySettings, RetrySettings
 from orchestrix.states import JobState
@@ -69,11 +70,14 @@ class Rescuer:
         self._recovery = recovery
         self._retry = retry_settings
         self._metrics = metrics
+        self._actor = actor("rescuer")  # who took the attempts back, in their history
 
     async def run_once(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
             lost = await db.lost_by_lease(conn, limit=BATCH, grace_s=GRACE_S)
-            rescued = await db.take_back(conn, decide(lost, self._retry), WORKER_LOST)
+            rescued = await db.take_back(
+                conn, decide(lost, self._retry), WORKER_LOST, actor=self._actor
+            )
         for job in rescued:
             self._metrics.jobs_rescued.labels(job.queue, job.state.value).inc()
             log.warning(

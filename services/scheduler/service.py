@@ -100,7 +100,7 @@ async def _maintain(
 async def serve(settings: Settings) -> None:
     stop = stop_on_signals()
     connected = await connect_both(
-        settings, "orchestrix-scheduler", stop, server_settings=db.CLAIM_SERVER_SETTINGS
+        settings, "scheduler", stop, server_settings=db.CLAIM_SERVER_SETTINGS
     )
     if connected is None:
         return

@@ -25,7 +25,7 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; executors must be loaded (``executors.load``) first."""
     stop = stop_on_signals()
     connected = await connect_both(
-        settings, "orchestrix-worker", stop, server_settings=db.CLAIM_SERVER_SETTINGS
+        settings, "worker", stop, server_settings=db.CLAIM_SERVER_SETTINGS
     )
     if connected is None:
         return

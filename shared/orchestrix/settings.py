@@ -324,6 +324,10 @@ class ApiSettings:
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
     shutdown_timeout_s: float = 30.0
+    # The event stream (GET /api/v1/events): how often the API reads new events
+    # while anyone listens, and how long a quiet stream waits before a heartbeat.
+    events_poll_interval_s: float = 0.1
+    events_heartbeat_s: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ApiSettings:
@@ -336,6 +340,12 @@ class ApiSettings:
             ),
             shutdown_timeout_s=read.seconds(
                 "API_SHUTDOWN_TIMEOUT", cls.shutdown_timeout_s, low=0, high=86400
+            ),
+            events_poll_interval_s=read.seconds(
+                "API_EVENTS_POLL_INTERVAL", cls.events_poll_interval_s, low=0.01, high=10
+            ),
+            events_heartbeat_s=read.seconds(
+                "API_EVENTS_HEARTBEAT", cls.events_heartbeat_s, low=0.1, high=300
             ),
         )
 
@@ -430,6 +440,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
     ("API_SHUTDOWN_TIMEOUT", "30s", "how long a stopping API lets requests in flight finish"),
+    (
+        "API_EVENTS_POLL_INTERVAL",
+        "100ms",
+        "how often the API reads new job events while anyone follows GET /api/v1/events",
+    ),
+    ("API_EVENTS_HEARTBEAT", "15s", "a quiet event stream sends a heartbeat this often"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),

@@ -37,7 +37,7 @@ import re
 import signal
 import subprocess
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -884,6 +884,15 @@ class ChaosRun:
             list(self.submitted),
         )
         total: int = await conn.fetchval("SELECT count(*) FROM jobs")
+        history: dict[str, list[tuple[str | None, str, int]]] = defaultdict(list)
+        for event in await conn.fetch(
+            "SELECT job_id, from_state, to_state, attempt FROM job_events "
+            "WHERE job_id = ANY($1) ORDER BY job_id, id",
+            list(self.submitted),
+        ):
+            history[event["job_id"]].append(
+                (event["from_state"], event["to_state"], event["attempt"])
+            )
         return Snapshot(
             rows={
                 row["id"]: records.JobRow(
@@ -896,6 +905,7 @@ class ChaosRun:
                     payload=row["payload"],
                     timeout_seconds=row["timeout_seconds"],
                     handoffs=row["handoffs"],
+                    history=history[row["id"]],
                 )
                 for row in rows
             },
@@ -1012,6 +1022,7 @@ class ChaosRun:
             records.FINAL_STATE,
             records.SHUTDOWN_FAILED,
             records.CANCEL_HONOURED,
+            records.HISTORY,
         )
         table = [
             (

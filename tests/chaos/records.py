@@ -27,6 +27,10 @@ bookkeeping:
   shutdown during a database outage*);
 - whether every accepted cancellation was honoured: the job ends CANCELLED, no
   execution runs to its end after the request, and none starts after it;
+- whether each job's history (its ``job_events``) tells what its row and the
+  executions tell: a chain of moves the state table allows, from PENDING to the
+  row's state; a claim (a move to RUNNING) for every execution of each attempt;
+  an ``errors`` entry for every move out of RUNNING that counted a failure;
 - whether each job ended as its plan says (``payload["plan"]``): ``plain``,
   ``long`` and ``retry`` jobs SUCCEEDED, ``timeout`` jobs FAILED after all their attempts,
   ``cancel`` jobs CANCELLED.
@@ -44,6 +48,7 @@ from enum import Enum
 from typing import Any
 
 from orchestrix.services.worker.stops import MAX_HANDOFFS
+from orchestrix.states import JobState, can_transition
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 WORKER_LOST = "WorkerLost"
@@ -247,6 +252,8 @@ class JobRow:
     payload: Mapping[str, Any] = field(default_factory=dict)
     timeout_seconds: int = 300
     handoffs: int = 0
+    # (from, to, attempt) of each of its events, oldest first; None: not read.
+    history: Sequence[tuple[str | None, str, int]] | None = None
 
     @property
     def plan(self) -> str:
@@ -302,6 +309,7 @@ RETRIES = "retries counted right"
 FINAL_STATE = "ended as planned"
 SHUTDOWN_FAILED = "none FAILED by a shutdown"
 CANCEL_HONOURED = "every cancellation honoured"
+HISTORY = "history tells what the row and the executions tell"
 
 
 @dataclass
@@ -406,6 +414,7 @@ class _Job:
                 self.fate(attempt, last, "its attempt has no errors entry", Judgement.UNEXPLAINED)
         self.final_state()
         self.cancellation()
+        self.history()
         if row.state == "SUCCEEDED":
             handbacks = max(len(by_attempt.get(row.attempt, [])) - 1, 0)
             if row.handoffs != handbacks:
@@ -594,6 +603,51 @@ class _Job:
             FINAL_STATE,
             f"a {row.plan} job ended {row.state} (expected {expected}): {row.last_error}",
         )
+
+    def history(self) -> None:
+        """No lost event and no extra one: see the module's docstring."""
+        row = self.row
+        if row.history is None:
+            return
+        moves = list(row.history)
+        # A job inserted by plain SQL (as the suite's bulk loader does) has no
+        # creation event: it starts PENDING all the same.
+        if moves and moves[0][0] is None:
+            if moves[0][1] != "PENDING":
+                self.problem(HISTORY, f"created {moves[0][1]}, not PENDING")
+                return
+            moves = moves[1:]
+        state = "PENDING"
+        for number, (source, target, attempt) in enumerate(moves, 1):
+            if source != state:
+                self.problem(HISTORY, f"event {number} moves from {source}, but it was {state}")
+                return
+            if source is None or not can_transition(JobState(source), JobState(target)):
+                self.problem(
+                    HISTORY,
+                    f"event {number} moves {source} to {target} (attempt "
+                    f"{attempt}), which the state table does not allow",
+                )
+                return
+            state = target
+        if state != row.state:
+            self.problem(HISTORY, f"its events end {state}, its row is {row.state}")
+        claims = Counter(attempt for _, target, attempt in moves if target == "RUNNING")
+        for attempt, runs in sorted(Counter(run.attempt for run in self.runs).items()):
+            if claims[attempt] < runs:
+                self.problem(
+                    HISTORY,
+                    f"{runs} executions of attempt {attempt}, "
+                    f"but {claims[attempt]} claims of it in its events",
+                )
+        ended = Counter(target for source, target, _ in moves if source == "RUNNING")
+        failed = ended["RETRYING"] + ended["FAILED"]
+        if not failed <= len(row.errors) <= failed + ended["CANCELLED"]:
+            self.problem(
+                HISTORY,
+                f"{len(row.errors)} errors entries, but its events end {failed} attempts in "
+                f"a failure and {ended['CANCELLED']} in a cancellation",
+            )
 
     def cancellation(self) -> None:
         """An accepted DELETE: CANCELLED, nothing ran on to its end or started after it."""

@@ -6,6 +6,7 @@ keeps it and failing on one that breaks it.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from tests.chaos.records import (
     CANCEL_HONOURED,
     FINAL_STATE,
+    HISTORY,
     LOST_TO_SHUTDOWN_IN_OUTAGE,
     RETRIES,
     SHUTDOWN_FAILED,
@@ -377,3 +379,49 @@ def test_a_job_cancelled_while_pending_after_a_hand_back_keeps_the_attempt_befor
     verdict = judge(parsed.executions, {"C": row("C", "CANCELLED", 0, plan="cancel")}, faults)
     assert fates(verdict) == [(1, "handed back by its stopping worker", Judgement.EXPLAINED)]
     assert verdict.job_problems == []
+
+
+# A retried job's history: created, claimed, killed and taken back, claimed, done.
+RETRIED = (
+    (None, "PENDING", 0),
+    ("PENDING", "RUNNING", 1),
+    ("RUNNING", "RETRYING", 1),
+    ("RETRYING", "RUNNING", 2),
+    ("RUNNING", "SUCCEEDED", 2),
+)
+KILLED_ONCE = "START,J,1,10,100.0\nSTART,J,2,11,104.0\nEND,J,2,11,105.0\n"
+
+
+def history_problems(history: tuple[tuple[str | None, str, int], ...], **fields: Any) -> list[str]:
+    job = dataclasses.replace(row("J", attempt=2, a1=103.0, **fields), history=history)
+    verdict = judge(parse(KILLED_ONCE).executions, {"J": job}, Faults({10: 101.0}))
+    return [p.text for p in verdict.job_problems if p.check == HISTORY]
+
+
+def test_a_history_that_tells_what_the_row_tells_passes() -> None:
+    assert history_problems(RETRIED) == []
+    assert history_problems(RETRIED[1:]) == []  # inserted by SQL: no creation event
+
+
+@pytest.mark.parametrize(
+    ("history", "problem"),
+    [
+        (RETRIED[:3] + RETRIED[4:], "event 3 moves from RUNNING, but it was RETRYING"),
+        (RETRIED[:-1], "its events end RUNNING, its row is SUCCEEDED"),
+        ((*RETRIED, ("SUCCEEDED", "PENDING", 2)), "event 5 moves SUCCEEDED to PENDING"),
+        (((None, "RUNNING", 0),), "created RUNNING, not PENDING"),
+        (
+            (*RETRIED[:1], ("PENDING", "RUNNING", 2), ("RUNNING", "SUCCEEDED", 2)),
+            "1 executions of attempt 1, but 0 claims of it",
+        ),
+        (
+            (*RETRIED[:3], ("RETRYING", "RUNNING", 2), ("RUNNING", "RETRYING", 2), *RETRIED[3:]),
+            "1 errors entries, but its events end 2 attempts in a failure",
+        ),
+    ],
+)
+def test_a_history_with_a_lost_or_extra_event_fails_the_check(
+    history: tuple[tuple[str | None, str, int], ...], problem: str
+) -> None:
+    problems = history_problems(history)
+    assert any(problem in text for text in problems), problems

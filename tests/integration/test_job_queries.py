@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from orchestrix.db import events
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import init_connection
 from orchestrix.models import Job, NewJob
@@ -309,7 +310,7 @@ async def test_claim_walks_the_claim_index_even_before_the_table_is_analyzed(
     [
         (db._SUCCEED_MANY, ([None] * 100, WORKER)),
         (db._RENEW_LEASES, (30.0, WORKER)),
-        (db._TAKE_BACK, (["RETRYING"] * 100, [1.0] * 100, "WorkerLost")),
+        (db._TAKE_BACK, (["RETRYING"] * 100, [1.0] * 100, "WorkerLost", None)),
     ],
     ids=["succeed_many", "renew_leases", "take_back"],
 )
@@ -448,6 +449,20 @@ MOVES = [
 ]
 
 
+# The moves a worker makes: their events name it.
+WORKERS_MOVES = {
+    "claim",
+    "succeed",
+    "succeed_many",
+    "retry",
+    "fail",
+    "hand_back",
+    "hand_back_cancelled",
+    "snooze",
+    "cancel_running",
+}
+
+
 def test_the_moves_follow_the_state_table() -> None:
     assert sources_of(S.RUNNING) == CLAIMABLE
     assert {S.RUNNING} == ONLY_RUNNING
@@ -462,12 +477,23 @@ async def test_every_update_is_guarded_by_its_from_state(
     pool: asyncpg.Pool, move: Move, start: JobState
 ) -> None:
     job = await in_state(pool, start)
+    before = await events.for_job(pool, job.id)
     moved = await move.run(pool, job)
     after = await get(pool, job.id)
+    written = (await events.for_job(pool, job.id))[len(before) :]
     if start in move.sources:
         assert moved is after.state is move.target
+        # Its event, written with it: from where to where, for which attempt.
+        [event] = written
+        ran = job.attempt + 1 if move.target is S.RUNNING else job.attempt
+        assert (event.from_state, event.to_state, event.attempt) == (start, move.target, ran)
+        assert (event.queue, event.type) == (job.queue, job.type)
+        assert event.at == after.updated_at
+        if move.name in WORKERS_MOVES:
+            assert event.actor == f"worker:{WORKER}"
     else:
         assert moved is None
+        assert written == []
         assert (after.state, after.attempt, after.updated_at) == (
             start,
             job.attempt,

@@ -296,6 +296,14 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "POST", f"{url}/run", run, 200)
     await responses.call(api, "POST", f"{jobs}/{running['id']}/run", run, 409)
     await responses.call(api, "POST", f"{jobs}/{ids.new_id()}/run", run, 404)
+    history = f"{one}/events"
+    await responses.call(api, "GET", f"{url}/events", history, 200)
+    await responses.call(api, "GET", f"{jobs}/{ids.new_id()}/events", history, 404)
+    await responses.call(api, "GET", f"{url}?wait=100ms", one, 200)
+    await responses.call(api, "GET", f"{url}?wait=soon", one, 400)
+    # The stream's 200 stays open (tests/integration/test_events.py reads it).
+    stream = "/api/v1/events"
+    await responses.call(api, "GET", f"{stream}?queue=a.b", stream, 400)
     bulk_cancel, bulk_retry = f"{jobs}/cancel", f"{jobs}/retry"
     cancelled = await responses.call(
         api, "POST", bulk_cancel, bulk_cancel, 200, json={"ids": [later["id"]]}

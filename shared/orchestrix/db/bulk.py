@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrix.db import jobs
+from orchestrix.db.events import SESSION_ACTOR, recorded
 from orchestrix.states import CANCELLABLE_AT_ONCE, RETRYABLE_BY_HAND, JobState
 
 Conn = Any
@@ -52,7 +53,7 @@ class Selection:
 # CANCELLED yet) the planner took that index for 1 row and checked each of the
 # 100,000 it found against the 5,000 picked ids: 8.7 s a chunk of a bulk retry.
 _MATCH = """
-SELECT id FROM jobs
+SELECT id, state AS from_state, attempt AS from_attempt FROM jobs
 WHERE id > $1 AND state = ANY({sources}::text[])
   AND ($2::text[] IS NULL OR id = ANY($2::text[]))
   AND ($3::text[] IS NULL OR state = ANY($3::text[]))
@@ -64,17 +65,31 @@ LIMIT $8
 """
 
 
-def _chunk(sources: frozenset[JobState], set_clause: str, moved: str) -> str:
+def _chunk(
+    sources: frozenset[JobState], set_clause: str, moved: str, *, changes_state: bool = True
+) -> str:
     """One chunk of a bulk action: pick the next jobs in ``sources`` the selection
-    matches, move them with ``set_clause``; the last id picked, and ``moved``."""
+    matches, move them with ``set_clause``; the last id picked, and ``moved``.
+
+    A chunk that changes the jobs' state locks what it picks (FOR UPDATE), so that
+    the state it read is the one each event names as the move's start.
+    """
     states = ", ".join(f"'{state.value}'" for state in sorted(sources))
+    match = _MATCH.format(sources=f"ARRAY[{states}]")
+    events = ""
+    if changes_state:
+        match += "FOR UPDATE\n"
+        source = "moved JOIN picked USING (id)"
+        events = ", " + recorded(
+            source, from_state="from_state", attempt="from_attempt", actor=SESSION_ACTOR
+        )
     return f"""
-WITH picked AS ({_MATCH.format(sources=f"ARRAY[{states}]")}),
+WITH picked AS ({match}),
 moved AS (
     UPDATE jobs SET {set_clause}
     WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked)) AND (jobs.state IN ({states})) IS TRUE
-    RETURNING jobs.id
-)
+    RETURNING jobs.id, jobs.state, jobs.queue, jobs.type
+){events}
 SELECT (SELECT max(id) FROM picked) AS last, {moved} AS moved
 """
 
@@ -84,7 +99,10 @@ _CANCEL_CHUNK = _chunk(CANCELLABLE_AT_ONCE, jobs.CANCEL_SET, _COUNT)
 _RETRY_CHUNK = _chunk(RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT)
 # Running jobs cannot be cancelled by the API itself: their workers are asked.
 _REQUEST_CANCEL_CHUNK = _chunk(
-    frozenset({JobState.RUNNING}), jobs.REQUEST_CANCEL_SET, "ARRAY(SELECT id FROM moved)"
+    frozenset({JobState.RUNNING}),
+    jobs.REQUEST_CANCEL_SET,
+    "ARRAY(SELECT id FROM moved)",
+    changes_state=False,
 )
 
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrix import ids
+from orchestrix.db.events import SESSION_ACTOR, WORKER_ACTOR, recorded
 from orchestrix.db.pool import encode_json
 from orchestrix.models import Job, NewJob
 from orchestrix.states import CANCELLABLE_AT_ONCE, JobState
@@ -27,12 +28,19 @@ from orchestrix.states import CANCELLABLE_AT_ONCE, JobState
 # asyncpg ships no type information: a Connection or a Pool, both answer fetch*.
 Conn = Any
 
-_INSERT = """
-INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                  timeout_seconds, idempotency_key)
-VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING *
+# Every statement that moves a job writes the move's event with it (db.events):
+# a CTE `moved` (or `created`) returns the rows, `recorded` writes their events.
+_CREATED = recorded("created", from_state="NULL::text", actor=SESSION_ACTOR)
+
+_INSERT = f"""
+WITH created AS (
+    INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
+                      timeout_seconds, idempotency_key)
+    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), {_CREATED}
+SELECT * FROM created
 """
 
 _BY_ID = "SELECT * FROM jobs WHERE id = $1"
@@ -51,11 +59,17 @@ RETRY_BY_HAND_SET = """state = 'PENDING', attempt = 0, run_at = now(), completed
     cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
     updated_at = now()"""
 
+# `old` locks the job and reads the state it moves from, for its event.
 _CANCEL = f"""
-UPDATE jobs
-SET {CANCEL_SET}
-WHERE id = $1 AND state = ANY($2::text[])
-RETURNING *
+WITH old AS (SELECT id, state FROM jobs WHERE id = $1 AND state = ANY($2::text[]) FOR UPDATE),
+moved AS (
+    UPDATE jobs
+    SET {CANCEL_SET}
+    FROM old
+    WHERE jobs.id = old.id AND jobs.state = ANY($2::text[])
+    RETURNING jobs.*, old.state AS from_state
+), {recorded("moved", from_state="from_state", actor=SESSION_ACTOR)}
+SELECT * FROM moved
 """
 
 _COUNT_BY_STATE = "SELECT state, count(*) AS n FROM jobs GROUP BY state"
@@ -89,17 +103,20 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
     raise RuntimeError(f"idempotency key {new.idempotency_key!r} conflicts but has no job")
 
 
-_INSERT_MANY = """
-INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                  timeout_seconds, idempotency_key)
-SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
-       timeout_seconds, idempotency_key
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-            $7::timestamptz[], $8::int[], $9::text[])
-     AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
-            idempotency_key)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING *
+_INSERT_MANY = f"""
+WITH created AS (
+    INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
+                      timeout_seconds, idempotency_key)
+    SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
+           timeout_seconds, idempotency_key
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+                $7::timestamptz[], $8::int[], $9::text[])
+         AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
+                idempotency_key)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), {_CREATED}
+SELECT * FROM created
 """
 
 _BY_IDEMPOTENCY_KEYS = "SELECT * FROM jobs WHERE idempotency_key = ANY($1::text[])"
@@ -240,7 +257,7 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # order, and the queues take turns with each other: with two queues backlogged,
 # each gets half the slots, and a quiet queue's job goes in the first turn.
 # A paused queue (db.queues) is passed over: one primary-key probe per pair.
-_CLAIM = """
+_CLAIM = f"""
 WITH RECURSIVE pairs AS (
     (SELECT queue, type FROM jobs WHERE state IN ('PENDING', 'RETRYING')
      ORDER BY queue, type LIMIT 1)
@@ -252,7 +269,7 @@ WITH RECURSIVE pairs AS (
     ) AS next
 ), candidates AS (
     SELECT due.* FROM pairs CROSS JOIN LATERAL (
-        SELECT id, queue, priority, run_at FROM jobs
+        SELECT id, queue, priority, run_at, state FROM jobs
         WHERE state IN ('PENDING', 'RETRYING') AND queue = pairs.queue AND type = pairs.type
           AND run_at <= now()
         ORDER BY priority DESC, run_at, id
@@ -264,19 +281,21 @@ WITH RECURSIVE pairs AS (
           SELECT 1 FROM queues WHERE queues.name = pairs.queue AND queues.paused_at IS NOT NULL
       )
 ), turns AS (
-    SELECT id, priority, run_at,
+    SELECT id, priority, run_at, state,
            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn
     FROM candidates
 ), chosen AS (
-    SELECT id FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
-)
-UPDATE jobs
-SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
-    scheduled_at = now(), started_at = now(), updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => $5)
-FROM chosen
-WHERE jobs.id = chosen.id
-RETURNING jobs.*
+    SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
+), moved AS (
+    UPDATE jobs
+    SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
+        scheduled_at = now(), started_at = now(), updated_at = now(),
+        lease_expires_at = now() + make_interval(secs => $5)
+    FROM chosen
+    WHERE jobs.id = chosen.id
+    RETURNING jobs.*, chosen.state AS from_state
+), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}
+SELECT * FROM moved
 """
 
 # The sessions that claim (workers) and maintain (schedulers).
@@ -300,12 +319,18 @@ CLAIM_SERVER_SETTINGS = {
     "jit": "off",
 }
 
-_SUCCEED = """
-UPDATE jobs
-SET state = 'SUCCEEDED', result = $3, completed_at = now(), updated_at = now()
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($4::text IS NULL OR worker_id = $4)
-RETURNING *
+# The events of a worker's moves out of RUNNING: the attempt that ran ends.
+_FROM_RUNNING = recorded("moved", from_state="'RUNNING'", actor=WORKER_ACTOR)
+
+_SUCCEED = f"""
+WITH moved AS (
+    UPDATE jobs
+    SET state = 'SUCCEEDED', result = $3, completed_at = now(), updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($4::text IS NULL OR worker_id = $4)
+    RETURNING *
+), {_FROM_RUNNING}
+SELECT * FROM moved
 """
 
 
@@ -324,69 +349,91 @@ _ERROR_ENTRY = _error_entry("$3")
 # the attempt: instead of another attempt the job ends CANCELLED, as when the
 # rescuer takes it. A failure for good or a success stands.
 _RETRY = f"""
-UPDATE jobs
-SET state = CASE WHEN cancel_requested_at IS NULL THEN 'RETRYING' ELSE 'CANCELLED' END,
-    run_at = CASE WHEN cancel_requested_at IS NULL
-                  THEN now() + make_interval(secs => $4) ELSE run_at END,
-    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    last_error = $3,
-    errors = errors || jsonb_build_array({_ERROR_ENTRY}),
-    lease_expires_at = NULL, handoffs = 0, updated_at = now()
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($5::text IS NULL OR worker_id = $5)
-RETURNING *
+WITH moved AS (
+    UPDATE jobs
+    SET state = CASE WHEN cancel_requested_at IS NULL THEN 'RETRYING' ELSE 'CANCELLED' END,
+        run_at = CASE WHEN cancel_requested_at IS NULL
+                      THEN now() + make_interval(secs => $4) ELSE run_at END,
+        completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        last_error = $3,
+        errors = errors || jsonb_build_array({_ERROR_ENTRY}),
+        lease_expires_at = NULL, handoffs = 0, updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($5::text IS NULL OR worker_id = $5)
+    RETURNING *
+), {_FROM_RUNNING}
+SELECT * FROM moved
 """
 
 _FAIL = f"""
-UPDATE jobs
-SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
-    errors = errors || jsonb_build_array({_ERROR_ENTRY}), lease_expires_at = NULL
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($4::text IS NULL OR worker_id = $4)
-RETURNING *
+WITH moved AS (
+    UPDATE jobs
+    SET state = 'FAILED', last_error = $3, completed_at = now(), updated_at = now(),
+        errors = errors || jsonb_build_array({_ERROR_ENTRY}), lease_expires_at = NULL
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($4::text IS NULL OR worker_id = $4)
+    RETURNING *
+), {_FROM_RUNNING}
+SELECT * FROM moved
 """
 
 # A worker returns an attempt it must stop before it is done: the attempt is not
 # counted and the job is due at once for any worker. A job whose cancellation
 # was asked for ends CANCELLED instead. `handoffs` counts hand-backs in a row;
 # the worker decides (with `hand_back`'s limit) when one counts as a failure.
-_HAND_BACK = """
-UPDATE jobs
-SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
-    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
-    handoffs = handoffs + $3::int,
-    run_at = CASE WHEN cancel_requested_at IS NULL THEN now() ELSE run_at END,
-    started_at = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($4::text IS NULL OR worker_id = $4)
-RETURNING state
+# Their event names the attempt that ran ($2), not the one given back.
+_FROM_RUNNING_UNCOUNTED = recorded(
+    "moved", from_state="'RUNNING'", attempt="$2::int", actor=WORKER_ACTOR
+)
+
+_HAND_BACK = f"""
+WITH moved AS (
+    UPDATE jobs
+    SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
+        completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
+        handoffs = handoffs + $3::int,
+        run_at = CASE WHEN cancel_requested_at IS NULL THEN now() ELSE run_at END,
+        started_at = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($4::text IS NULL OR worker_id = $4)
+    RETURNING id, state, queue, type, worker_id
+), {_FROM_RUNNING_UNCOUNTED}
+SELECT state FROM moved
 """
 
 # An executor asked to run again later (a snooze): like a hand-back, the attempt
 # is not counted, but the job is due only after $3 s, and hand-backs start over.
-_SNOOZE = """
-UPDATE jobs
-SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
-    completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
-    handoffs = 0,
-    run_at = CASE WHEN cancel_requested_at IS NULL THEN now() + make_interval(secs => $3)
-                  ELSE run_at END,
-    started_at = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($4::text IS NULL OR worker_id = $4)
-RETURNING state
-"""
-
-# The workers are woken as for a new job.
-_RETRY_BY_HAND = f"""
+_SNOOZE = f"""
 WITH moved AS (
     UPDATE jobs
+    SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
+        completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
+        handoffs = 0,
+        run_at = CASE WHEN cancel_requested_at IS NULL
+                      THEN now() + make_interval(secs => $3) ELSE run_at END,
+        started_at = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($4::text IS NULL OR worker_id = $4)
+    RETURNING id, state, queue, type, worker_id
+), {_FROM_RUNNING_UNCOUNTED}
+SELECT state FROM moved
+"""
+
+# The workers are woken as for a new job. The event names the attempt the job
+# had reached; the new budget starts from 0.
+_RETRY_BY_HAND = f"""
+WITH old AS (
+    SELECT id, state, attempt FROM jobs
+    WHERE id = $1 AND state IN ('FAILED', 'CANCELLED') FOR UPDATE
+), moved AS (
+    UPDATE jobs
     SET {RETRY_BY_HAND_SET}
-    WHERE id = $1 AND state IN ('FAILED', 'CANCELLED')
-    RETURNING *
-)
+    FROM old
+    WHERE jobs.id = old.id AND jobs.state IN ('FAILED', 'CANCELLED')
+    RETURNING jobs.*, old.state AS from_state, old.attempt AS from_attempt
+), {recorded("moved", from_state="from_state", attempt="from_attempt", actor=SESSION_ACTOR)}
 SELECT moved.*, pg_notify('orchestrix_jobs', '') FROM moved
 """
 
@@ -520,13 +567,16 @@ async def orphans(
 # empty, so the planner does so: each write of 100 jobs then read all 20,000
 # running ones, and the drain with a million finished jobs ran 88 % slower.
 # `state || ''` matches no index.
-_SUCCEED_MANY = """
-UPDATE jobs
-SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
-WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
-  AND ($4::text IS NULL OR jobs.worker_id = $4)
-RETURNING jobs.id
+_SUCCEED_MANY = f"""
+WITH moved AS (
+    UPDATE jobs
+    SET state = 'SUCCEEDED', result = done.result, completed_at = now(), updated_at = now()
+    FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
+    WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
+      AND ($4::text IS NULL OR jobs.worker_id = $4)
+    RETURNING jobs.id, jobs.state, jobs.attempt, jobs.queue, jobs.type, jobs.worker_id
+), {_FROM_RUNNING}
+SELECT id FROM moved
 """
 
 
@@ -621,18 +671,23 @@ FOR UPDATE SKIP LOCKED
 
 # The rescuer's decision for each lost attempt: RETRYING after a delay,
 # FAILED, or CANCELLED (a cancel was asked for). By primary key, as _SUCCEED_MANY.
+# Its events name the rescuer or lifeline that took the attempts back ($6).
 _TAKE_BACK = f"""
-UPDATE jobs
-SET state = lost.state,
-    run_at = CASE WHEN lost.state = 'RETRYING'
-                  THEN now() + make_interval(secs => lost.delay_s) ELSE run_at END,
-    completed_at = CASE WHEN lost.state = 'RETRYING' THEN NULL ELSE now() END,
-    last_error = $5,
-    errors = errors || jsonb_build_array({_error_entry("$5")}),
-    lease_expires_at = NULL, handoffs = 0, updated_at = now()
-FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[]) AS lost(id, attempt, state, delay_s)
-WHERE jobs.id = lost.id AND jobs.attempt = lost.attempt AND jobs.state || '' = 'RUNNING'
-RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
+WITH moved AS (
+    UPDATE jobs
+    SET state = lost.state,
+        run_at = CASE WHEN lost.state = 'RETRYING'
+                      THEN now() + make_interval(secs => lost.delay_s) ELSE run_at END,
+        completed_at = CASE WHEN lost.state = 'RETRYING' THEN NULL ELSE now() END,
+        last_error = $5,
+        errors = errors || jsonb_build_array({_error_entry("$5")}),
+        lease_expires_at = NULL, handoffs = 0, updated_at = now()
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[])
+         AS lost(id, attempt, state, delay_s)
+    WHERE jobs.id = lost.id AND jobs.attempt = lost.attempt AND jobs.state || '' = 'RUNNING'
+    RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
+), {recorded("moved", from_state="'RUNNING'", actor=f"COALESCE($6::text, {SESSION_ACTOR})")}
+SELECT * FROM moved
 """
 
 _REQUEST_CANCEL = f"""
@@ -642,12 +697,15 @@ WHERE id = $1 AND state = 'RUNNING'
 RETURNING *
 """
 
-_CANCEL_RUNNING = """
-UPDATE jobs
-SET state = 'CANCELLED', completed_at = now(), lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-  AND ($3::text IS NULL OR worker_id = $3)
-RETURNING *
+_CANCEL_RUNNING = f"""
+WITH moved AS (
+    UPDATE jobs
+    SET state = 'CANCELLED', completed_at = now(), lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
+      AND ($3::text IS NULL OR worker_id = $3)
+    RETURNING *
+), {_FROM_RUNNING}
+SELECT * FROM moved
 """
 
 
@@ -719,10 +777,15 @@ class Rescued:
 
 
 async def take_back(
-    conn: Conn, decisions: Sequence[tuple[Lost, JobState, float]], error: str
+    conn: Conn,
+    decisions: Sequence[tuple[Lost, JobState, float]],
+    error: str,
+    *,
+    actor: str | None = None,
 ) -> list[Rescued]:
     """Move lost attempts to RETRYING (after their delay in seconds), FAILED or
-    CANCELLED, recording ``error`` as the attempt's error."""
+    CANCELLED, recording ``error`` as the attempt's error and ``actor`` (None: the
+    session's application_name) as who moved them."""
     if not decisions:
         return []
     rows = await conn.fetch(
@@ -732,6 +795,7 @@ async def take_back(
         [state.value for _, state, _ in decisions],
         [delay_s for _, _, delay_s in decisions],
         error,
+        actor,
     )
     return [
         Rescued(row["id"], row["type"], row["queue"], row["attempt"], JobState(row["state"]))

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrix import ids
+from orchestrix.db.events import recorded
 from orchestrix.models import rfc3339
 
 Conn = Any
@@ -133,12 +134,16 @@ SELECT EXISTS (
 )
 """
 
-_INSERT_TICK = """
-INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, timeout_seconds,
-                  schedule, tick_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (schedule, tick_at) WHERE schedule IS NOT NULL DO NOTHING
-RETURNING id
+# Its creation event names the schedule.
+_INSERT_TICK = f"""
+WITH created AS (
+    INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, timeout_seconds,
+                      schedule, tick_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (schedule, tick_at) WHERE schedule IS NOT NULL DO NOTHING
+    RETURNING *
+), {recorded("created", from_state="NULL::text", actor="'schedule:' || schedule")}
+SELECT id FROM created
 """
 
 _ADVANCE = """
