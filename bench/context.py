@@ -12,7 +12,20 @@ from bench.infra import Databases, Servers, ServiceReport, Stack, checkpoint
 # The order. The claim-cost phase writes a million rows; run after the
 # latency phase, its write-back slowed that phase's commits (create->start p50
 # 2.2 to 2.4 ms after it, 1.6 to 2.0 ms alone).
-PHASES = ("drain", "sustained", "latency", "api", "priority", "fairness", "claim", "ceiling")
+# The retention phases come last: they are the longest, and each writes and
+# deletes a million rows or more.
+PHASES = (
+    "drain",
+    "sustained",
+    "latency",
+    "api",
+    "priority",
+    "fairness",
+    "claim",
+    "ceiling",
+    "prune",
+    "retention",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,14 @@ class Options:
     priority_gap_s: float = 0.05
     fair_rate: float = 20.0
     fair_duration_s: float = 10.0
+    prune_rows: int = 1_000_000
+    prune_jobs: int = 100_000
+    prune_workers: int = 2
+    prune_rounds: int = 1
+    retention_rate: float = 1000.0
+    retention_duration_s: float = 300.0
+    retention_window_s: float = 30.0
+    retention_sample_s: float = 10.0
     phase_timeout_s: float = 900.0
 
     @classmethod
@@ -78,6 +99,12 @@ class Options:
             dispatch_backlog=2_000,
             priority_jobs=5,
             fair_duration_s=1.0,
+            prune_rows=10_000,
+            prune_jobs=1_000,
+            retention_rate=100.0,
+            retention_duration_s=6.0,
+            retention_window_s=2.0,
+            retention_sample_s=1.0,
             phase_timeout_s=120.0,
         )
 

@@ -12,7 +12,7 @@ short transaction each, see ``orchestrix.db.retention``), oldest first within a
 state, and pauses ``pause_s`` between batches so the claims and the state
 changes of the workers get the database between them. A run that reached its
 cap is followed by another at once (after the pause); otherwise the next run
-comes ``interval_s`` later. At the defaults that is up to about 10,000 jobs a
+comes ``interval_s`` later. A scheduler that becomes the leader prunes at once. At the defaults that is up to about 10,000 jobs a
 second when a backlog built up (``docs/performance.md`` has the measured rate),
 and one cheap index probe per state every few seconds when there is none.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ BATCH_SIZE = 1_000
 MAX_PER_RUN = 20_000
 PAUSE_S = 0.02
 INTERVAL_S = 5.0
+# How often the loop looks whether this scheduler leads (and a run is due).
+LOOK_S = 0.5
 
 
 class Pruner:
@@ -106,16 +109,23 @@ class Pruner:
     async def run(
         self, stop: asyncio.Event, leading: Callable[[], bool], interval_s: float = INTERVAL_S
     ) -> None:
-        """Prune every ``interval_s`` while ``leading()`` says this scheduler leads;
-        at once again after a run that reached its cap."""
+        """Prune every ``interval_s`` while ``leading()`` says this scheduler leads:
+        at once when it starts to lead, and again at once after a run that reached
+        its cap."""
         if not self.enabled:
             log.info("retention off for every state: finished jobs are kept")
             return
-        wait_s = interval_s
+        look_s = min(interval_s, LOOK_S)
+        ran_at = float("-inf")
+        wait_s = look_s
         while not await sleep_unless_stopped(stop, wait_s):
-            wait_s = interval_s
+            wait_s = look_s
             if not leading():
+                ran_at = float("-inf")
                 continue
+            if time.monotonic() - ran_at < interval_s:
+                continue
+            ran_at = time.monotonic()
             try:
                 deleted = await self.run_once()
             except TRANSIENT as exc:
@@ -125,4 +135,4 @@ class Pruner:
                 log.exception("finished jobs not pruned")
                 continue
             if self.reached_cap(deleted):
-                wait_s = self._pause_s
+                wait_s, ran_at = self._pause_s, float("-inf")
