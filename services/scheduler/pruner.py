@@ -12,9 +12,9 @@ short transaction each, see ``orchestrix.db.retention``), oldest first within a
 state, and pauses ``pause_s`` between batches so the claims and the state
 changes of the workers get the database between them. A run that reached its
 cap is followed by another at once (after the pause); otherwise the next run
-comes ``interval_s`` later. A scheduler that becomes the leader prunes at once. At the defaults that is up to about 10,000 jobs a
-second when a backlog built up (``docs/performance.md`` has the measured rate),
-and one cheap index probe per state every few seconds when there is none.
+comes ``interval_s`` later. A scheduler that becomes the leader prunes at once.
+When nothing is due, a run is one cheap index probe per state.
+``docs/performance.md`` has the measured rate and what it costs a drain.
 """
 
 from __future__ import annotations
