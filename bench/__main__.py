@@ -31,7 +31,9 @@ from bench import (
     drain,
     history,
     latency,
+    prune,
     report,
+    retention,
     subscribers,
     sustained,
 )
@@ -49,6 +51,8 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "subscribers": subscribers.run_phase,
     "sustained": sustained.run_phase,
     "ceiling": ceiling.run_phase,
+    "prune": prune.run_phase,
+    "retention": retention.run_phase,
 }
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
 
@@ -78,8 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description=(
             "Benchmark Orchestrix end to end with real servers and service processes: "
-            "drain, sustained rate, latency, API, claim cost, peak RSS, and the raw "
-            "PostgreSQL ceiling. Prints a table and writes JSON."
+            "drain, sustained rate, latency, API, claim cost, peak RSS, the raw "
+            "PostgreSQL ceiling, and pruning finished jobs. Prints a table and writes JSON."
         ),
         epilog="phases: " + ", ".join(PHASES) + " (in that order)",
     )
@@ -114,7 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         metavar="R",
-        help="rounds of the drain and claim-cost drains; the best counts (default 2, quick 1)",
+        help="rounds of the drain, claim-cost and prune drains; the best counts "
+        "(default 2, quick 1; prune 1)",
     )
     parser.add_argument(
         "--worker-concurrency",
@@ -127,6 +132,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="M",
         help="finished jobs in the table for the claim-cost phase (default 1000000)",
+    )
+    parser.add_argument(
+        "--prune-rows",
+        type=int,
+        metavar="M",
+        help="old finished jobs the prune phase deletes beside a drain (default 1000000)",
+    )
+    parser.add_argument(
+        "--prune-jobs",
+        type=int,
+        metavar="N",
+        help="jobs the prune phase drains, with and without pruning (default 100000)",
+    )
+    parser.add_argument(
+        "--retention-rate",
+        type=float,
+        metavar="R",
+        help="jobs per second the retention phase inserts (default 1000)",
+    )
+    parser.add_argument(
+        "--retention-duration",
+        type=float,
+        metavar="S",
+        help="seconds the retention phase runs (default 300)",
+    )
+    parser.add_argument(
+        "--retention-window",
+        type=float,
+        metavar="S",
+        help="RETENTION_SUCCEEDED in the retention phase, in seconds (default 30)",
     )
     parser.add_argument(
         "--note",
@@ -147,9 +182,24 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.worker_concurrency:
         options = replace(options, worker_concurrency=args.worker_concurrency)
     if args.rounds:
-        options = replace(options, drain_rounds=args.rounds, claim_rounds=args.rounds)
+        options = replace(
+            options, drain_rounds=args.rounds, claim_rounds=args.rounds, prune_rounds=args.rounds
+        )
     if args.finished_rows is not None:
         options = replace(options, finished_rows=args.finished_rows)
+    sizes = {
+        "prune_rows": args.prune_rows,
+        "prune_jobs": args.prune_jobs,
+        "retention_rate": args.retention_rate,
+        "retention_duration_s": args.retention_duration,
+        "retention_window_s": args.retention_window,
+    }
+    options = replace(options, **{k: v for k, v in sizes.items() if v is not None})
+    # Samples through the phase: about 30, at most every 10 s.
+    if args.retention_duration is not None:
+        options = replace(
+            options, retention_sample_s=min(10.0, max(1.0, options.retention_duration_s / 30))
+        )
     return options
 
 

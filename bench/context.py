@@ -12,6 +12,8 @@ from bench.infra import Databases, Servers, ServiceReport, Stack, checkpoint
 # The order. The claim-cost phase writes a million rows; run after the
 # latency phase, its write-back slowed that phase's commits (create->start p50
 # 2.2 to 2.4 ms after it, 1.6 to 2.0 ms alone).
+# The retention phases come last: they are the longest, and each writes and
+# deletes a million rows or more.
 PHASES = (
     "drain",
     "history",
@@ -23,6 +25,8 @@ PHASES = (
     "subscribers",
     "claim",
     "ceiling",
+    "prune",
+    "retention",
 )
 
 
@@ -63,6 +67,14 @@ class Options:
     subscribers: int = 1000  # open event streams (bench/subscribers.py)
     subscribers_idle_s: float = 10.0
     subscribers_events: int = 100
+    prune_rows: int = 1_000_000
+    prune_jobs: int = 100_000
+    prune_workers: int = 2
+    prune_rounds: int = 1
+    retention_rate: float = 1000.0
+    retention_duration_s: float = 300.0
+    retention_window_s: float = 30.0
+    retention_sample_s: float = 10.0
     phase_timeout_s: float = 900.0
 
     @classmethod
@@ -96,6 +108,12 @@ class Options:
             subscribers=20,
             subscribers_idle_s=1.0,
             subscribers_events=10,
+            prune_rows=10_000,
+            prune_jobs=1_000,
+            retention_rate=100.0,
+            retention_duration_s=6.0,
+            retention_window_s=2.0,
+            retention_sample_s=1.0,
             phase_timeout_s=120.0,
         )
 

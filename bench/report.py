@@ -199,6 +199,16 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         )
         out["subscribers_idle_cpu_share"] = subs["idle_api_cpu_share"]
         out["subscribers_burst_s"] = subs["burst_delivered_s"]
+    prune = results.get("prune", {})
+    if "on" in prune:
+        out["prune_off_drain_jobs_per_s"] = prune["off"]["jobs_per_s"]
+        out["prune_on_drain_jobs_per_s"] = prune["on"]["jobs_per_s"]
+        out["prune_rows_per_s"] = prune["on"].get("pruned_rows_per_s")
+    retention = results.get("retention", {})
+    if "samples" in retention:
+        out["retention_total_mib_at_end"] = round(retention["total_bytes_at_end"] / 2**20, 1)
+        out["retention_growth_after_two_windows"] = retention["growth_after_two_windows"]
+        out["retention_bytes_per_job_at_end"] = retention["bytes_per_job_at_end"]
     for role, mib in results.get("rss", {}).get("peak_mib", {}).items():
         out[f"rss_{role}_mib"] = mib
     ceiling = results.get("ceiling", {})
@@ -419,6 +429,36 @@ def table(results: dict[str, Any]) -> str:
                 "-",
                 "-",
                 "-",
+            )
+        )
+    if "prune_on_drain_jobs_per_s" in s:
+        prune = results.get("prune", {})
+        ratio = prune.get("drain_ratio")
+        rows.append(
+            (
+                f"Drain {prune.get('jobs', 0):,} jobs, {prune.get('workers')} workers, while "
+                f"{prune.get('rows', 0):,} finished jobs are pruned vs not (jobs/s)",
+                f"{_n(s['prune_on_drain_jobs_per_s'])} vs {_n(s['prune_off_drain_jobs_per_s'])}"
+                + (f" ({(ratio - 1) * 100:+.0f}%)" if ratio else ""),
+                f"within 10%{_verdict(None if ratio is None else ratio >= 0.9)}",
+                "-",
+                f"pruned {_n(s.get('prune_rows_per_s'))} rows/s",
+            )
+        )
+    if "retention_total_mib_at_end" in s:
+        retention = results.get("retention", {})
+        growth = s.get("retention_growth_after_two_windows")
+        at_two = retention.get("total_bytes_at_two_windows")
+        rows.append(
+            (
+                f"{retention.get('rate', 0):,.0f} jobs/s for {retention.get('duration_s', 0):g} s, "
+                f"retention {retention.get('retention_s', 0):g} s: table + indexes (MiB)",
+                (f"{at_two / 2**20:.1f} at 2 windows -> " if at_two else "")
+                + f"{s['retention_total_mib_at_end']:.1f} at end"
+                + (f" ({growth * 100:+.0f}%)" if growth is not None else ""),
+                "stops growing",
+                "-",
+                f"{_n(s.get('retention_bytes_per_job_at_end'))} bytes/job at end",
             )
         )
     for role in ("worker", "scheduler", "api"):

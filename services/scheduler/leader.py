@@ -24,6 +24,12 @@ class Leadership:
         self._conn: asyncpg.Connection | None = None
         self.since: float | None = None  # monotonic time leadership was (re)gained
 
+    @property
+    def leading(self) -> bool:
+        """Whether the last ``held()`` found the lock ours; no I/O, for actors that
+        run beside the maintenance round (the pruner)."""
+        return self._conn is not None
+
     async def held(self) -> bool:
         """True while this scheduler holds the lock; tries to take it when free."""
         if self._conn is not None:
@@ -42,7 +48,7 @@ class Leadership:
             return False
         self._conn = conn
         self.since = time.monotonic()
-        log.info("this scheduler now runs maintenance (lifeline, rescuer)")
+        log.info("this scheduler now runs maintenance (lifeline, rescuer, pruner)")
         return True
 
     async def _drop(self) -> None:

@@ -7,12 +7,14 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
   they had to exit while PostgreSQL was away;
 - the lifeline takes back the jobs of workers that died (seconds);
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
+- the pruner deletes finished jobs once their retention has passed;
 - the depth reporter keeps the queue gauges current;
 - the cron firer creates the jobs of due cron schedules.
 
 Any number of schedulers may run. Every one wakes workers and fires schedules
 (each tick once: services/scheduler/cron.py); the lifeline and the rescuer run
-in the one that holds the maintenance lock. On SIGTERM or SIGINT
+in the one that holds the maintenance lock, and so does the pruner (as a task of
+its own, beside the maintenance round, which it must not slow). On SIGTERM or SIGINT
 the scheduler stops and exits.
 """
 
@@ -37,6 +39,7 @@ from orchestrix.services.scheduler.depth import DepthReporter
 from orchestrix.services.scheduler.handbacks import HandBackApplier
 from orchestrix.services.scheduler.leader import Leadership
 from orchestrix.services.scheduler.lifeline import Lifeline
+from orchestrix.services.scheduler.pruner import Pruner
 from orchestrix.services.scheduler.rescuer import Rescuer
 from orchestrix.services.scheduler.waker import Waker
 from orchestrix.settings import Settings
@@ -130,6 +133,10 @@ async def serve(settings: Settings) -> None:
             stop,
         )
     )
+    # Leadership is checked by the maintenance round; the pruner reads its answer.
+    prune_task = asyncio.create_task(
+        Pruner(pool, settings.retention, metrics).run(stop, lambda: leadership.leading)
+    )
     log.info("scheduler started", extra={"lease_timeout_s": settings.recovery.lease_timeout_s})
     try:
         while not stop.is_set():
@@ -137,7 +144,7 @@ async def serve(settings: Settings) -> None:
             await sleep_unless_stopped(stop, WAKER_RETRY_S)
     finally:
         log.info("scheduler stopping")
-        for task in (depth_task, cron_task, maintenance):
+        for task in (depth_task, cron_task, maintenance, prune_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

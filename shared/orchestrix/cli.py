@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
             "MAINTENANCE_INTERVAL",
             "RETRY_BASE_DELAY",
             "RETRY_MAX_DELAY",
+            "RETENTION_SUCCEEDED",
+            "RETENTION_CANCELLED",
+            "RETENTION_FAILED",
             *_STATUS,
             *_LOG,
         ),
@@ -165,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
         "Turns PostgreSQL NOTIFY on job creation into a NATS wake-up for the workers.\n"
         "The one holding the maintenance lock applies the hand-back ledger (attempts\n"
         "workers returned on JetStream while PostgreSQL was away), then takes back\n"
-        "the jobs of dead workers (within seconds) and of expired leases.\n"
+        "the jobs of dead workers (within seconds) and of expired leases, and deletes\n"
+        "finished jobs once their state's RETENTION_* has passed (0: kept forever).\n"
         "Run two for availability.\n"
         "Serves /health, /ready and /metrics on METRICS_PORT.",
     )

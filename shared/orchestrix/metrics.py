@@ -18,7 +18,7 @@ from itertools import product
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from orchestrix.states import JobState
+from orchestrix.states import TERMINAL, JobState
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "SchedulerMetrics", "WorkerMetrics", "expose"]
 
@@ -175,6 +175,14 @@ class SchedulerMetrics:
         )
         for outcome in ("created", "missed", "overlapped"):
             self.schedule_ticks.labels(outcome)
+        self.jobs_pruned = Counter(
+            "orchestrix_jobs_pruned_total",
+            "Finished jobs deleted by the pruner once their state's retention had passed.",
+            ["state"],
+            registry=self.registry,
+        )
+        for state in sorted(TERMINAL):
+            self.jobs_pruned.labels(state.value)
 
     def preset(self, queues: Iterable[str]) -> None:
         """Export the per-queue counters at 0 for ``queues``."""

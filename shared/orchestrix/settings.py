@@ -6,7 +6,7 @@ line naming the variable and what is wrong with it, so a misconfigured container
 dies at once instead of misbehaving later.
 
 Durations accept plain seconds (``1.5``) or a unit suffix (``500ms``, ``2s``,
-``5m``, ``1h``).
+``5m``, ``1h``, ``7d``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -29,6 +29,13 @@ class SettingsError(ValueError):
     def __init__(self, variable: str, problem: str) -> None:
         super().__init__(f"{variable}: {problem}")
         self.variable = variable
+
+
+def _span(seconds: float) -> str:
+    """A duration bound as an error shows it: seconds, or days once that is clearer."""
+    if seconds >= 1e6:
+        return f"{seconds / 86400:g}d"
+    return f"{seconds:g}s"
 
 
 class _Reader:
@@ -66,11 +73,13 @@ class _Reader:
         match = _DURATION.match(value)
         if match is None:
             raise SettingsError(
-                name, f"must be a duration such as 1.5, 500ms, 2s, 5m or 1h, got {value!r}"
+                name, f"must be a duration such as 1.5, 500ms, 2s, 5m, 1h or 7d, got {value!r}"
             )
         number = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         if not low <= number <= high:
-            raise SettingsError(name, f"must be between {low:g}s and {high:g}s, got {value!r}")
+            raise SettingsError(
+                name, f"must be between {_span(low)} and {_span(high)}, got {value!r}"
+            )
         return number
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -301,6 +310,31 @@ class RecoverySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long finished jobs are kept, per final state; 0 keeps them forever.
+
+    The leading scheduler's pruner (services/scheduler/pruner.py) deletes a job
+    once this long has passed since its ``completed_at``. Its idempotency key is
+    free again from then on.
+    """
+
+    succeeded_s: float = 86400.0
+    cancelled_s: float = 86400.0
+    failed_s: float = 7 * 86400.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RetentionSettings:
+        read = _Reader(env)
+        # Ten years: far beyond any real retention, short of float trouble in SQL.
+        most = 3650 * 86400.0
+        return cls(
+            succeeded_s=read.seconds("RETENTION_SUCCEEDED", cls.succeeded_s, low=0, high=most),
+            cancelled_s=read.seconds("RETENTION_CANCELLED", cls.cancelled_s, low=0, high=most),
+            failed_s=read.seconds("RETENTION_FAILED", cls.failed_s, low=0, high=most),
+        )
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     """Where the scheduler and workers serve /metrics, /health and /ready."""
 
@@ -396,6 +430,7 @@ class Settings:
     retry: RetrySettings
     metrics: MetricsSettings
     recovery: RecoverySettings
+    retention: RetentionSettings
     dev: DevSettings
 
     @classmethod
@@ -410,6 +445,7 @@ class Settings:
             retry=RetrySettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
             recovery=RecoverySettings.from_env(env),
+            retention=RetentionSettings.from_env(env),
             dev=DevSettings.from_env(env),
         )
 
@@ -460,6 +496,9 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("RETRY_MAX_DELAY", "5m", "longest backoff between attempts"),
     ("LEASE_TIMEOUT", "30s", "lease of a running job (2s or more); renewed every third"),
     ("MAINTENANCE_INTERVAL", "5s", "how often the leading scheduler rescues expired leases"),
+    ("RETENTION_SUCCEEDED", "24h", "SUCCEEDED jobs are deleted this long after they end; 0: kept"),
+    ("RETENTION_CANCELLED", "24h", "CANCELLED jobs are deleted this long after they end; 0: kept"),
+    ("RETENTION_FAILED", "7d", "FAILED jobs are deleted this long after they end; 0: kept"),
     ("ORCHESTRIX_EXECUTORS", "", "comma-separated modules the worker imports for executors"),
     ("SCHEDULERS", "1", "schedulers `orchestrix dev` runs"),
     ("WORKERS", "2", "workers `orchestrix dev` runs"),

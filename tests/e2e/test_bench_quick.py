@@ -49,6 +49,11 @@ HEADLINES = (
     "insert_single_rows_per_s",
     "insert_unnest_rows_per_s",
     "insert_copy_rows_per_s",
+    "prune_off_drain_jobs_per_s",
+    "prune_on_drain_jobs_per_s",
+    "prune_rows_per_s",
+    "retention_total_mib_at_end",
+    "retention_bytes_per_job_at_end",
 )
 
 
@@ -82,7 +87,7 @@ async def test_quick_benchmark_reports_every_section(servers: Servers, tmp_path:
     results = json.loads(out.read_text())
 
     sections = ("meta", "summary", "drain", "sustained", "latency", "api", "priority", "fairness")
-    for section in (*sections, "claim", "rss"):
+    for section in (*sections, "claim", "rss", "prune", "retention"):
         assert section in results, section
         assert "error" not in results[section], results[section]
     assert "ceiling" in results

@@ -9,10 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 from orchestrix import migrate
-from orchestrix.db import jobs, workers
+from orchestrix.db import jobs, retention, workers
 from orchestrix.db.pool import init_connection
 from orchestrix.devstack import database_url
 from orchestrix.models import NewJob
+from orchestrix.states import JobState
 
 from tests.conftest import RUN_ID, Servers
 
@@ -61,6 +62,7 @@ async def test_upgrade_downgrade_upgrade(scratch: str) -> None:
             conn, worker_id="w", queues=None, types=["t"], limit=10, lease_s=30
         )
         assert await jobs.succeed(conn, claimed.id, claimed.attempt, {"ok": True}) is not None
+        assert await retention.prune(conn, JobState.SUCCEEDED, 1e-6, 10) == 1
         await workers.register(
             conn, workers.Registration("w", "host", 1, None, ["t"], concurrency=1)
         )

@@ -49,5 +49,7 @@ def test_a_fresh_scheduler_exports_its_per_queue_counters_at_zero() -> None:
         assert f'orchestrix_jobs_rescued_total{{queue="default",state="{state}"}} 0.0' in text
     for outcome in ("created", "missed", "overlapped"):
         assert f'orchestrix_schedule_ticks_total{{outcome="{outcome}"}} 0.0' in text
+    for pruned in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        assert f'orchestrix_jobs_pruned_total{{state="{pruned}"}} 0.0' in text
     # A counter added later must be exported at zero too.
-    assert len(_counters(metrics)) == 4
+    assert len(_counters(metrics)) == 5

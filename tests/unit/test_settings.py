@@ -6,6 +6,7 @@ from orchestrix.settings import (
     DatabaseSettings,
     LogSettings,
     NatsSettings,
+    RetentionSettings,
     RetrySettings,
     Settings,
     SettingsError,
@@ -26,6 +27,9 @@ def test_defaults() -> None:
     assert settings.worker.shutdown_timeout_s == 30.0
     assert settings.retry == RetrySettings(base_delay_s=1.0, max_delay_s=300.0)
     assert settings.log == LogSettings(format="text", level="INFO")
+    assert settings.retention == RetentionSettings(
+        succeeded_s=86400.0, cancelled_s=86400.0, failed_s=7 * 86400.0
+    )
 
 
 def test_seed_db_variables_build_the_url() -> None:
@@ -68,6 +72,9 @@ def test_database_url_overrides_the_parts() -> None:
         ({"RETRY_BASE_DELAY": "0"}, "RETRY_BASE_DELAY", "must be between 0.001s and 86400s"),
         # Renewed every third of it, a shorter lease would outrun the heartbeat.
         ({"LEASE_TIMEOUT": "1s"}, "LEASE_TIMEOUT", "must be between 2s and 3600s"),
+        ({"RETENTION_SUCCEEDED": "a day"}, "RETENTION_SUCCEEDED", "must be a duration"),
+        ({"RETENTION_CANCELLED": "-1h"}, "RETENTION_CANCELLED", "must be a duration"),
+        ({"RETENTION_FAILED": "3651d"}, "RETENTION_FAILED", "must be between 0s and 3650d"),
         (
             {"RETRY_BASE_DELAY": "10s", "RETRY_MAX_DELAY": "5s"},
             "RETRY_MAX_DELAY",
@@ -174,3 +181,15 @@ def test_a_bad_url_does_not_show_its_credentials(
         Settings.from_env(env)
     assert secret not in str(caught.value)
     assert repr(shown) in str(caught.value)
+
+
+def test_retention_is_read_per_state_and_zero_keeps_forever() -> None:
+    assert RetentionSettings.from_env(
+        {"RETENTION_SUCCEEDED": "30s", "RETENTION_CANCELLED": "0", "RETENTION_FAILED": "14d"}
+    ) == RetentionSettings(succeeded_s=30.0, cancelled_s=0.0, failed_s=14 * 86400.0)
+    # Each variable is its own: one set leaves the others at their defaults.
+    assert RetentionSettings.from_env({"RETENTION_FAILED": "1h"}) == RetentionSettings(
+        succeeded_s=86400.0, cancelled_s=86400.0, failed_s=3600.0
+    )
+    assert "RETENTION_FAILED" in describe(("RETENTION_FAILED",))
+    assert "(default 7d)" in describe(("RETENTION_FAILED",))
