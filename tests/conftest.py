@@ -123,7 +123,9 @@ async def session_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     """The run's database, emptied before each test that asks for it."""
-    await session_pool.execute("TRUNCATE jobs, job_events, workers, queues, schedules")
+    await session_pool.execute(
+        "TRUNCATE jobs, job_events, job_dependencies, workflows, workers, queues, schedules"
+    )
     return session_pool
 
 

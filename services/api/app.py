@@ -14,7 +14,16 @@ from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
 from orchestrix.lifecycle import session_settings, stop_on_signals
 from orchestrix.metrics import ApiMetrics
-from orchestrix.services.api import bulk, events, health, jobs, openapi, queues, schedules
+from orchestrix.services.api import (
+    bulk,
+    events,
+    health,
+    jobs,
+    openapi,
+    queues,
+    schedules,
+    workflows,
+)
 from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.errors import MAX_BODY, error_middleware
 from orchestrix.services.api.feed import Feed
@@ -74,6 +83,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app.add_routes(jobs.routes)
     app.add_routes(queues.routes)
     app.add_routes(schedules.routes)
+    app.add_routes(workflows.routes)
     app.add_routes(health.routes)
     app.add_routes(openapi.routes)
     return app

@@ -33,7 +33,7 @@ routes = web.RouteTableDef()
 IDS_MAX = 10_000
 SELECTION_FIELDS = frozenset({"ids", "state", "type", "queue", "created_after", "created_before"})
 # The states each action applies to; a state filter outside them is refused.
-CANCEL_STATES = (JobState.PENDING, JobState.RETRYING, JobState.RUNNING)
+CANCEL_STATES = (JobState.PENDING, JobState.WAITING, JobState.RETRYING, JobState.RUNNING)
 RETRY_STATES = (JobState.FAILED, JobState.CANCELLED)
 
 
@@ -41,6 +41,12 @@ RETRY_STATES = (JobState.FAILED, JobState.CANCELLED)
 async def cancel_jobs(request: web.Request) -> web.Response:
     """Waiting jobs are CANCELLED at once; running ones are asked of their workers."""
     selection = parse_selection(await read_json_object(request), CANCEL_STATES)
+    return json_response(await cancel_selected(request, selection))
+
+
+async def cancel_selected(request: web.Request, selection: db.Selection) -> dict[str, int]:
+    """Cancel what ``selection`` picks: the waiting jobs at once, the running ones
+    through their workers; the counts, as the API answers them."""
     cancelled, asked = await db.cancel(request.app[POOL], selection)
     nc = request.app[LIFECYCLE].nats
     if asked and nc is not None and nc.is_connected:
@@ -51,7 +57,7 @@ async def cancel_jobs(request: web.Request) -> web.Response:
             for job_id in asked:
                 await nc.publish(subject, job_id.encode())
     log.info("jobs cancelled in bulk", extra={"cancelled": cancelled, "requested": len(asked)})
-    return json_response({"cancelled": cancelled, "cancel_requested": len(asked)})
+    return {"cancelled": cancelled, "cancel_requested": len(asked)}
 
 
 @routes.post("/api/v1/jobs/retry")

@@ -27,7 +27,7 @@ from orchestrix.services.api.parsing import QUEUE_PATTERN, TYPE_PATTERN, checked
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
-STREAM_PARAMS = frozenset({"job_id", "queue", "type", "last_event_id"})
+STREAM_PARAMS = frozenset({"job_id", "workflow_id", "queue", "type", "last_event_id"})
 
 
 @routes.get(JOB_PATH + "/events")
@@ -77,13 +77,16 @@ def _parse_stream_query(request: web.Request) -> tuple[EventFilter, Position | N
     unknown = sorted(set(query) - STREAM_PARAMS)
     if unknown:
         raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
-    job_id = query.get("job_id")
+    job_id, workflow_id = query.get("job_id"), query.get("workflow_id")
     if job_id is not None and not ids.is_valid(job_id):
         raise ApiError(400, f"job_id must be a job id (a ULID), got {job_id!r}")
+    if workflow_id is not None and not ids.is_valid(workflow_id):
+        raise ApiError(400, f"workflow_id must be a workflow id (a ULID), got {workflow_id!r}")
     queue = query.get("queue")
     job_type = query.get("type")
     where = EventFilter(
         job_id=job_id,
+        workflow_id=workflow_id,
         queue=None if queue is None else checked_name("queue", queue, QUEUE_PATTERN),
         type=None if job_type is None else checked_name("type", job_type, TYPE_PATTERN),
     )

@@ -5,7 +5,7 @@
 the API reads ``job_events`` once: :meth:`Feed.run_once` reads the events past
 its position (db.events.after: in feed order, below the oldest running
 transaction) and hands each to the subscriptions it matches, found by job id,
-type or queue, so an event costs nothing for the listeners it does not concern.
+workflow, type or queue, so an event costs nothing for the listeners it does not concern.
 With no one listening, the feed does not read at all.
 
 A subscription never misses an event and never gets one twice. When it starts
@@ -123,6 +123,7 @@ class Feed:
         self._subscriptions: set[Subscription] = set()
         # Subscriptions by the most selective field of their filter.
         self._by_job: dict[str, set[Subscription]] = {}
+        self._by_workflow: dict[str, set[Subscription]] = {}
         self._by_type: dict[str, set[Subscription]] = {}
         self._by_queue: dict[str, set[Subscription]] = {}
         self._unfiltered: set[Subscription] = set()
@@ -161,6 +162,7 @@ class Feed:
         where = subscription.where
         for value, index in (
             (where.job_id, self._by_job),
+            (where.workflow_id, self._by_workflow),
             (where.type, self._by_type),
             (where.queue, self._by_queue),
         ):
@@ -186,6 +188,7 @@ class Feed:
         for event in batch:
             for index, key in (
                 (self._by_job, event.job_id),
+                (self._by_workflow, event.workflow_id or ""),
                 (self._by_type, event.type),
                 (self._by_queue, event.queue),
             ):

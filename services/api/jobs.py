@@ -9,7 +9,7 @@ from collections import Counter
 from aiohttp import web
 from orchestrix import broker, ids
 from orchestrix.db import jobs as db
-from orchestrix.db import workers
+from orchestrix.db import workers, workflows
 from orchestrix.models import Job
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.feed import until_finished
@@ -107,6 +107,10 @@ async def retry_job(request: web.Request) -> web.Response:
     retried = await db.retry_by_hand(request.app[POOL], job_id) if ids.is_valid(job_id) else None
     if retried is None:
         job = await _existing(request)
+        if job.workflow_id is not None:  # runs again when its parents have all SUCCEEDED
+            async with request.app[POOL].acquire() as conn:
+                retried = await workflows.retry(conn, job_id)
+    if retried is None:
         raise ApiError(
             409,
             f"job {job.id} is {job.state}; only FAILED or CANCELLED jobs can be retried",

@@ -55,6 +55,9 @@ from orchestrix.services.api.schedules import (
 )
 from orchestrix.services.api.schedules import DEFAULTS as SCHEDULE_DEFAULTS
 from orchestrix.services.api.schedules import NAME_PATTERN as SCHEDULE_NAME_PATTERN
+from orchestrix.services.api.workflows import KEY_PATTERN as WORKFLOW_KEY_PATTERN
+from orchestrix.services.api.workflows import NAME_MAX as WORKFLOW_NAME_MAX
+from orchestrix.services.api.workflows import WORKFLOW_JOBS_MAX
 from orchestrix.settings import ApiSettings
 from orchestrix.states import JobState
 
@@ -336,8 +339,20 @@ def _schemas() -> dict[str, Schema]:
                 },
                 "queue": {"type": "string"},
                 "type": {"type": "string"},
+                "workflow_id": {"type": "string", "nullable": True, "pattern": ULID_PATTERN},
             },
-            "required": ["id", "job_id", "from", "to", "attempt", "at", "by", "queue", "type"],
+            "required": [
+                "id",
+                "job_id",
+                "from",
+                "to",
+                "attempt",
+                "at",
+                "by",
+                "queue",
+                "type",
+                "workflow_id",
+            ],
             "additionalProperties": False,
         },
         "EventList": {
@@ -442,6 +457,7 @@ def _schemas() -> dict[str, Schema]:
             "additionalProperties": False,
         },
         **_schedule_schemas(),
+        **_workflow_schemas(),
         "CancelSelection": _selection_schema(CANCEL_STATES),
         "RetrySelection": _selection_schema(RETRY_STATES),
         "BulkCancelled": {
@@ -518,6 +534,87 @@ def _selection_schema(states: tuple[JobState, ...]) -> Schema:
         },
         "minProperties": 1,
         "additionalProperties": False,
+    }
+
+
+def _workflow_schemas() -> dict[str, Schema]:
+    new_job = new_job_schema()
+    job_fields = {k: v for k, v in new_job["properties"].items() if k != "idempotency_key"}
+    return {
+        "NewWorkflow": {
+            "type": "object",
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "nullable": True,
+                    "minLength": 1,
+                    "maxLength": WORKFLOW_NAME_MAX,
+                },
+                "jobs": {
+                    "type": "array",
+                    "items": _ref("NewWorkflowJob"),
+                    "minItems": 1,
+                    "maxItems": WORKFLOW_JOBS_MAX,
+                    "description": "the jobs, each with a key unique in the request; they "
+                    "must form a DAG (no cycle, every depends_on a key of the request)",
+                },
+            },
+            "required": ["jobs"],
+            "additionalProperties": False,
+        },
+        "NewWorkflowJob": {
+            "type": "object",
+            "description": "a job as for POST /api/v1/jobs (no idempotency_key), with its "
+            "key and the keys of the jobs it waits for",
+            "properties": {
+                "key": {"type": "string", "pattern": WORKFLOW_KEY_PATTERN.pattern},
+                "depends_on": {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": WORKFLOW_KEY_PATTERN.pattern},
+                    "maxItems": WORKFLOW_JOBS_MAX,
+                    "default": [],
+                    "description": "the keys of its parents: it starts once all of them "
+                    "have SUCCEEDED (WAITING until then)",
+                },
+                **job_fields,
+            },
+            "required": ["key", "type"],
+            "additionalProperties": False,
+        },
+        "Workflow": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": ULID_PATTERN},
+                "name": {"type": "string", "nullable": True},
+                "created_at": dict(_DATE_TIME),
+                "state": {
+                    "type": "string",
+                    "enum": ["RUNNING", "SUCCEEDED", "FAILED"],
+                    "description": "SUCCEEDED when every job did; FAILED when every job "
+                    "has finished and one did not succeed; RUNNING before",
+                },
+                "counts": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer", "minimum": 1},
+                    "description": "its jobs by state (states with none left out)",
+                },
+                "jobs": {"type": "array", "items": _ref("Job")},
+                "edges": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "from": {"type": "string", "description": "the parent's key"},
+                            "to": {"type": "string", "description": "the child's key"},
+                        },
+                        "required": ["from", "to"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["id", "name", "created_at", "state", "counts", "jobs", "edges"],
+            "additionalProperties": False,
+        },
     }
 
 
@@ -862,6 +959,13 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                         "description": "only this job's events",
                     },
                     {
+                        "name": "workflow_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": ULID_PATTERN},
+                        "description": "only this workflow's jobs",
+                    },
+                    {
                         "name": "queue",
                         "in": "query",
                         "required": False,
@@ -990,6 +1094,59 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Queue"), "the queue, not paused"),
                     "400": _error("the name is not a valid queue name"),
                     "404": _error("no job names the queue and it was never paused"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/workflows": {
+            "post": {
+                "operationId": "createWorkflow",
+                "summary": f"Create a workflow: 1 to {WORKFLOW_JOBS_MAX} jobs and their "
+                "dependencies, all or none",
+                "description": "A job with parents waits (WAITING) until all of them have "
+                "SUCCEEDED, then becomes PENDING at once. A job that ends FAILED or CANCELLED "
+                "has its waiting descendants CANCELLED, naming it; retrying it (POST "
+                "/api/v1/jobs/{id}/retry) runs it again and brings them back.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewWorkflow")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Workflow"), "created, with every job"),
+                    "400": _error("a bad body or job, a repeated or unknown key, or a cycle"),
+                    **_BODY_ERRORS,
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/workflows/{id}": {
+            "parameters": [
+                {
+                    "name": "id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": f"the workflow's id (a ULID matching {ULID_PATTERN}); any "
+                    "other value is 404",
+                }
+            ],
+            "get": {
+                "operationId": "getWorkflow",
+                "summary": "A workflow: every job with its state, and the edges",
+                "responses": {
+                    "200": _json(_ref("Workflow"), "the workflow"),
+                    "404": _error("no workflow has that id"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "operationId": "cancelWorkflow",
+                "summary": "Cancel every job of the workflow that has not finished",
+                "description": "Waiting jobs (WAITING, PENDING, RETRYING) are CANCELLED at "
+                "once; for running ones their workers are asked.",
+                "responses": {
+                    "200": _json(_ref("BulkCancelled"), "how many jobs were changed"),
+                    "404": _error("no workflow has that id"),
                     "503": _UNAVAILABLE,
                 },
             },

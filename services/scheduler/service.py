@@ -9,13 +9,14 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
 - the pruner deletes finished jobs once their retention has passed;
 - the depth reporter keeps the queue gauges current;
-- the cron firer creates the jobs of due cron schedules.
+- the cron firer creates the jobs of due cron schedules;
+- the settler cancels what waits for a workflow's job that failed or was cancelled.
 
-Any number of schedulers may run. Every one wakes workers and fires schedules
-(each tick once: services/scheduler/cron.py); the lifeline and the rescuer run
-in the one that holds the maintenance lock, and so does the pruner (as a task of
-its own, beside the maintenance round, which it must not slow). On SIGTERM or SIGINT
-the scheduler stops and exits.
+Any number of schedulers may run. Every one wakes workers, fires schedules
+(each tick once: services/scheduler/cron.py) and settles workflows; the
+lifeline and the rescuer run in the one that holds the maintenance lock, and so
+does the pruner (as a task of its own, beside the maintenance round, which it
+must not slow). On SIGTERM or SIGINT the scheduler stops and exits.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from orchestrix.services.scheduler.leader import Leadership
 from orchestrix.services.scheduler.lifeline import Lifeline
 from orchestrix.services.scheduler.pruner import Pruner
 from orchestrix.services.scheduler.rescuer import Rescuer
+from orchestrix.services.scheduler.settler import Settler
 from orchestrix.services.scheduler.waker import Waker
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
@@ -121,6 +123,7 @@ async def serve(settings: Settings) -> None:
     waker = Waker(settings.database.url, nc, settings.nats)
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
     cron_task = asyncio.create_task(CronFirer(pool, metrics).run(stop))
+    settler_task = asyncio.create_task(Settler(pool).run(stop))
     leadership = Leadership(settings.database.url)
     ledger = HandBackApplier(pool, nc.jetstream(), settings.nats, metrics)
     maintenance = asyncio.create_task(
@@ -144,7 +147,7 @@ async def serve(settings: Settings) -> None:
             await sleep_unless_stopped(stop, WAKER_RETRY_S)
     finally:
         log.info("scheduler stopping")
-        for task in (depth_task, cron_task, maintenance, prune_task):
+        for task in (depth_task, cron_task, settler_task, maintenance, prune_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

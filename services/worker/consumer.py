@@ -35,8 +35,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
 from orchestrix.db import jobs as db
-from orchestrix.db import workers
+from orchestrix.db import workers, workflows
 from orchestrix.db.pool import TRANSIENT
+from orchestrix.errors import Kind
 from orchestrix.executors import JobContext, Registry
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job
@@ -356,7 +357,20 @@ class Consumer:
         self._metrics.slots_busy.inc()
         clock = time.perf_counter()
         try:
-            context = JobContext.of(job)
+            parents = None
+            if job.workflow_id is not None:
+                try:
+                    parents = await persist(
+                        lambda: workflows.parents(self._pool, job.id),
+                        "read the parents' results",
+                        {"job_id": job.id},
+                    )
+                except TRANSIENT as exc:
+                    return runner.Failure(
+                        f"ParentsUnavailable: the parents' results could not be read: {exc!r}",
+                        Kind.RETRYABLE,
+                    )
+            context = JobContext.of(job, parents)
             context.controls.report = self._progress.reporter(job.id, job.attempt)
             outcome = await runner.run(self._registry.get(job.type), context, self._threads)
         finally:

@@ -72,6 +72,10 @@ class JobContext:
     # nominal time (when it was due, not when it fired).
     schedule: str | None = None
     tick_at: datetime | None = None
+    # For a workflow's job: each parent's result, by the parent's key in the
+    # workflow (all of them SUCCEEDED, or the job would not run). Empty otherwise.
+    parents: Mapping[str, Any] = field(default_factory=dict)
+    workflow_id: str | None = None
     # Set when the attempt should stop (timeout, shutdown): a plain-function
     # executor cannot be interrupted, so long loops should check it.
     cancel_event: threading.Event = field(default_factory=threading.Event, compare=False)
@@ -105,7 +109,7 @@ class JobContext:
             self.controls.extend(seconds)
 
     @classmethod
-    def of(cls, job: Job) -> JobContext:
+    def of(cls, job: Job, parents: Mapping[str, Any] | None = None) -> JobContext:
         return cls(
             id=job.id,
             type=job.type,
@@ -117,6 +121,8 @@ class JobContext:
             created_at=job.created_at,
             schedule=job.schedule,
             tick_at=job.tick_at,
+            parents=parents or {},
+            workflow_id=job.workflow_id,
         )
 
 

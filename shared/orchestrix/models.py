@@ -58,6 +58,13 @@ class Job:
     tick_at: datetime | None = None
     progress: Any = None
     progress_at: datetime | None = None
+    # A workflow's job: the workflow, the job's key in it, how many of its parents
+    # have not SUCCEEDED yet (WAITING while above 0), and the job whose failure or
+    # cancellation cancelled it.
+    workflow_id: str | None = None
+    workflow_key: str | None = None
+    waiting_for: int = 0
+    cancelled_by: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -92,6 +99,10 @@ class Job:
             tick_at=row["tick_at"],
             progress=row["progress"],
             progress_at=row["progress_at"],
+            workflow_id=row["workflow_id"],
+            workflow_key=row["workflow_key"],
+            waiting_for=row["waiting_for"],
+            cancelled_by=row["cancelled_by"],
         )
         return job
 
@@ -124,6 +135,10 @@ class Job:
             "tick_at": rfc3339(self.tick_at),
             "progress": self.progress,
             "progress_at": rfc3339(self.progress_at),
+            "workflow_id": self.workflow_id,
+            "workflow_key": self.workflow_key,
+            "waiting_for": self.waiting_for,
+            "cancelled_by": self.cancelled_by,
         }
 
 

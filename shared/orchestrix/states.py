@@ -1,4 +1,4 @@
-"""The job lifecycle: the six states and the moves allowed between them.
+"""The job lifecycle: the seven states and the moves allowed between them.
 
 Pure: no I/O. Every SQL update in ``orchestrix.db.jobs`` names the state it
 expects to move from, and the tests check those guards against this table.
@@ -13,6 +13,10 @@ class JobState(StrEnum):
     PENDING = "PENDING"
     """Created by the API; waits for ``run_at``, then for a free slot of a worker
     that serves its queue and type. That worker claims it."""
+    WAITING = "WAITING"
+    """A job of a workflow some of whose parents have not SUCCEEDED yet: the
+    success of the last one makes it PENDING; the failure or cancellation of any
+    one makes it CANCELLED."""
     RUNNING = "RUNNING"
     """A worker claimed this attempt and is executing it; that worker finishes it,
     or hands it back to PENDING (attempt not counted) when it must stop first."""
@@ -31,6 +35,8 @@ class JobState(StrEnum):
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # A worker's claim moves a due job straight to RUNNING.
     JobState.PENDING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # Its last parent succeeded; or one failed or was cancelled (or a user cancelled it).
+    JobState.WAITING: frozenset({JobState.PENDING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
         {
             JobState.SUCCEEDED,
@@ -45,9 +51,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    # An operator's retry: PENDING again, with a new budget of attempts.
-    JobState.FAILED: frozenset({JobState.PENDING}),
-    JobState.CANCELLED: frozenset({JobState.PENDING}),
+    # An operator's retry: PENDING again, with a new budget of attempts; WAITING
+    # instead for a workflow job whose parents have not all SUCCEEDED. A retry
+    # brings back the descendants its job's end had cancelled, as WAITING.
+    JobState.FAILED: frozenset({JobState.PENDING, JobState.WAITING}),
+    JobState.CANCELLED: frozenset({JobState.PENDING, JobState.WAITING}),
 }
 
 # Finished: no worker, scheduler or timer moves these on; only an operator's retry
@@ -59,7 +67,12 @@ RETRYABLE_BY_HAND: frozenset[JobState] = frozenset({JobState.FAILED, JobState.CA
 CLAIMABLE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})
 
 # States a user can cancel at once, without asking a worker to stop anything.
-CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRYING})
+CANCELLABLE_AT_ONCE: frozenset[JobState] = frozenset(
+    {JobState.PENDING, JobState.WAITING, JobState.RETRYING}
+)
+
+# States a job is created in: WAITING when it has parents (a workflow's).
+INITIAL: frozenset[JobState] = frozenset({JobState.PENDING, JobState.WAITING})
 
 
 class InvalidTransition(ValueError):

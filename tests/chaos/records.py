@@ -48,7 +48,7 @@ from enum import Enum
 from typing import Any
 
 from orchestrix.services.worker.stops import MAX_HANDOFFS
-from orchestrix.states import JobState, can_transition
+from orchestrix.states import INITIAL, JobState, can_transition
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 WORKER_LOST = "WorkerLost"
@@ -612,12 +612,13 @@ class _Job:
         moves = list(row.history)
         # A job inserted by plain SQL (as the suite's bulk loader does) has no
         # creation event: it starts PENDING all the same.
+        state = "PENDING"
         if moves and moves[0][0] is None:
-            if moves[0][1] != "PENDING":
-                self.problem(HISTORY, f"created {moves[0][1]}, not PENDING")
+            state = moves[0][1]
+            if JobState(state) not in INITIAL:
+                self.problem(HISTORY, f"created {state}, not PENDING or WAITING")
                 return
             moves = moves[1:]
-        state = "PENDING"
         for number, (source, target, attempt) in enumerate(moves, 1):
             if source != state:
                 self.problem(HISTORY, f"event {number} moves from {source}, but it was {state}")

@@ -409,7 +409,7 @@ def test_a_history_that_tells_what_the_row_tells_passes() -> None:
         (RETRIED[:3] + RETRIED[4:], "event 3 moves from RUNNING, but it was RETRYING"),
         (RETRIED[:-1], "its events end RUNNING, its row is SUCCEEDED"),
         ((*RETRIED, ("SUCCEEDED", "PENDING", 2)), "event 5 moves SUCCEEDED to PENDING"),
-        (((None, "RUNNING", 0),), "created RUNNING, not PENDING"),
+        (((None, "RUNNING", 0),), "created RUNNING, not PENDING or WAITING"),
         (
             (*RETRIED[:1], ("PENDING", "RUNNING", 2), ("RUNNING", "SUCCEEDED", 2)),
             "1 executions of attempt 1, but 0 claims of it",

@@ -64,3 +64,9 @@ def stuck_sync(job: JobContext) -> Any:
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"released": os.path.exists(release)}
+
+
+@executor("add_parents")
+async def add_parents(job: JobContext) -> Any:
+    """A workflow's step: its payload's ``n`` plus every parent's result ``total``."""
+    return {"total": int(job.payload.get("n", 0)) + sum(p["total"] for p in job.parents.values())}

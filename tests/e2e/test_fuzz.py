@@ -146,12 +146,18 @@ def test_api_answers_as_its_document_says(
             "checks": {name: {"enabled": True} for name in CHECKS},
             # A cron expression's meaning (ranges per field, an expression that never
             # fires) and the set of IANA zone names are more than a JSON schema says:
-            # a schema-valid schedule may be refused. Every other check still runs on
-            # these operations; tests/integration/test_schedules.py checks that valid
-            # schedules are accepted.
+            # a schema-valid schedule may be refused. So is a workflow whose keys
+            # repeat, whose depends_on names no job's key, or whose graph has a cycle.
+            # Every other check still runs on these operations;
+            # tests/integration/test_schedules.py and test_workflows.py check that
+            # valid ones are accepted.
             "operations": [
                 {
-                    "include-operation-id": ["createSchedule", "changeSchedule"],
+                    "include-operation-id": [
+                        "createSchedule",
+                        "changeSchedule",
+                        "createWorkflow",
+                    ],
                     "checks": {"positive_data_acceptance": {"enabled": False}},
                 }
             ],

@@ -230,3 +230,29 @@ async def test_metrics_count_outcomes_by_type(running: Running) -> None:
     async with running.http.get(f"http://127.0.0.1:{running.scheduler.port}/metrics") as response:
         text = await response.text()
     assert "orchestrix_queue_depth" in text
+
+
+async def test_a_workflow_runs_in_order_and_each_job_reads_its_parents(running: Running) -> None:
+    """a and b, then c (their sum plus its own), then d: created at once over REST."""
+    jobs = [
+        {"key": "a", "type": "add_parents", "payload": {"n": 1}},
+        {"key": "b", "type": "add_parents", "payload": {"n": 2}},
+        {"key": "c", "type": "add_parents", "payload": {"n": 10}, "depends_on": ["a", "b"]},
+        {"key": "d", "type": "add_parents", "payload": {"n": 100}, "depends_on": ["c"]},
+    ]
+    async with running.http.post(
+        f"{running.url}/api/v1/workflows", json={"name": "sums", "jobs": jobs}
+    ) as response:
+        created = await response.json()
+        assert response.status == 201, created
+    by_key = {job["workflow_key"]: job for job in created["jobs"]}
+    assert [by_key[k]["state"] for k in "abcd"] == ["PENDING", "PENDING", "WAITING", "WAITING"]
+    last = await running.settled(by_key["d"]["id"])
+    assert (last["state"], last["result"]) == ("SUCCEEDED", {"total": 113})
+    async with running.http.get(f"{running.url}/api/v1/workflows/{created['id']}") as response:
+        workflow = await response.json()
+    assert workflow["state"] == "SUCCEEDED"
+    finished = {job["workflow_key"]: job for job in workflow["jobs"]}
+    assert finished["c"]["started_at"] >= max(
+        finished["a"]["completed_at"], finished["b"]["completed_at"]
+    )

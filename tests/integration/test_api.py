@@ -408,6 +408,7 @@ async def test_stats_counts_every_state(api: Api) -> None:
     assert body == {
         "jobs": {
             "PENDING": 2,
+            "WAITING": 0,
             "RUNNING": 0,
             "SUCCEEDED": 0,
             "FAILED": 0,

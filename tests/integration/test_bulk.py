@@ -93,7 +93,11 @@ async def test_retry_by_state_type_ids_and_creation_time(api: Api, pool: asyncpg
         ("cancel", {}, "select the jobs"),
         ("cancel", {"state": None}, "null is not a selection"),
         ("cancel", {"queue": None, "type": "t"}, "null is not a selection"),
-        ("cancel", {"state": "SUCCEEDED"}, "state must be one of PENDING, RETRYING, RUNNING"),
+        (
+            "cancel",
+            {"state": "SUCCEEDED"},
+            "state must be one of PENDING, WAITING, RETRYING, RUNNING",
+        ),
         ("cancel", {"state": "pending"}, "state must be one of"),
         ("retry", {"state": "PENDING"}, "state must be one of FAILED, CANCELLED"),
         ("retry", {"ids": []}, "ids must be an array of 1 to 10000 job ids"),

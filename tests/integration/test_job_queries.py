@@ -342,9 +342,10 @@ async def in_state(pool: asyncpg.Pool, state: JobState) -> Job:
         """
         UPDATE jobs
         SET state = $2,
-            attempt = CASE WHEN $2 = 'PENDING' THEN 0 ELSE 1 END,
-            worker_id = CASE WHEN $2 = 'PENDING' THEN NULL ELSE $3 END,
-            started_at = CASE WHEN $2 = 'PENDING' THEN NULL ELSE now() END,
+            attempt = CASE WHEN $2 IN ('PENDING', 'WAITING') THEN 0 ELSE 1 END,
+            worker_id = CASE WHEN $2 IN ('PENDING', 'WAITING') THEN NULL ELSE $3 END,
+            started_at = CASE WHEN $2 IN ('PENDING', 'WAITING') THEN NULL ELSE now() END,
+            waiting_for = CASE WHEN $2 = 'WAITING' THEN 1 ELSE 0 END,
             lease_expires_at = CASE WHEN $2 = 'RUNNING' THEN now() + interval '30 seconds' END,
             completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED', 'CANCELLED') THEN now() END,
             run_at = now() - interval '1 second'

@@ -39,7 +39,16 @@ async def _tables(url: str) -> set[str]:
         await conn.close()
 
 
-TABLES = {"jobs", "job_events", "workers", "queues", "schedules", "alembic_version"}
+TABLES = {
+    "jobs",
+    "job_events",
+    "job_dependencies",
+    "workflows",
+    "workers",
+    "queues",
+    "schedules",
+    "alembic_version",
+}
 
 
 async def test_upgrade_downgrade_upgrade(scratch: str) -> None:

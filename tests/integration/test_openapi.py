@@ -101,6 +101,9 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "schedule",
         "tick_at",
         "progress_at",
+        "workflow_id",
+        "workflow_key",
+        "cancelled_by",
     }
 
 
@@ -363,6 +366,30 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "PATCH", f"{schedules}/nobody", schedule, 404, json={"paused": True})
     await responses.call(api, "DELETE", f"{schedules}/nightly", schedule, 200)
     await responses.call(api, "DELETE", f"{schedules}/nightly", schedule, 404)
+    flows, flow = "/api/v1/workflows", "/api/v1/workflows/{id}"
+    made = await responses.call(
+        api,
+        "POST",
+        flows,
+        flows,
+        201,
+        json={
+            "name": "w",
+            "jobs": [{"key": "a", "type": "t"}, {"key": "b", "type": "t", "depends_on": ["a"]}],
+        },
+    )
+    await responses.call(
+        api,
+        "POST",
+        flows,
+        flows,
+        400,
+        json={"jobs": [{"key": "a", "type": "t", "depends_on": ["a"]}]},
+    )
+    await responses.call(api, "GET", f"{flows}/{made['id']}", flow, 200)
+    await responses.call(api, "GET", f"{flows}/{ids.new_id()}", flow, 404)
+    await responses.call(api, "DELETE", f"{flows}/{made['id']}", flow, 200)
+    await responses.call(api, "DELETE", f"{flows}/nope", flow, 404)
     await responses.call(api, "GET", "/health", "/health", 200)
     await responses.call(api, "GET", "/ready", "/ready", 200)
     await responses.call(api, "GET", "/metrics", "/metrics", 200)

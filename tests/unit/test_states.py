@@ -6,6 +6,7 @@ import pytest
 from orchestrix.states import (
     CANCELLABLE_AT_ONCE,
     CLAIMABLE,
+    INITIAL,
     RETRYABLE_BY_HAND,
     TERMINAL,
     InvalidTransition,
@@ -28,14 +29,21 @@ ALLOWED = {
     (S.RETRYING, S.CANCELLED),
     (S.FAILED, S.PENDING),
     (S.CANCELLED, S.PENDING),
+    # Workflows: a job waits for its parents; a retry may wait for them again.
+    (S.WAITING, S.PENDING),
+    (S.WAITING, S.CANCELLED),
+    (S.FAILED, S.WAITING),
+    (S.CANCELLED, S.WAITING),
 }
 FORBIDDEN = set(itertools.product(S, S)) - ALLOWED
 
 
-def test_the_six_states() -> None:
-    # The seed's SCHEDULED (claimed, waiting in NATS) went with claims by workers.
+def test_the_seven_states() -> None:
+    # The seed's SCHEDULED (claimed, waiting in NATS) went with claims by workers;
+    # WAITING came with workflows.
     assert [s.value for s in S] == [
         "PENDING",
+        "WAITING",
         "RUNNING",
         "SUCCEEDED",
         "FAILED",
@@ -62,6 +70,8 @@ def test_derived_sets() -> None:
     assert {S.PENDING, S.RETRYING} == CLAIMABLE
     assert sources_of(S.CANCELLED) >= CANCELLABLE_AT_ONCE
     assert sources_of(S.RUNNING) == {S.PENDING, S.RETRYING}
-    assert sources_of(S.PENDING) == {S.RUNNING} | RETRYABLE_BY_HAND
+    assert sources_of(S.PENDING) == {S.RUNNING, S.WAITING} | RETRYABLE_BY_HAND
+    assert sources_of(S.WAITING) == RETRYABLE_BY_HAND
+    assert {S.PENDING, S.WAITING} == INITIAL
     assert {S.FAILED, S.CANCELLED} == RETRYABLE_BY_HAND
     assert RETRYABLE_BY_HAND <= TERMINAL

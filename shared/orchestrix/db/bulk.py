@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrix.db import jobs
+from orchestrix.db import jobs, workflows
 from orchestrix.db.events import SESSION_ACTOR, recorded
 from orchestrix.states import CANCELLABLE_AT_ONCE, RETRYABLE_BY_HAND, JobState
 
@@ -53,20 +53,26 @@ class Selection:
 # CANCELLED yet) the planner took that index for 1 row and checked each of the
 # 100,000 it found against the 5,000 picked ids: 8.7 s a chunk of a bulk retry.
 _MATCH = """
-SELECT id, state AS from_state, attempt AS from_attempt FROM jobs
+SELECT {columns} FROM jobs
 WHERE id > $1 AND state = ANY({sources}::text[])
   AND ($2::text[] IS NULL OR id = ANY($2::text[]))
   AND ($3::text[] IS NULL OR state = ANY($3::text[]))
   AND ($4::text IS NULL OR type = $4) AND ($5::text IS NULL OR queue = $5)
   AND ($6::timestamptz IS NULL OR created_at >= $6)
   AND ($7::timestamptz IS NULL OR created_at < $7)
+  {also}
 ORDER BY id
 LIMIT $8
 """
 
 
 def _chunk(
-    sources: frozenset[JobState], set_clause: str, moved: str, *, changes_state: bool = True
+    sources: frozenset[JobState],
+    set_clause: str,
+    moved: str,
+    *,
+    changes_state: bool = True,
+    also: str = "",
 ) -> str:
     """One chunk of a bulk action: pick the next jobs in ``sources`` the selection
     matches, move them with ``set_clause``; the last id picked, and ``moved``.
@@ -75,7 +81,11 @@ def _chunk(
     the state it read is the one each event names as the move's start.
     """
     states = ", ".join(f"'{state.value}'" for state in sorted(sources))
-    match = _MATCH.format(sources=f"ARRAY[{states}]")
+    match = _MATCH.format(
+        columns="id, state AS from_state, attempt AS from_attempt",
+        sources=f"ARRAY[{states}]",
+        also=also,
+    )
     events = ""
     if changes_state:
         match += "FOR UPDATE\n"
@@ -88,7 +98,7 @@ WITH picked AS ({match}),
 moved AS (
     UPDATE jobs SET {set_clause}
     WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked)) AND (jobs.state IN ({states})) IS TRUE
-    RETURNING jobs.id, jobs.state, jobs.queue, jobs.type
+    RETURNING jobs.id, jobs.state, jobs.queue, jobs.type, jobs.workflow_id
 ){events}
 SELECT (SELECT max(id) FROM picked) AS last, {moved} AS moved
 """
@@ -96,7 +106,14 @@ SELECT (SELECT max(id) FROM picked) AS last, {moved} AS moved
 
 _COUNT = "(SELECT count(*) FROM moved)"
 _CANCEL_CHUNK = _chunk(CANCELLABLE_AT_ONCE, jobs.CANCEL_SET, _COUNT)
-_RETRY_CHUNK = _chunk(RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT)
+# A workflow's jobs are retried one by one (db.workflows.retry): each decides
+# its state by its parents, and brings back what its end had cancelled.
+_RETRY_CHUNK = _chunk(
+    RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT, also="AND workflow_id IS NULL"
+)
+_WORKFLOW_JOBS_CHUNK = _MATCH.format(
+    columns="id", sources="ARRAY['CANCELLED', 'FAILED']", also="AND workflow_id IS NOT NULL"
+)
 # Running jobs cannot be cancelled by the API itself: their workers are asked.
 _REQUEST_CANCEL_CHUNK = _chunk(
     frozenset({JobState.RUNNING}),
@@ -132,6 +149,22 @@ async def retry(pool: Any, selection: Selection) -> int:
     """Retry the FAILED and CANCELLED jobs selected, as ``db.jobs.retry_by_hand``
     does one; wakes the workers once. How many."""
     retried = int(sum(await _chunks(pool, _RETRY_CHUNK, selection)))
+    retried += await _retry_workflow_jobs(pool, selection)
     if retried:
         await pool.execute("SELECT pg_notify('orchestrix_jobs', '')")
     return retried
+
+
+async def _retry_workflow_jobs(pool: Any, selection: Selection) -> int:
+    """Retry the selected FAILED and CANCELLED jobs of workflows, one by one; how many."""
+    retried = 0
+    cursor = ""
+    while True:
+        rows = await pool.fetch(_WORKFLOW_JOBS_CHUNK, cursor, *selection.params(), CHUNK)
+        if not rows:
+            return retried
+        for row in rows:
+            async with pool.acquire() as conn:
+                if await workflows.retry(conn, row["id"]) is not None:
+                    retried += 1
+        cursor = rows[-1]["id"]

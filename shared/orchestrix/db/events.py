@@ -37,17 +37,27 @@ WORKER_ACTOR = f"COALESCE('worker:' || worker_id, {SESSION_ACTOR})"
 _WRITING = "current_setting('orchestrix.history', true) IS DISTINCT FROM 'off'"
 
 
-def recorded(source: str, *, from_state: str, attempt: str = "attempt", actor: str) -> str:
-    """A CTE (named ``recorded``) writing one event per row of the CTE ``source``.
+def recorded(
+    source: str,
+    *,
+    from_state: str,
+    attempt: str = "attempt",
+    actor: str,
+    name: str = "recorded",
+    where: str = "true",
+) -> str:
+    """A CTE (named ``name``) writing one event per row of the CTE ``source`` (those
+    ``where`` selects).
 
     ``source`` returns the moved jobs' ``id``, ``state`` (the new one),
-    ``queue``, ``type`` and what the expressions use; ``from_state``, ``attempt``
+    ``queue``, ``type``, ``workflow_id`` and what the expressions use; ``from_state``, ``attempt``
     and ``actor`` are SQL expressions over its rows.
     """
-    return f"""recorded AS (
-    INSERT INTO job_events (job_id, from_state, to_state, attempt, actor, queue, type)
-    SELECT id, {from_state}, state, {attempt}, {actor}, queue, type FROM {source}
-    WHERE {_WRITING}
+    return f"""{name} AS (
+    INSERT INTO job_events (job_id, from_state, to_state, attempt, actor, queue, type,
+                            workflow_id)
+    SELECT id, {from_state}, state, {attempt}, {actor}, queue, type, workflow_id FROM {source}
+    WHERE {_WRITING} AND ({where})
 )"""
 
 
@@ -63,6 +73,7 @@ class Event:
     actor: str | None
     queue: str
     type: str
+    workflow_id: str | None = None
 
     @property
     def position(self) -> Position:
@@ -86,6 +97,7 @@ class Event:
             actor=row["actor"],
             queue=row["queue"],
             type=row["type"],
+            workflow_id=row["workflow_id"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -99,6 +111,7 @@ class Event:
             "by": self.actor,
             "queue": self.queue,
             "type": self.type,
+            "workflow_id": self.workflow_id,
         }
 
 
@@ -121,7 +134,8 @@ def parse_position(text: str) -> Position | None:
 
 
 _COLUMNS = (
-    "id, xid::text AS xid_text, job_id, from_state, to_state, attempt, at, actor, queue, type"
+    "id, xid::text AS xid_text, job_id, from_state, to_state, attempt, at, actor, queue, type,"
+    " workflow_id"
 )
 
 _FOR_JOB = f"SELECT {_COLUMNS} FROM job_events WHERE job_id = $1 ORDER BY id"
@@ -159,12 +173,14 @@ class EventFilter:
     job_id: str | None = None
     queue: str | None = None
     type: str | None = None
+    workflow_id: str | None = None
 
     def matches(self, event: Event) -> bool:
         return (
             (self.job_id is None or event.job_id == self.job_id)
             and (self.queue is None or event.queue == self.queue)
             and (self.type is None or event.type == self.type)
+            and (self.workflow_id is None or event.workflow_id == self.workflow_id)
         )
 
 
@@ -187,6 +203,7 @@ async def after(
         ("job_id", where and where.job_id),
         ("queue", where and where.queue),
         ("type", where and where.type),
+        ("workflow_id", where and where.workflow_id),
     ):
         if value is not None:
             args.append(value)

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrix import ids
+from orchestrix.db.dependencies import RELEASED, WAKE
 from orchestrix.db.events import SESSION_ACTOR, WORKER_ACTOR, recorded
 from orchestrix.db.pool import encode_json
 from orchestrix.models import Job, NewJob
@@ -48,16 +49,18 @@ _BY_ID = "SELECT * FROM jobs WHERE id = $1"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE idempotency_key = $1"
 
 # What three moves write, shared with the bulk actions (db.bulk).
-CANCEL_SET = "state = 'CANCELLED', completed_at = now(), updated_at = now()"
+CANCEL_SET = "state = 'CANCELLED', completed_at = now(), waiting_for = 0, updated_at = now()"
 REQUEST_CANCEL_SET = (
     "cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()"
 )
 # An operator's retry of a finished job: PENDING and due now, with a new budget of
 # attempts; its errors stay.
-RETRY_BY_HAND_SET = """state = 'PENDING', attempt = 0, run_at = now(), completed_at = NULL,
+# A workflow's job sets its state by its parents instead (db.workflows.retry).
+RETRY_BY_HAND_RESET = """attempt = 0, run_at = now(), completed_at = NULL,
     scheduled_at = NULL, started_at = NULL, lease_expires_at = NULL,
     cancel_requested_at = NULL, handoffs = 0, result = NULL, worker_id = NULL,
     updated_at = now()"""
+RETRY_BY_HAND_SET = f"state = 'PENDING', {RETRY_BY_HAND_RESET}"
 
 # `old` locks the job and reads the state it moves from, for its event.
 _CANCEL = f"""
@@ -322,6 +325,7 @@ CLAIM_SERVER_SETTINGS = {
 # The events of a worker's moves out of RUNNING: the attempt that ran ends.
 _FROM_RUNNING = recorded("moved", from_state="'RUNNING'", actor=WORKER_ACTOR)
 
+# A success also releases the job's children, if it has any (db.dependencies).
 _SUCCEED = f"""
 WITH moved AS (
     UPDATE jobs
@@ -329,8 +333,8 @@ WITH moved AS (
     WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
       AND ($4::text IS NULL OR worker_id = $4)
     RETURNING *
-), {_FROM_RUNNING}
-SELECT * FROM moved
+), {_FROM_RUNNING}, {RELEASED}
+SELECT * FROM moved WHERE {WAKE}
 """
 
 
@@ -397,7 +401,7 @@ WITH moved AS (
         started_at = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
       AND ($4::text IS NULL OR worker_id = $4)
-    RETURNING id, state, queue, type, worker_id
+    RETURNING id, state, queue, type, worker_id, workflow_id
 ), {_FROM_RUNNING_UNCOUNTED}
 SELECT state FROM moved
 """
@@ -416,7 +420,7 @@ WITH moved AS (
         started_at = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
       AND ($4::text IS NULL OR worker_id = $4)
-    RETURNING id, state, queue, type, worker_id
+    RETURNING id, state, queue, type, worker_id, workflow_id
 ), {_FROM_RUNNING_UNCOUNTED}
 SELECT state FROM moved
 """
@@ -426,7 +430,7 @@ SELECT state FROM moved
 _RETRY_BY_HAND = f"""
 WITH old AS (
     SELECT id, state, attempt FROM jobs
-    WHERE id = $1 AND state IN ('FAILED', 'CANCELLED') FOR UPDATE
+    WHERE id = $1 AND state IN ('FAILED', 'CANCELLED') AND workflow_id IS NULL FOR UPDATE
 ), moved AS (
     UPDATE jobs
     SET {RETRY_BY_HAND_SET}
@@ -521,7 +525,8 @@ async def hand_back(
 
 async def retry_by_hand(conn: Conn, job_id: str) -> Job | None:
     """FAILED or CANCELLED → PENDING, due now, attempts counted from 0 again; None
-    when the job is in another state (or does not exist)."""
+    when the job is in another state, is a workflow's (db.workflows.retry), or
+    does not exist."""
     row = await conn.fetchrow(_RETRY_BY_HAND, job_id)
     return None if row is None else Job.from_row(row)
 
@@ -574,9 +579,10 @@ WITH moved AS (
     FROM unnest($1::text[], $2::int[], $3::jsonb[]) AS done(id, attempt, result)
     WHERE jobs.id = done.id AND jobs.attempt = done.attempt AND jobs.state || '' = 'RUNNING'
       AND ($4::text IS NULL OR jobs.worker_id = $4)
-    RETURNING jobs.id, jobs.state, jobs.attempt, jobs.queue, jobs.type, jobs.worker_id
-), {_FROM_RUNNING}
-SELECT id FROM moved
+    RETURNING jobs.id, jobs.state, jobs.attempt, jobs.queue, jobs.type, jobs.worker_id,
+              jobs.workflow_id
+), {_FROM_RUNNING}, {RELEASED}
+SELECT id FROM moved WHERE {WAKE}
 """
 
 
@@ -685,7 +691,7 @@ WITH moved AS (
     FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[])
          AS lost(id, attempt, state, delay_s)
     WHERE jobs.id = lost.id AND jobs.attempt = lost.attempt AND jobs.state || '' = 'RUNNING'
-    RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state
+    RETURNING jobs.id, jobs.type, jobs.queue, jobs.attempt, jobs.state, jobs.workflow_id
 ), {recorded("moved", from_state="'RUNNING'", actor=f"COALESCE($6::text, {SESSION_ACTOR})")}
 SELECT * FROM moved
 """
