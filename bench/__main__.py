@@ -36,6 +36,7 @@ from bench import (
     retention,
     subscribers,
     sustained,
+    workflows,
 )
 from bench.context import PHASES, Context, Options
 from bench.infra import REPO, RUN_TAG, BenchError, Databases, Servers, kill_leftovers
@@ -49,6 +50,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "priority": dispatch.run_priority,
     "fairness": dispatch.run_fairness,
     "subscribers": subscribers.run_phase,
+    "workflows": workflows.run_phase,
     "sustained": sustained.run_phase,
     "ceiling": ceiling.run_phase,
     "prune": prune.run_phase,

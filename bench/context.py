@@ -23,6 +23,7 @@ PHASES = (
     "priority",
     "fairness",
     "subscribers",
+    "workflows",
     "claim",
     "ceiling",
     "prune",
@@ -67,6 +68,8 @@ class Options:
     subscribers: int = 1000  # open event streams (bench/subscribers.py)
     subscribers_idle_s: float = 10.0
     subscribers_events: int = 100
+    workflow_workers: int = 2  # bench/workflows.py
+    workflow_rounds: int = 5
     prune_rows: int = 1_000_000
     prune_jobs: int = 100_000
     prune_workers: int = 2
@@ -108,6 +111,7 @@ class Options:
             subscribers=20,
             subscribers_idle_s=1.0,
             subscribers_events=10,
+            workflow_rounds=1,
             prune_rows=10_000,
             prune_jobs=1_000,
             retention_rate=100.0,
