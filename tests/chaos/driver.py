@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import signal
@@ -138,6 +139,8 @@ class Plan:
     latencies_ms: tuple[int, ...]  # every worker's PostgreSQL slowed by this much one way
     latency_s: tuple[float, float]
     settle_timeout_s: float
+    # Diamond workflows (a -> b, c -> d) of plain jobs, created over REST meanwhile.
+    workflows: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,7 @@ class ChaosRun:
     specs_by_id: dict[str, JobSpec] = field(default_factory=dict)
     via_api: int = 0
     via_sql: int = 0
+    workflows: list[str] = field(default_factory=list)
     not_submitted: list[str] = field(default_factory=list)
     cancels: dict[str, records.CancelRequest] = field(default_factory=dict)
     not_cancelled: list[str] = field(default_factory=list)
@@ -744,6 +748,84 @@ class ChaosRun:
                 delay = min(delay * 2, 1.0)
         self.not_submitted.append(f"job #{spec.index} over REST")
 
+    async def submit_workflows(self, rng: random.Random, give_up_s: float) -> None:
+        """``plan.workflows`` diamonds, spread over ``plan.submit_s``."""
+        count = self.plan.workflows
+        give_up = time.monotonic() + give_up_s
+        specs = []
+        for i in range(count):
+            jobs = []
+            for key, parents in (("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"])):
+                job_type = SYNC_JOB_TYPE if rng.random() < self.plan.sync_share else JOB_TYPE
+                payload = {"plan": "plain", "sleep_ms": rng.randint(0, self.plan.max_sleep_ms)}
+                jobs.append(
+                    {
+                        "key": key,
+                        "type": job_type,
+                        "payload": payload,
+                        "max_attempts": MAX_ATTEMPTS,
+                        "depends_on": parents,
+                    }
+                )
+            specs.append({"name": f"chaos-{self.seed}-{i}", "jobs": jobs})
+        posts = []
+        for i, body in enumerate(specs):
+            await asyncio.sleep(
+                max(0.0, self.origin + i * self.plan.submit_s / count - time.time())
+            )
+            posts.append(asyncio.create_task(self._post_workflow(body, give_up)))
+        await asyncio.gather(*posts)
+
+    async def _post_workflow(self, body: dict[str, Any], give_up: float) -> None:
+        """Create one workflow over REST; after an answer that was lost, look for it by
+        name in the database first, so that a retry creates it once."""
+
+        async def existing(conn: asyncpg.Connection) -> str | None:
+            found: str | None = await conn.fetchval(
+                "SELECT id FROM workflows WHERE name = $1", body["name"]
+            )
+            return found
+
+        async def jobs_of(conn: asyncpg.Connection, *, workflow_id: str) -> list[Any]:
+            return list(
+                await conn.fetch(
+                    "SELECT id, type, payload FROM jobs WHERE workflow_id = $1", workflow_id
+                )
+            )
+
+        tried = False
+        while time.monotonic() < give_up:
+            workflow_id = None
+            if tried:
+                with contextlib.suppress(TimeoutError):
+                    workflow_id = await self.with_db(existing, 10)
+            if workflow_id is None:
+                tried = True
+                url = f"http://127.0.0.1:{self.api.port}/api/v1/workflows"
+                try:
+                    async with self.http.post(
+                        url, json=body, timeout=aiohttp.ClientTimeout(total=10)
+                    ) as response:
+                        self.api_answers[f"POST workflow {response.status}"] += 1
+                        text = await response.text()
+                        if response.status == 201:
+                            workflow_id = orjson.loads(text)["id"]
+                        elif response.status != 503:
+                            self.api_errors.append(f"POST workflow {response.status} {text[:300]}")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.api_answers[f"POST workflow {type(exc).__name__}"] += 1
+            if workflow_id is not None:
+                rows = await self.with_db(functools.partial(jobs_of, workflow_id=workflow_id), 30)
+                for row in rows:
+                    spec = JobSpec(
+                        -1, True, row["type"], dict(row["payload"]), MAX_ATTEMPTS, None, row["id"]
+                    )
+                    self._submitted(row["id"], spec, give_up)
+                self.workflows.append(workflow_id)
+                return
+            await asyncio.sleep(0.3)
+        self.not_submitted.append(f"workflow {body['name']}")
+
     async def _cancel_when_running(self, job_id: str, give_up: float) -> None:
         """Wait until the job runs, give it a moment, then DELETE it over REST.
 
@@ -818,7 +900,11 @@ class ChaosRun:
         watchdog = asyncio.create_task(self.watch())
         try:
             give_up_s = self.plan.submit_s + self.plan.chaos_s + 60
-            await asyncio.gather(self.submit(specs, give_up_s), self.inject(faults, pick))
+            await asyncio.gather(
+                self.submit(specs, give_up_s),
+                self.submit_workflows(rng, give_up_s),
+                self.inject(faults, pick),
+            )
             self.note("chaos over: every fault repaired, every job submitted")
             await self.settle()
             # The SIGTERMed workers have exited (or were killed), and every DELETE answered.
@@ -879,7 +965,8 @@ class ChaosRun:
         """Read the final rows of the submitted jobs."""
         rows = await conn.fetch(
             "SELECT id, state, attempt, max_attempts, last_error, errors, payload, "
-            "timeout_seconds, handoffs, extract(epoch FROM updated_at)::float8 AS updated "
+            "timeout_seconds, handoffs, extract(epoch FROM updated_at)::float8 AS updated, "
+            "extract(epoch FROM completed_at)::float8 AS completed, cancelled_by "
             "FROM jobs WHERE id = ANY($1)",
             list(self.submitted),
         )
@@ -893,6 +980,14 @@ class ChaosRun:
             history[event["job_id"]].append(
                 (event["from_state"], event["to_state"], event["attempt"])
             )
+        parents: dict[str, tuple[str, ...]] = {
+            row["job_id"]: tuple(row["parents"])
+            for row in await conn.fetch(
+                "SELECT job_id, array_agg(parent_id) AS parents FROM job_dependencies "
+                "WHERE job_id = ANY($1) GROUP BY job_id",
+                list(self.submitted),
+            )
+        }
         return Snapshot(
             rows={
                 row["id"]: records.JobRow(
@@ -906,6 +1001,9 @@ class ChaosRun:
                     timeout_seconds=row["timeout_seconds"],
                     handoffs=row["handoffs"],
                     history=history[row["id"]],
+                    parents=parents.get(row["id"], ()),
+                    cancelled_by=row["cancelled_by"],
+                    completed=row["completed"],
                 )
                 for row in rows
             },
@@ -1023,11 +1121,13 @@ class ChaosRun:
             records.SHUTDOWN_FAILED,
             records.CANCEL_HONOURED,
             records.HISTORY,
+            records.WORKFLOWS,
         )
         table = [
             (
                 "jobs",
-                f"{len(self.submitted)} (REST {self.via_api}, SQL {self.via_sql}; "
+                f"{len(self.submitted)} (REST {self.via_api}, SQL {self.via_sql}, "
+                f"in {len(self.workflows)} workflows {4 * len(self.workflows)}; "
                 f"async {types['async']}, thread {types['thread']}; "
                 + ", ".join(f"{plan} {n}" for plan, n in sorted(kinds.items()))
                 + ")",

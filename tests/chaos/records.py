@@ -254,6 +254,11 @@ class JobRow:
     handoffs: int = 0
     # (from, to, attempt) of each of its events, oldest first; None: not read.
     history: Sequence[tuple[str | None, str, int]] | None = None
+    # A workflow's job: its parents, the job whose end cancelled it, and when it
+    # finished (seconds since the epoch).
+    parents: tuple[str, ...] = ()
+    cancelled_by: str | None = None
+    completed: float | None = None
 
     @property
     def plan(self) -> str:
@@ -310,6 +315,7 @@ FINAL_STATE = "ended as planned"
 SHUTDOWN_FAILED = "none FAILED by a shutdown"
 CANCEL_HONOURED = "every cancellation honoured"
 HISTORY = "history tells what the row and the executions tell"
+WORKFLOWS = "no child before its parents, every workflow ended as expected"
 
 
 @dataclass
@@ -583,6 +589,8 @@ class _Job:
         expected = {"timeout": "FAILED", "cancel": "CANCELLED"}.get(row.plan, "SUCCEEDED")
         if row.state == expected:
             return
+        if row.state == "CANCELLED" and row.cancelled_by is not None:
+            return  # its workflow's check judges it (an ancestor ended first)
         if row.state == "FAILED" and self.shutdown_cost:
             self.problem(
                 SHUTDOWN_FAILED,
@@ -720,4 +728,55 @@ def judge(
                     verdict.overlapping_attempts.append(Duplicate(first, second))
         if row.state in TERMINAL:
             _Job(row, runs, faults, origin, verdict).judge()
+    _judge_workflows(rows, by_job, verdict)
     return verdict
+
+
+def _judge_workflows(
+    rows: Mapping[str, JobRow], runs: Mapping[str, Sequence[Execution]], verdict: Verdict
+) -> None:
+    """A workflow's job starts only after every parent's success was written, and ends
+    SUCCEEDED when they all did, or CANCELLED (by an ancestor that did not) otherwise."""
+    for row in rows.values():
+        if not row.parents or row.state not in TERMINAL:
+            continue
+        parents = [rows.get(p) for p in row.parents]
+        if any(p is None for p in parents):
+            verdict.job_problems.append(JobProblem(row.id, WORKFLOWS, "a parent is missing"))
+            continue
+        done = [p for p in parents if p is not None]
+        if all(p.state == "SUCCEEDED" for p in done):
+            released = max(p.completed or math.inf for p in done)
+            early = [run for run in runs.get(row.id, []) if run.started < released]
+            if early:
+                verdict.job_problems.append(
+                    JobProblem(
+                        row.id,
+                        WORKFLOWS,
+                        f"started {released - early[0].started:.3f}s before its last "
+                        "parent's success",
+                    )
+                )
+            if row.cancelled_by is not None:
+                verdict.job_problems.append(
+                    JobProblem(
+                        row.id,
+                        WORKFLOWS,
+                        "cancelled for an ancestor, but its parents all SUCCEEDED",
+                    )
+                )
+            continue
+        cause = rows.get(row.cancelled_by or "")
+        if row.state != "CANCELLED" or cause is None or cause.state not in ("FAILED", "CANCELLED"):
+            verdict.job_problems.append(
+                JobProblem(
+                    row.id,
+                    WORKFLOWS,
+                    f"a parent did not succeed, but it ended {row.state} "
+                    f"(cancelled_by {row.cancelled_by})",
+                )
+            )
+        elif runs.get(row.id):
+            verdict.job_problems.append(
+                JobProblem(row.id, WORKFLOWS, "it ran, although a parent never succeeded")
+            )

@@ -52,6 +52,7 @@ SHORT = Plan(
     latencies_ms=(15,),
     latency_s=(2.5, 3.5),
     settle_timeout_s=45,
+    workflows=12,
 )
 
 LONG = Plan(
@@ -83,6 +84,7 @@ LONG = Plan(
     latencies_ms=(15, 150),
     latency_s=(3.0, 6.0),
     settle_timeout_s=90,
+    workflows=60,
 )
 
 

@@ -19,6 +19,7 @@ from tests.chaos.records import (
     LOST_TO_SHUTDOWN_IN_OUTAGE,
     RETRIES,
     SHUTDOWN_FAILED,
+    WORKFLOWS,
     CancelRequest,
     Faults,
     JobRow,
@@ -425,3 +426,49 @@ def test_a_history_with_a_lost_or_extra_event_fails_the_check(
 ) -> None:
     problems = history_problems(history)
     assert any(problem in text for text in problems), problems
+
+
+def workflow_rows(**child: Any) -> dict[str, JobRow]:
+    """a -> b: a SUCCEEDED at t=100 (unless told otherwise), b as given."""
+    parent = dataclasses.replace(row("A"), completed=100.0)
+    fields = {"parents": ("A",), **child}
+    return {"A": parent, "B": dataclasses.replace(row("B"), **fields)}
+
+
+def workflow_problems(rows: dict[str, JobRow], executions: str) -> list[str]:
+    verdict = judge(parse(executions).executions, rows, Faults())
+    return [p.text for p in verdict.job_problems if p.check == WORKFLOWS]
+
+
+def test_a_child_that_started_after_its_parent_passes() -> None:
+    assert (
+        workflow_problems(
+            workflow_rows(),
+            "START,A,1,10,99.0\nEND,A,1,10,99.9\nSTART,B,1,10,100.2\nEND,B,1,10,100.5\n",
+        )
+        == []
+    )
+
+
+def test_a_child_that_started_before_its_parents_success_fails_the_check() -> None:
+    problems = workflow_problems(
+        workflow_rows(), "START,A,1,10,99.0\nEND,A,1,10,99.9\nSTART,B,1,11,99.5\nEND,B,1,11,99.8\n"
+    )
+    assert problems == ["started 0.500s before its last parent's success"]
+
+
+def test_a_failed_parent_must_cancel_its_children_unrun() -> None:
+    rows = workflow_rows(state="CANCELLED", cancelled_by="A")
+    rows["A"] = dataclasses.replace(rows["A"], state="FAILED")
+    assert workflow_problems(rows, "") == []
+    assert workflow_problems(rows, "START,B,1,10,100.2\nCANCEL,B,1,10,100.3\n") == [
+        "it ran, although a parent never succeeded"
+    ]
+    succeeded = workflow_rows()
+    succeeded["A"] = dataclasses.replace(succeeded["A"], state="FAILED")
+    assert "a parent did not succeed, but it ended SUCCEEDED" in workflow_problems(succeeded, "")[0]
+    # All parents SUCCEEDED, yet cancelled for an ancestor: wrong too.
+    wrongly = workflow_rows(state="CANCELLED", cancelled_by="A")
+    assert workflow_problems(wrongly, "") == [
+        "cancelled for an ancestor, but its parents all SUCCEEDED"
+    ]
