@@ -34,6 +34,8 @@ from orchestrix.services.api.errors import MAX_BODY
 from orchestrix.services.api.jobs import STATS_TYPES_MAX
 from orchestrix.services.api.parsing import (
     BATCH_MAX,
+    CONCURRENCY_KEY_MAX,
+    CONCURRENCY_KEY_PATTERN,
     CREATE_FIELDS,
     DEFAULT_LIMIT,
     IDEMPOTENCY_KEY_MAX,
@@ -47,6 +49,7 @@ from orchestrix.services.api.parsing import (
     WAIT_MAX_S,
     WAIT_PATTERN,
 )
+from orchestrix.services.api.queues import KEY_LIMIT_RANGE
 from orchestrix.services.api.schedules import (
     CATCH_UP_RANGE,
     MISSED,
@@ -247,6 +250,16 @@ def new_job_schema() -> Schema:
             "description": "unique across all jobs; a repeat answers 200 with the first job. "
             "No control characters.",
         },
+        "concurrency_key": {
+            "type": "string",
+            "nullable": True,
+            "minLength": 1,
+            "maxLength": CONCURRENCY_KEY_MAX,
+            "pattern": CONCURRENCY_KEY_PATTERN.pattern,
+            "description": "at most the queue's key_limit jobs (1 unless set) with this key "
+            "run at once, fleet-wide; keys share free capacity in turns. No control "
+            "characters.",
+        },
     }
     if set(properties) != CREATE_FIELDS:
         raise TypeError("the NewJob schema does not list exactly parsing.CREATE_FIELDS")
@@ -436,6 +449,14 @@ def _schemas() -> dict[str, Schema]:
                     "nullable": True,
                     "description": "how long that job has been due",
                 },
+                "key_limit": {
+                    "type": "integer",
+                    "nullable": True,
+                    "minimum": KEY_LIMIT_RANGE[0],
+                    "maximum": KEY_LIMIT_RANGE[1],
+                    "description": "at most this many jobs of one concurrency_key run at "
+                    "once, fleet-wide; null: 1",
+                },
             },
             "required": [
                 "name",
@@ -445,6 +466,7 @@ def _schemas() -> dict[str, Schema]:
                 "total",
                 "oldest_due_at",
                 "oldest_due_age_seconds",
+                "key_limit",
             ],
             "additionalProperties": False,
         },
@@ -1065,6 +1087,40 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Queue"), "the queue"),
                     "400": _error("the name is not a valid queue name"),
                     "404": _error("no job names the queue and it was never paused"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "patch": {
+                "operationId": "changeQueue",
+                "summary": "Set how many jobs of one concurrency key of the queue run at once",
+                "description": "The limit holds fleet-wide from the next keyed claim on; "
+                "jobs running above a lowered limit finish. A queue that has no jobs yet "
+                "can be given one.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "key_limit": {
+                                        "type": "integer",
+                                        "nullable": True,
+                                        "minimum": KEY_LIMIT_RANGE[0],
+                                        "maximum": KEY_LIMIT_RANGE[1],
+                                        "description": "null: back to the default, 1",
+                                    }
+                                },
+                                "required": ["key_limit"],
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("Queue"), "the queue, with its limit"),
+                    "400": _error("a bad name or body"),
+                    **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
             },

@@ -32,6 +32,8 @@ IDEMPOTENCY_KEY_PATTERN = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{IDEMPOTENCY_KEY_MA
 # ?wait= on a GET of a job, and the longest wait (a longer one is cut to it).
 WAIT_PATTERN = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(ms|s)?")
 WAIT_MAX_S = 120.0
+CONCURRENCY_KEY_MAX = 255
+CONCURRENCY_KEY_PATTERN = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{CONCURRENCY_KEY_MAX}}}$")
 LIMIT_RANGE = (1, 1000)
 DEFAULT_LIMIT = 10
 _DECIMAL = re.compile(r"-?[0-9]{1,18}")
@@ -52,6 +54,7 @@ CREATE_FIELDS = frozenset(
         "run_at",
         "timeout_seconds",
         "idempotency_key",
+        "concurrency_key",
     }
 )
 LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor"})
@@ -127,6 +130,7 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
             else DEFAULT_TIMEOUT_SECONDS
         ),
         idempotency_key=_idempotency_key(data.get("idempotency_key")),
+        concurrency_key=_concurrency_key(data.get("concurrency_key")),
     )
 
 
@@ -202,6 +206,18 @@ def _idempotency_key(value: Any) -> str | None:
         raise ApiError(
             400,
             f"idempotency_key must be a string of 1 to {IDEMPOTENCY_KEY_MAX} characters "
+            "without control characters",
+        )
+    return value
+
+
+def _concurrency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CONCURRENCY_KEY_PATTERN.fullmatch(value):
+        raise ApiError(
+            400,
+            f"concurrency_key must be a string of 1 to {CONCURRENCY_KEY_MAX} characters "
             "without control characters",
         )
     return value

@@ -13,11 +13,17 @@ from aiohttp import web
 from orchestrix.db import queues as db
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.keys import POOL
-from orchestrix.services.api.parsing import QUEUE_PATTERN, checked_name
+from orchestrix.services.api.parsing import (
+    QUEUE_PATTERN,
+    checked_int,
+    checked_name,
+    read_json_object,
+)
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
 QUEUE_PATH = "/api/v1/queues/{queue}"
+KEY_LIMIT_RANGE = (1, 100_000)
 
 
 @routes.get("/api/v1/queues")
@@ -29,6 +35,21 @@ async def list_queues(request: web.Request) -> web.Response:
 @routes.get(QUEUE_PATH)
 async def get_queue(request: web.Request) -> web.Response:
     return json_response((await _existing(request, _name(request))).to_json())
+
+
+@routes.patch(QUEUE_PATH)
+async def change_queue(request: web.Request) -> web.Response:
+    """``{"key_limit": n}``: at most n jobs of one concurrency key run at once (null: 1)."""
+    name = _name(request)
+    data = await read_json_object(request)
+    if set(data) != {"key_limit"}:
+        raise ApiError(400, 'the body must be {"key_limit": n}, n from 1 to 100000 or null')
+    limit = data["key_limit"]
+    if limit is not None:
+        limit = checked_int("key_limit", limit, KEY_LIMIT_RANGE)
+    await db.set_key_limit(request.app[POOL], name, limit)
+    log.info("queue key limit set", extra={"queue": name, "key_limit": limit})
+    return json_response((await _existing(request, name)).to_json())
 
 
 @routes.post(QUEUE_PATH + "/pause")

@@ -34,8 +34,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
+from orchestrix.db import concurrency, workers, workflows
 from orchestrix.db import jobs as db
-from orchestrix.db import workers, workflows
 from orchestrix.db.pool import TRANSIENT
 from orchestrix.errors import Kind
 from orchestrix.executors import JobContext, Registry
@@ -60,6 +60,8 @@ log = logging.getLogger("worker")
 # A claim that has not answered in this long is abandoned; its jobs, if it did
 # commit, are found by the heartbeat's reconciliation.
 CLAIM_TIMEOUT_S = 5.0
+# How often a worker looks for keyed jobs while none came its way.
+KEYED_LOOK_S = 0.1
 # After a failed claim, wait this long before the next.
 CLAIM_RETRY_S = 0.5
 # How often the fence is checked.
@@ -115,6 +117,12 @@ class Consumer:
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
         self._freed = asyncio.Event()  # a slot was freed
         self._dry = False  # the last claim found fewer jobs than it asked for
+        # Keyed jobs (db.concurrency) are claimed in turns with the others, by a
+        # claim of their own: at once while the last one found some (or one of
+        # ours ended, making room for its key), else at most every KEYED_LOOK_S.
+        self._keyed_active = True
+        self._keyed_tried = float("-inf")
+        self._keyed_first = False
         self._heartbeat = Heartbeat(
             settings.database.url,
             workers.Registration(
@@ -216,14 +224,7 @@ class Consumer:
         try:
             async with asyncio.timeout(CLAIM_TIMEOUT_S):
                 with self._metrics.claim_duration.time():
-                    jobs = await db.claim(
-                        self._pool,
-                        worker_id=self.id,
-                        queues=self._queues,
-                        types=self._types,
-                        limit=free,
-                        lease_s=self._lease_s,
-                    )
+                    jobs = await self._claim(free, sent)
         except (*TRANSIENT, TimeoutError) as exc:
             # The server may have committed: the heartbeat finds such jobs and hands
             # them back.
@@ -235,6 +236,41 @@ class Consumer:
         for job in jobs:
             self._start(job)
         return not self._dry
+
+    async def _claim(self, free: int, now: float) -> list[Job]:
+        """Up to ``free`` jobs: the plain claim's and the keyed claim's, taking turns
+        at going first."""
+        keyed_due = self._keyed_active or now - self._keyed_tried >= KEYED_LOOK_S
+        kinds = ("keyed", "plain") if self._keyed_first else ("plain", "keyed")
+        self._keyed_first = not self._keyed_first
+        jobs: list[Job] = []
+        for kind in kinds:
+            left = free - len(jobs)
+            if left <= 0:
+                break
+            if kind == "plain":
+                jobs += await db.claim(
+                    self._pool,
+                    worker_id=self.id,
+                    queues=self._queues,
+                    types=self._types,
+                    limit=left,
+                    lease_s=self._lease_s,
+                )
+            elif keyed_due:
+                self._keyed_tried = now
+                async with self._pool.acquire() as conn:
+                    keyed = await concurrency.claim(
+                        conn,
+                        worker_id=self.id,
+                        queues=self._queues,
+                        types=self._types,
+                        limit=left,
+                        lease_s=self._lease_s,
+                    )
+                self._keyed_active = len(keyed) > 0
+                jobs += keyed
+        return jobs
 
     def _start(self, job: Job) -> None:
         started = job.started_at or job.run_at
@@ -254,6 +290,10 @@ class Consumer:
 
     def _release(self, job_id: str) -> None:
         running = self._running.pop(job_id, None)
+        if running is not None and running.job.concurrency_key is not None:
+            # Room for its key, here or elsewhere: claim keyed jobs at once.
+            self._keyed_active = True
+            self._dry = False
         if running is not None and running.phase is Phase.RECORDING:
             self._recording -= 1
         self._heartbeat.forget(job_id)

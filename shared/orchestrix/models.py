@@ -28,6 +28,7 @@ class NewJob:
     run_at: datetime | None = None
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
     idempotency_key: str | None = None
+    concurrency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Job:
     workflow_key: str | None = None
     waiting_for: int = 0
     cancelled_by: str | None = None
+    # At most the queue's key_limit jobs with this key run at once.
+    concurrency_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -103,6 +106,7 @@ class Job:
             workflow_key=row["workflow_key"],
             waiting_for=row["waiting_for"],
             cancelled_by=row["cancelled_by"],
+            concurrency_key=row["concurrency_key"],
         )
         return job
 
@@ -139,6 +143,7 @@ class Job:
             "workflow_key": self.workflow_key,
             "waiting_for": self.waiting_for,
             "cancelled_by": self.cancelled_by,
+            "concurrency_key": self.concurrency_key,
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from tests.conftest import Servers
@@ -256,3 +258,45 @@ async def test_a_workflow_runs_in_order_and_each_job_reads_its_parents(running: 
     assert finished["c"]["started_at"] >= max(
         finished["a"]["completed_at"], finished["b"]["completed_at"]
     )
+
+
+async def test_a_concurrency_keys_limit_holds_on_real_workers(
+    running: Running, database: str
+) -> None:
+    """30 jobs of one key, limit 3 on their queue: never more than 3 run at once, and
+    a job of another key starts while that key's backlog waits."""
+    async with running.http.patch(
+        f"{running.url}/api/v1/queues/keyed", json={"key_limit": 3}
+    ) as response:
+        assert response.status == 200, await response.text()
+    busy = [
+        await running.create(
+            type="record", queue="keyed", concurrency_key="busy", payload={"sleep_ms": 150}
+        )
+        for _ in range(30)
+    ]
+    other = await running.create(
+        type="record", queue="keyed", concurrency_key="other", payload={"sleep_ms": 10}
+    )
+    conn = await asyncpg.connect(database)
+    try:
+        most = 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            now_running = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE concurrency_key = 'busy' AND state = 'RUNNING'"
+            )
+            most = max(most, now_running)
+            left = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE queue = 'keyed' AND state <> 'SUCCEEDED'"
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    assert most == 3
+    finished = [await running.get(job["id"]) for job in busy]
+    assert {job["state"] for job in finished} == {"SUCCEEDED"}
+    last_busy_start = max(job["started_at"] for job in finished)
+    assert (await running.get(other["id"]))["started_at"] < last_busy_start

@@ -104,6 +104,7 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "workflow_id",
         "workflow_key",
         "cancelled_by",
+        "concurrency_key",
     }
 
 
@@ -344,6 +345,8 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "GET", f"{queues}/default", queue, 200)
     await responses.call(api, "GET", f"{queues}/nobody", queue, 404)
     await responses.call(api, "GET", f"{queues}/bad%20name", queue, 400)
+    await responses.call(api, "PATCH", f"{queues}/default", queue, 200, json={"key_limit": 4})
+    await responses.call(api, "PATCH", f"{queues}/default", queue, 400, json={"key_limit": 0})
     await responses.call(api, "POST", f"{queues}/default/pause", f"{queue}/pause", 200)
     await responses.call(api, "POST", f"{queues}/bad%20name/pause", f"{queue}/pause", 400)
     await responses.call(api, "POST", f"{queues}/default/resume", f"{queue}/resume", 200)

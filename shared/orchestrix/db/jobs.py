@@ -36,8 +36,8 @@ _CREATED = recorded("created", from_state="NULL::text", actor=SESSION_ACTOR)
 _INSERT = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key)
-    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9)
+                      timeout_seconds, idempotency_key, concurrency_key)
+    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9, $10)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -97,6 +97,7 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
             new.run_at,
             new.timeout_seconds,
             new.idempotency_key,
+            new.concurrency_key,
         )
         if row is not None:
             return Job.from_row(row), True
@@ -109,13 +110,13 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
 _INSERT_MANY = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key)
+                      timeout_seconds, idempotency_key, concurrency_key)
     SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
-           timeout_seconds, idempotency_key
+           timeout_seconds, idempotency_key, concurrency_key
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::timestamptz[], $8::int[], $9::text[])
+                $7::timestamptz[], $8::int[], $9::text[], $10::text[])
          AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
-                idempotency_key)
+                idempotency_key, concurrency_key)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -168,6 +169,7 @@ async def _insert_unique(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job,
         [new.run_at for new in batch],
         [new.timeout_seconds for new in batch],
         [new.idempotency_key for new in batch],
+        [new.concurrency_key for new in batch],
     )
     created = {row["id"]: Job.from_row(row) for row in await conn.fetch(_INSERT_MANY, *columns)}
     earlier: dict[str, Job] = {}
@@ -251,7 +253,8 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # --- the pipeline: a worker claims, runs and finishes ---------------------------
 
 # A claim for one worker: up to $3 due jobs of the queues ($1, NULL for all) and
-# types ($2) it serves, moved to RUNNING for it at once.
+# types ($2) it serves, moved to RUNNING for it at once. Jobs with a concurrency
+# key are not this claim's (jobs_claim_idx holds none): db.concurrency claims them.
 #
 # `pairs` skips through jobs_claim_idx to each (queue, type) that has waiting
 # jobs: one index probe per pair, however long the backlog. For each pair the
@@ -262,18 +265,21 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # A paused queue (db.queues) is passed over: one primary-key probe per pair.
 _CLAIM = f"""
 WITH RECURSIVE pairs AS (
-    (SELECT queue, type FROM jobs WHERE state IN ('PENDING', 'RETRYING')
+    (SELECT queue, type FROM jobs
+     WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
      ORDER BY queue, type LIMIT 1)
     UNION ALL
     SELECT next.queue, next.type FROM pairs CROSS JOIN LATERAL (
         SELECT queue, type FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND (queue, type) > (pairs.queue, pairs.type)
+        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
+          AND (queue, type) > (pairs.queue, pairs.type)
         ORDER BY queue, type LIMIT 1
     ) AS next
 ), candidates AS (
     SELECT due.* FROM pairs CROSS JOIN LATERAL (
         SELECT id, queue, priority, run_at, state FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND queue = pairs.queue AND type = pairs.type
+        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
+          AND queue = pairs.queue AND type = pairs.type
           AND run_at <= now()
         ORDER BY priority DESC, run_at, id
         LIMIT $3

@@ -53,7 +53,12 @@ WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now() AND ($1::text IS NULL
 GROUP BY queue
 """
 
-_ROWS = "SELECT name, paused_at FROM queues WHERE $1::text IS NULL OR name = $1"
+_ROWS = "SELECT name, paused_at, key_limit FROM queues WHERE $1::text IS NULL OR name = $1"
+
+_SET_KEY_LIMIT = """
+INSERT INTO queues (name, key_limit) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET key_limit = excluded.key_limit, updated_at = now()
+"""
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Queue:
     jobs: dict[JobState, int]
     oldest_due_at: datetime | None  # the oldest due job that waits, if any
     oldest_due_age_s: float | None  # since when it is due, by the database's clock
+    key_limit: int | None = None  # jobs of one concurrency key running at once (None: 1)
 
     def to_json(self) -> dict[str, Any]:
         age = self.oldest_due_age_s
@@ -74,6 +80,7 @@ class Queue:
             "total": sum(self.jobs.values()),
             "oldest_due_at": rfc3339(self.oldest_due_at),
             "oldest_due_age_seconds": None if age is None else max(0.0, age),
+            "key_limit": self.key_limit,
         }
 
 
@@ -81,7 +88,7 @@ async def overview(pool: Any, name: str | None = None) -> list[Queue]:
     """Every queue (or only ``name``), by name: those with jobs and those with a row.
     Read in one snapshot, so the counts add up."""
     async with pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
-        rows = {row["name"]: row["paused_at"] for row in await c.fetch(_ROWS, name)}
+        rows = {row["name"]: row for row in await c.fetch(_ROWS, name)}
         counts: dict[str, dict[JobState, int]] = {}
         for row in await c.fetch(_COUNTS, name):
             by_state = counts.setdefault(row["queue"], dict.fromkeys(JobState, 0))
@@ -90,7 +97,8 @@ async def overview(pool: Any, name: str | None = None) -> list[Queue]:
     return [
         Queue(
             name=queue,
-            paused_at=rows.get(queue),
+            paused_at=rows[queue]["paused_at"] if queue in rows else None,
+            key_limit=rows[queue]["key_limit"] if queue in rows else None,
             jobs=counts.get(queue, dict.fromkeys(JobState, 0)),
             oldest_due_at=oldest[queue]["oldest"] if queue in oldest else None,
             oldest_due_age_s=oldest[queue]["age_s"] if queue in oldest else None,
@@ -102,6 +110,11 @@ async def overview(pool: Any, name: str | None = None) -> list[Queue]:
 async def pause(conn: Conn, name: str) -> None:
     """Pause ``name`` (a queue with no jobs yet too); pausing a paused queue changes nothing."""
     await conn.fetchval(_PAUSE, name)
+
+
+async def set_key_limit(conn: Conn, name: str, limit: int | None) -> None:
+    """How many jobs of one concurrency key of ``name`` may run at once (None: 1)."""
+    await conn.execute(_SET_KEY_LIMIT, name, limit)
 
 
 async def resume(conn: Conn, name: str) -> bool:
