@@ -22,6 +22,7 @@ PHASES = (
     "api",
     "priority",
     "fairness",
+    "keys",
     "subscribers",
     "workflows",
     "claim",
@@ -68,6 +69,8 @@ class Options:
     subscribers: int = 1000  # open event streams (bench/subscribers.py)
     subscribers_idle_s: float = 10.0
     subscribers_events: int = 100
+    keys_count: int = 100  # bench/keys.py
+    keys_limit: int = 5
     workflow_workers: int = 2  # bench/workflows.py
     workflow_rounds: int = 5
     prune_rows: int = 1_000_000
@@ -112,6 +115,7 @@ class Options:
             subscribers_idle_s=1.0,
             subscribers_events=10,
             workflow_rounds=1,
+            keys_count=10,
             prune_rows=10_000,
             prune_jobs=1_000,
             retention_rate=100.0,

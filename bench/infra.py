@@ -456,7 +456,7 @@ class Stack:
 
 # --- the jobs table ----------------------------------------------------------
 
-NON_TERMINAL = "('PENDING', 'RUNNING', 'RETRYING')"
+NON_TERMINAL = "('PENDING', 'WAITING', 'RUNNING', 'RETRYING')"
 
 
 async def backlog(conn: Any) -> int:

@@ -192,6 +192,11 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         out["claim_full_ms"] = claim["full"]["claim"]["ms_min"]
         if claim.get("claim_curve"):
             out["claim_worst_ms"] = max(p["ms_min"] for p in claim["claim_curve"])
+    keyed = results.get("keys", {})
+    if "ratio" in keyed:
+        out["keys_plain_jobs_per_s"] = keyed["plain_jobs_per_s"]
+        out["keys_keyed_jobs_per_s"] = keyed["keyed_jobs_per_s"]
+        out["keys_backlog_p99_ms"] = keyed["backlog"]["create_to_start_ms"]["p99"]
     flows = results.get("workflows", {})
     if "create_ms" in flows:
         out["workflow_create_p50_ms"] = flows["create_ms"]["p50"]
@@ -276,6 +281,30 @@ def table(results: dict[str, Any]) -> str:
                 f">= {_n(target)}{_verdict(_at_least(value, target))}" if target else "-",
                 PEERS.get(f"drain_{workers}", "-"),
                 ceiling_1 if workers == 1 else ceiling_2,
+            )
+        )
+    if "keys_keyed_jobs_per_s" in s:
+        keyed = results.get("keys", {})
+        ratio = keyed.get("ratio")
+        rows.append(
+            (
+                f"Drain over {keyed.get('keys')} keys, limit {keyed.get('limit')} each, vs "
+                "no keys (jobs/s)",
+                f"{_n(s['keys_keyed_jobs_per_s'])} vs {_n(s['keys_plain_jobs_per_s'])}"
+                + (f" ({ratio * 100:.0f}%)" if ratio else ""),
+                f">= 80%{_verdict(None if ratio is None else ratio >= 0.8)}",
+                "-",
+                "-",
+            )
+        )
+        p99 = s["keys_backlog_p99_ms"]
+        rows.append(
+            (
+                "10 keys' create->start beside one key's backlog (ms, p99)",
+                _ms(p99),
+                f"< 1000{_verdict(p99 < 1000)}",
+                "-",
+                "-",
             )
         )
     if "workflow_create_p50_ms" in s:

@@ -930,6 +930,9 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Job"), "the job"),
                     "400": _error("a bad wait"),
                     "404": _error("no job has that id"),
+                    "405": _error(
+                        "the id is batch, cancel or retry: resources of their own, POST only"
+                    ),
                     "503": _UNAVAILABLE,
                 },
             },
@@ -943,6 +946,9 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Job"), "the job, now CANCELLED"),
                     "202": _json(_ref("Job"), "the job is RUNNING; its cancellation is requested"),
                     "404": _error("no job has that id"),
+                    "405": _error(
+                        "the id is batch, cancel or retry: resources of their own, POST only"
+                    ),
                     "409": _error("the job has finished, or changed state during the cancel"),
                     "503": _UNAVAILABLE,
                 },

@@ -220,56 +220,63 @@ class Consumer:
             return False
         if not woken and (self._dry or free < self._batch):
             return False
-        sent = time.monotonic()
-        try:
-            async with asyncio.timeout(CLAIM_TIMEOUT_S):
-                with self._metrics.claim_duration.time():
-                    jobs = await self._claim(free, sent)
-        except (*TRANSIENT, TimeoutError) as exc:
-            # The server may have committed: the heartbeat finds such jobs and hands
-            # them back.
-            log.warning("claim failed", extra={"error": repr(exc)})
-            await asyncio.sleep(CLAIM_RETRY_S)
-            return False
-        self._dry = len(jobs) < free
-        self._heartbeat.leased([job.id for job in jobs], sent)
-        for job in jobs:
-            self._start(job)
-        return not self._dry
-
-    async def _claim(self, free: int, now: float) -> list[Job]:
-        """Up to ``free`` jobs: the plain claim's and the keyed claim's, taking turns
-        at going first."""
-        keyed_due = self._keyed_active or now - self._keyed_tried >= KEYED_LOOK_S
+        # The plain claim and the keyed claim (db.concurrency) take turns at going
+        # first. Each claim's jobs start before the next claim is sent: the
+        # heartbeat hands back jobs claimed for this worker that it does not run.
+        keyed_due = self._keyed_active or time.monotonic() - self._keyed_tried >= KEYED_LOOK_S
         kinds = ("keyed", "plain") if self._keyed_first else ("plain", "keyed")
         self._keyed_first = not self._keyed_first
-        jobs: list[Job] = []
+        claimed = 0
         for kind in kinds:
-            left = free - len(jobs)
-            if left <= 0:
-                break
-            if kind == "plain":
-                jobs += await db.claim(
-                    self._pool,
-                    worker_id=self.id,
-                    queues=self._queues,
-                    types=self._types,
-                    limit=left,
-                    lease_s=self._lease_s,
-                )
-            elif keyed_due:
-                self._keyed_tried = now
-                async with self._pool.acquire() as conn:
-                    keyed = await concurrency.claim(
-                        conn,
-                        worker_id=self.id,
-                        queues=self._queues,
-                        types=self._types,
-                        limit=left,
-                        lease_s=self._lease_s,
-                    )
-                self._keyed_active = len(keyed) > 0
-                jobs += keyed
+            left = free - claimed
+            if left <= 0 or (kind == "keyed" and not keyed_due):
+                continue
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                    with self._metrics.claim_duration.time():
+                        if kind == "plain":
+                            jobs = await self._claim_plain(left)
+                        else:
+                            jobs = await self._claim_keyed(left, sent)
+            except (*TRANSIENT, TimeoutError) as exc:
+                # The server may have committed: the heartbeat finds such jobs and
+                # hands them back.
+                log.warning("claim failed", extra={"error": repr(exc)})
+                await asyncio.sleep(CLAIM_RETRY_S)
+                return False
+            self._heartbeat.leased([job.id for job in jobs], sent)
+            for job in jobs:
+                self._start(job)
+            claimed += len(jobs)
+        self._dry = claimed < free
+        return not self._dry
+
+    async def _claim_plain(self, limit: int) -> list[Job]:
+        return await db.claim(
+            self._pool,
+            worker_id=self.id,
+            queues=self._queues,
+            types=self._types,
+            limit=limit,
+            lease_s=self._lease_s,
+        )
+
+    async def _claim_keyed(self, limit: int, now: float) -> list[Job]:
+        """Keyed jobs, if any wait: one probe while none came, else the keyed claim."""
+        self._keyed_tried = now
+        if not self._keyed_active and not await concurrency.any_waiting(self._pool):
+            return []
+        async with self._pool.acquire() as conn:
+            jobs = await concurrency.claim(
+                conn,
+                worker_id=self.id,
+                queues=self._queues,
+                types=self._types,
+                limit=limit,
+                lease_s=self._lease_s,
+            )
+        self._keyed_active = len(jobs) > 0
         return jobs
 
     def _start(self, job: Job) -> None:

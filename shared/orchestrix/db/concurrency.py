@@ -20,6 +20,7 @@ A key's limit applies within its queue.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,9 +113,15 @@ async def claim(
     if limit <= 0 or not types:
         return []
     queue_list = None if queues is None else list(queues)
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", KEYED_LOCK)
+    # BEGIN and the lock in one round trip (a simple query of two statements).
+    await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({KEYED_LOCK})")
+    try:
         rows = await conn.fetch(_CLAIM_KEYED, queue_list, list(types), limit, worker_id, lease_s)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
     jobs = [Job.from_row(row) for row in rows]
     jobs.sort(key=lambda job: (-job.priority, job.run_at, job.id))
     return jobs
