@@ -39,7 +39,8 @@ async def create_job(request: web.Request) -> web.Response:
     job, created = await request.app[CREATOR].create(new)
     if not created:
         return json_response(job.to_json(), status=200)
-    request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
+    metrics = request.app[METRICS]
+    metrics.jobs_created.labels(*metrics.known.job(job.type, job.queue)).inc()
     log.debug("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
     return json_response(job.to_json(), status=201)
 
@@ -50,9 +51,10 @@ async def create_jobs(request: web.Request) -> web.Response:
     batch = parse_batch(await read_json_object(request))
     results = await db.insert_many(request.app[POOL], batch)
     # One counter update per type and queue, not per job: labels() takes a lock.
-    created = Counter((job.type, job.queue) for job, new in results if new)
+    metrics = request.app[METRICS]
+    created = Counter(metrics.known.job(job.type, job.queue) for job, new in results if new)
     for labels, n in created.items():
-        request.app[METRICS].jobs_created.labels(*labels).inc(n)
+        metrics.jobs_created.labels(*labels).inc(n)
     log.info("jobs created in a batch", extra={"jobs": created.total()})
     return json_response(
         {"jobs": [job.to_json() for job, _ in results], "created": created.total()},
@@ -151,7 +153,8 @@ async def _request_cancel(request: web.Request, job: Job) -> web.Response:
 
 
 def _cancelled(request: web.Request, job: Job) -> web.Response:
-    request.app[METRICS].jobs_cancelled.labels(job.type, job.queue).inc()
+    metrics = request.app[METRICS]
+    metrics.jobs_cancelled.labels(*metrics.known.job(job.type, job.queue)).inc()
     log.info("job cancelled", extra={"job_id": job.id, "type": job.type})
     return json_response(job.to_json())
 

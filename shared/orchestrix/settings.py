@@ -336,17 +336,26 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """Where the scheduler and workers serve /metrics, /health and /ready."""
+    """Where the scheduler and workers serve /metrics, /health and /ready, and the
+    queues every service labels by name besides ``default`` and those workers name
+    in WORKER_QUEUES (any other queue is counted as ``other``)."""
 
     host: str = "0.0.0.0"
     port: int = 9100
+    queues: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
         read = _Reader(env)
+        listed = read.text("METRICS_QUEUES", "")
+        queues = tuple(dict.fromkeys(q.strip() for q in listed.split(",") if q.strip()))
+        for queue in queues:
+            if len(queue) > 64:
+                raise SettingsError("METRICS_QUEUES", f"{queue[:20]!r}... is over 64 characters")
         return cls(
             host=read.text("METRICS_HOST", cls.host),
             port=read.integer("METRICS_PORT", cls.port, low=0, high=65535),
+            queues=queues,
         )
 
 
@@ -484,6 +493,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("API_EVENTS_HEARTBEAT", "15s", "a quiet event stream sends a heartbeat this often"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
+    (
+        "METRICS_QUEUES",
+        "",
+        "comma-separated queues labelled by name in metrics, besides default and the "
+        "WORKER_QUEUES of live workers; the rest are counted as other",
+    ),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
     ("WORKER_QUEUES", "*", "comma-separated queues this worker takes jobs from; * for all"),
     (

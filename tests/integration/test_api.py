@@ -17,7 +17,7 @@ from orchestrix import broker, ids
 from orchestrix.models import NewJob
 from orchestrix.services.api.app import build_app
 from orchestrix.services.api.creator import Creator
-from orchestrix.services.api.keys import LIFECYCLE
+from orchestrix.services.api.keys import LIFECYCLE, METRICS
 from orchestrix.settings import Settings
 
 from tests.conftest import Api, free_port, served
@@ -29,6 +29,12 @@ async def create(api: Api, **fields: Any) -> dict[str, Any]:
     status, body, _ = await api.request("POST", "/api/v1/jobs", json={"type": "demo_job", **fields})
     assert status == 201, body
     return dict(body)
+
+
+def served_by_workers(api: Api, types: list[str], queues: list[str]) -> None:
+    """As if live workers had registered executors for ``types`` in ``queues``: the API
+    labels only such types and queues (tests/integration/test_label_values.py)."""
+    api.app[METRICS].known.learn(types, queues)
 
 
 async def count(pool: asyncpg.Pool) -> int:
@@ -94,6 +100,7 @@ async def test_idempotency_key_returns_the_first_job(api: Api, pool: asyncpg.Poo
 async def test_concurrent_creates_are_inserted_together_each_with_its_own_job(
     api: Api, pool: asyncpg.Pool
 ) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     answers = await asyncio.gather(
         *(
             api.request("POST", "/api/v1/jobs", json={"type": "demo_job", "payload": {"i": i}})
@@ -116,6 +123,7 @@ async def test_concurrent_creates_are_inserted_together_each_with_its_own_job(
 async def test_concurrent_creates_with_one_idempotency_key_make_one_job(
     api: Api, pool: asyncpg.Pool
 ) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     answers = await asyncio.gather(
         *(
             api.request(
@@ -466,6 +474,7 @@ async def test_unknown_route_and_method_are_json(api: Api) -> None:
 
 
 async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     job = await create(api, queue="emails")
     await api.request("GET", f"/api/v1/jobs/{job['id']}")
     await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
@@ -486,9 +495,16 @@ async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
     )
     assert 'orchestrix_jobs_cancelled_total{queue="emails",type="demo_job"} 1.0' in text
     assert job["id"] not in text
+    # A method the HTTP parser knows but no route has is counted as other, not by name.
+    status, _, _ = await api.request("PROPFIND", "/api/v1/jobs")
+    assert status == 405
+    _, text, _ = await api.request("GET", "/metrics")
+    assert "PROPFIND" not in text
+    assert 'orchestrix_http_requests_total{method="other",' in text
 
 
 async def test_batch_creates_every_job_in_order(api: Api, pool: asyncpg.Pool) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     jobs = [{"type": "demo_job", "payload": {"i": i}, "priority": i % 3} for i in range(1000)]
     jobs[7] |= {"queue": "emails", "run_at": "2030-01-01T00:00:00Z", "idempotency_key": "k7"}
     status, body, _ = await api.request("POST", "/api/v1/jobs/batch", json={"jobs": jobs})
