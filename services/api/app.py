@@ -32,6 +32,7 @@ from orchestrix.services.api.keys import (
     CREATOR,
     FEED,
     LIFECYCLE,
+    LIST_MAX_BYTES,
     METRICS,
     NATS_SETTINGS,
     POOL,
@@ -71,6 +72,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[METRICS] = metrics
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
+    app[LIST_MAX_BYTES] = settings.api.list_max_bytes
     app[LIFECYCLE] = Lifecycle()
     app[FEED] = Feed(
         pool,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -327,6 +329,107 @@ async def test_list_filters(api: Api, pool: asyncpg.Pool) -> None:
     assert await listed("queue=emails") == [a["id"]]
     assert await listed("state=PENDING&type=demo_job&queue=emails") == [a["id"]]
     assert await listed("state=SUCCEEDED") == []
+
+
+async def test_every_filter_combination_pages_through_exactly_its_jobs(api: Api) -> None:
+    made = []
+    for i in range(24):
+        job = await create(api, type=f"t{i % 2}", queue=f"q{i // 2 % 3}")
+        if i % 4 == 0:
+            await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+            job["state"] = "CANCELLED"
+        made.append(job)
+    newest_first = list(reversed(made))
+    for state, job_type, queue in itertools.product(
+        (None, "PENDING", "CANCELLED"), (None, "t0", "t1", "t9"), (None, "q0", "q2")
+    ):
+        given = {"state": state, "type": job_type, "queue": queue}
+        filters = "&".join(f"{name}={value}" for name, value in given.items() if value)
+        expected = [
+            job["id"]
+            for job in newest_first
+            if all(value is None or job[name] == value for name, value in given.items())
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            query = f"?limit=3&{filters}" + (f"&cursor={cursor}" if cursor else "")
+            status, body, _ = await api.request("GET", "/api/v1/jobs" + query)
+            assert status == 200, body
+            seen += [job["id"] for job in body["jobs"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == expected, filters
+
+
+async def test_a_list_leaves_large_fields_out_unless_included(api: Api, pool: asyncpg.Pool) -> None:
+    job = await create(api, payload={"big": "x" * 1000})
+    await pool.execute(
+        "UPDATE jobs SET result = '{\"r\": 1}', progress = '[1]' WHERE id = $1", job["id"]
+    )
+    large = {"payload", "result", "errors", "progress"}
+    status, body, _ = await api.request("GET", "/api/v1/jobs")
+    assert status == 200
+    (listed,) = body["jobs"]
+    assert large.isdisjoint(listed)
+    assert listed["id"] == job["id"]
+    assert "last_error" in listed
+    for include, shown in [
+        ("payload", {"payload"}),
+        ("result,progress", {"result", "progress"}),
+        ("errors,payload,errors", {"errors", "payload"}),
+        ("", set()),
+    ]:
+        status, body, _ = await api.request("GET", f"/api/v1/jobs?include={include}")
+        assert status == 200, body
+        (listed,) = body["jobs"]
+        assert large & set(listed) == shown, include
+    status, body, _ = await api.request(
+        "GET", "/api/v1/jobs?include=payload,result,errors,progress"
+    )
+    (listed,) = body["jobs"]
+    assert listed["payload"] == {"big": "x" * 1000}
+    assert (listed["result"], listed["errors"], listed["progress"]) == ({"r": 1}, [], [1])
+    for bad in ("id", "payload,", ",payload", "PAYLOAD", "payload result"):
+        status, body, _ = await api.request("GET", "/api/v1/jobs", params={"include": bad})
+        assert status == 400, bad
+        assert "include must be a comma-separated list of payload" in body["error"]
+
+
+async def test_a_page_ends_before_the_job_that_would_pass_the_byte_limit(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    limit_bytes = 65_536
+    small = dataclasses.replace(
+        settings, api=dataclasses.replace(settings.api, list_max_bytes=limit_bytes)
+    )
+    app = build_app(small, pool)
+    async with served(app) as url, aiohttp.ClientSession() as http:
+        api = Api(url=url, http=http, app=app)
+        made = [(await create(api, payload={"pad": "p" * 20_000, "i": i}))["id"] for i in range(10)]
+        huge = (await create(api, payload={"pad": "h" * 100_000}))["id"]
+        # Newest first: the job larger than the limit by itself is a page alone.
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            query = "?include=payload&limit=1000" + (f"&cursor={cursor}" if cursor else "")
+            async with http.get(f"{url}/api/v1/jobs{query}") as response:
+                raw = await response.read()
+                assert response.status == 200
+            body = orjson.loads(raw)
+            pages.append([job["id"] for job in body["jobs"]])
+            assert len(raw) <= limit_bytes or len(body["jobs"]) == 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert pages[0] == [huge]
+        assert [len(page) for page in pages] == [1, 3, 3, 3, 1]
+        assert [job for page in pages for job in page] == [huge, *reversed(made)]
+        # Without the payloads all eleven fit in one page.
+        _, body, _ = await api.request("GET", "/api/v1/jobs?limit=1000")
+        assert len(body["jobs"]) == 11
+        assert body["next_cursor"] is None
 
 
 @pytest.mark.parametrize(
