@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from orchestrix import broker
 from orchestrix.db.pool import connect_with_backoff
+from orchestrix.labels import LabelFollower
 from orchestrix.lifecycle import session_settings, stop_on_signals
-from orchestrix.metrics import ApiMetrics
+from orchestrix.metrics import ApiMetrics, KnownLabels, http_method
 from orchestrix.services.api import (
     bulk,
     events,
@@ -31,6 +32,7 @@ from orchestrix.services.api.keys import (
     CREATOR,
     FEED,
     LIFECYCLE,
+    LIST_MAX_BYTES,
     METRICS,
     NATS_SETTINGS,
     POOL,
@@ -49,15 +51,16 @@ def _metrics_middleware(metrics: ApiMetrics) -> Any:
         # The route template, never the raw path: job ids must not become labels.
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics.http_requests.labels(request.method, route, str(response.status)).inc()
-        metrics.http_duration.labels(request.method, route).observe(time.perf_counter() - started)
+        method = http_method(request.method)
+        metrics.http_requests.labels(method, route, str(response.status)).inc()
+        metrics.http_duration.labels(method, route).observe(time.perf_counter() - started)
         return response
 
     return middleware
 
 
 def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) -> web.Application:
-    metrics = metrics or ApiMetrics()
+    metrics = metrics or ApiMetrics(known=KnownLabels(settings.metrics.queues))
     # The error middleware sits inside the metrics one, so errors are counted
     # with the status the client received.
     app = web.Application(
@@ -69,6 +72,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[METRICS] = metrics
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
+    app[LIST_MAX_BYTES] = settings.api.list_max_bytes
     app[LIFECYCLE] = Lifecycle()
     app[FEED] = Feed(
         pool,
@@ -76,6 +80,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
         heartbeat_s=settings.api.events_heartbeat_s,
     )
     app.cleanup_ctx.append(_read_events)
+    app.cleanup_ctx.append(_follow_label_values)
     # First of all at shutdown: the event streams end, and do not hold the drain up.
     app.on_shutdown.append(_end_event_streams)
     app.add_routes(bulk.routes)
@@ -93,6 +98,14 @@ async def _read_events(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[FEED].run())
     yield
     app[FEED].close()
+    await task
+
+
+async def _follow_label_values(app: web.Application) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(LabelFollower(app[POOL], app[METRICS].known).run_forever(stop))
+    yield
+    stop.set()
     await task
 
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections import Counter
 
+import orjson
 from aiohttp import web
 from orchestrix import broker, ids
 from orchestrix.db import jobs as db
@@ -13,7 +14,15 @@ from orchestrix.db import workers, workflows
 from orchestrix.models import Job
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.feed import until_finished
-from orchestrix.services.api.keys import CREATOR, FEED, LIFECYCLE, METRICS, NATS_SETTINGS, POOL
+from orchestrix.services.api.keys import (
+    CREATOR,
+    FEED,
+    LIFECYCLE,
+    LIST_MAX_BYTES,
+    METRICS,
+    NATS_SETTINGS,
+    POOL,
+)
 from orchestrix.services.api.parsing import (
     parse_batch,
     parse_list_query,
@@ -24,6 +33,11 @@ from orchestrix.services.api.parsing import (
 from orchestrix.states import CLAIMABLE, TERMINAL, JobState
 
 log = logging.getLogger("api")
+# A list that includes large fields reads this many jobs at a time.
+LARGE_CHUNK = 20
+_PAGE_START = b'{"jobs":['
+_PAGE_END = b'],"next_cursor":'
+_CURSOR_BYTES = len(b'"01ARZ3NDEKTSV4RRFFQ69G5FAV"}')
 # /api/v1/stats names at most this many types waiting for an executor.
 STATS_TYPES_MAX = 20
 routes = web.RouteTableDef()
@@ -39,7 +53,8 @@ async def create_job(request: web.Request) -> web.Response:
     job, created = await request.app[CREATOR].create(new)
     if not created:
         return json_response(job.to_json(), status=200)
-    request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
+    metrics = request.app[METRICS]
+    metrics.jobs_created.labels(*metrics.known.job(job.type, job.queue)).inc()
     log.debug("job created", extra={"job_id": job.id, "type": job.type, "queue": job.queue})
     return json_response(job.to_json(), status=201)
 
@@ -50,9 +65,10 @@ async def create_jobs(request: web.Request) -> web.Response:
     batch = parse_batch(await read_json_object(request))
     results = await db.insert_many(request.app[POOL], batch)
     # One counter update per type and queue, not per job: labels() takes a lock.
-    created = Counter((job.type, job.queue) for job, new in results if new)
+    metrics = request.app[METRICS]
+    created = Counter(metrics.known.job(job.type, job.queue) for job, new in results if new)
     for labels, n in created.items():
-        request.app[METRICS].jobs_created.labels(*labels).inc(n)
+        metrics.jobs_created.labels(*labels).inc(n)
     log.info("jobs created in a batch", extra={"jobs": created.total()})
     return json_response(
         {"jobs": [job.to_json() for job, _ in results], "created": created.total()},
@@ -62,11 +78,46 @@ async def create_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    where, limit, cursor = parse_list_query(request.query)
-    page = await db.list_page(request.app[POOL], where, limit=limit, before=cursor)
-    return json_response(
-        {"jobs": [job.to_json() for job in page.jobs], "next_cursor": page.next_cursor}
-    )
+    """A page of jobs, newest first: at most ``limit`` jobs and, but for its first
+    job, at most API_LIST_MAX_BYTES of body.
+
+    Without ``?include=`` the large fields are not even read; with it, the jobs
+    are read a few at a time, so that a page of megabyte payloads never holds more
+    than ``LARGE_CHUNK`` of them in memory beyond the page itself.
+    """
+    query = parse_list_query(request.query)
+    omitted = [name for name in db.LARGE_FIELDS if name not in query.include]
+    budget = request.app[LIST_MAX_BYTES] - len(_PAGE_START) - len(_PAGE_END) - _CURSOR_BYTES
+    chunk = query.limit + 1 if not query.include else min(query.limit + 1, LARGE_CHUNK)
+    pieces: list[bytes] = []
+    size = 0
+    before = query.cursor
+    more = False
+    while True:
+        jobs = await db.list_jobs(
+            request.app[POOL], query.where, limit=chunk, before=before, include=query.include
+        )
+        for job in jobs:
+            if len(pieces) == query.limit:
+                more = True
+                break
+            shown = job.to_json()
+            for name in omitted:
+                del shown[name]
+            piece = orjson.dumps(shown)
+            if pieces and size + 1 + len(piece) > budget:
+                more = True
+                break
+            pieces.append(piece)
+            size += len(piece) + (1 if len(pieces) > 1 else 0)
+            before = job.id
+        else:
+            if len(jobs) == chunk:  # there may be more: read the next few
+                continue
+        break
+    cursor = orjson.dumps(before if more else None)
+    body = _PAGE_START + b",".join(pieces) + _PAGE_END + cursor + b"}"
+    return web.Response(body=body, content_type="application/json")
 
 
 @routes.get(JOB_PATH)
@@ -151,7 +202,8 @@ async def _request_cancel(request: web.Request, job: Job) -> web.Response:
 
 
 def _cancelled(request: web.Request, job: Job) -> web.Response:
-    request.app[METRICS].jobs_cancelled.labels(job.type, job.queue).inc()
+    metrics = request.app[METRICS]
+    metrics.jobs_cancelled.labels(*metrics.known.job(job.type, job.queue)).inc()
     log.info("job cancelled", extra={"job_id": job.id, "type": job.type})
     return json_response(job.to_json())
 

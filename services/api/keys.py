@@ -17,6 +17,7 @@ METRICS = web.AppKey("metrics", ApiMetrics)
 CREATOR = web.AppKey("creator", Creator)
 FEED = web.AppKey("feed", Feed)
 NATS_SETTINGS = web.AppKey("nats_settings", NatsSettings)
+LIST_MAX_BYTES = web.AppKey("list_max_bytes", int)  # API_LIST_MAX_BYTES
 
 
 @dataclass

@@ -7,7 +7,7 @@ fields of a job), ``orchestrix.states`` (the states) and ``orchestrix.errors``
 :class:`orchestrix.models.Job`, so a new field shows up here without anyone
 editing this file, and a field of a type this module does not know how to
 describe fails the build of the document (and so the tests).
-``GET /openapi.json`` serves the document, built once per body limit;
+``GET /openapi.json`` serves the document, built once per body and page limit;
 ``tests/integration/test_openapi.py`` checks that it lists every route and that
 real answers match it, and ``tests/e2e/test_fuzz.py`` fuzzes the API against it.
 """
@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from orchestrix.cron import MAX_EXPRESSION_CHARS
+from orchestrix.db.jobs import LARGE_FIELDS
 from orchestrix.db.schedules import TEMPLATE_FIELDS
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
@@ -32,6 +33,7 @@ from orchestrix.services.api.bulk import CANCEL_STATES, RETRY_STATES
 from orchestrix.services.api.bulk import IDS_MAX as BULK_IDS_MAX
 from orchestrix.services.api.errors import MAX_BODY
 from orchestrix.services.api.jobs import STATS_TYPES_MAX
+from orchestrix.services.api.keys import LIST_MAX_BYTES
 from orchestrix.services.api.parsing import (
     BATCH_MAX,
     CONCURRENCY_KEY_MAX,
@@ -40,6 +42,7 @@ from orchestrix.services.api.parsing import (
     DEFAULT_LIMIT,
     IDEMPOTENCY_KEY_MAX,
     IDEMPOTENCY_KEY_PATTERN,
+    INCLUDE_PATTERN,
     LIMIT_RANGE,
     MAX_ATTEMPTS_RANGE,
     PRIORITY_RANGE,
@@ -198,6 +201,18 @@ def job_schema() -> Schema:
     }
 
 
+def listed_job_schema() -> Schema:
+    """A job in a list: the ``Job``, whose large fields are there only if included."""
+    schema = job_schema()
+    return {
+        **schema,
+        "description": "A job as a list shows it: "
+        + ", ".join(LARGE_FIELDS)
+        + " only when named in ?include=. Times are RFC 3339 in UTC.",
+        "required": [name for name in schema["required"] if name not in LARGE_FIELDS],
+    }
+
+
 def new_job_schema() -> Schema:
     """The body of ``POST /api/v1/jobs``, with the limits ``parse_new_job`` enforces."""
     defaults = {item.name: item.default for item in dataclasses.fields(NewJob)}
@@ -275,6 +290,7 @@ def _schemas() -> dict[str, Schema]:
     count = {"type": "integer", "minimum": 0}
     return {
         "Job": job_schema(),
+        "ListedJob": listed_job_schema(),
         "NewJob": new_job_schema(),
         "AttemptError": {
             "type": "object",
@@ -379,7 +395,12 @@ def _schemas() -> dict[str, Schema]:
         "JobList": {
             "type": "object",
             "properties": {
-                "jobs": {"type": "array", "items": _ref("Job")},
+                "jobs": {
+                    "type": "array",
+                    "items": _ref("ListedJob"),
+                    "description": "newest first; at most limit jobs, and fewer when the "
+                    "next one would take the body past API_LIST_MAX_BYTES",
+                },
                 "next_cursor": {
                     "type": "string",
                     "nullable": True,
@@ -755,7 +776,7 @@ _BODY_ERRORS = {
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
 
-def _paths(max_body_bytes: int) -> dict[str, Schema]:
+def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
     job_id = {
         "name": "id",
         "in": "path",
@@ -810,6 +831,14 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
             "get": {
                 "operationId": "listJobs",
                 "summary": "List jobs, newest first, with filters and cursor pagination",
+                "description": f"A page holds at most limit jobs and at most {list_max_bytes} "
+                f"bytes of body on this server (API_LIST_MAX_BYTES, default "
+                f"{ApiSettings.list_max_bytes}): it ends before the job that would take it "
+                "past that, so it may hold fewer than limit jobs with a next_cursor; only a "
+                "page of one job can be larger (one job is at most a payload of "
+                "API_MAX_BODY_BYTES, a result of 1 MiB, 100 error texts and a progress "
+                f"report of 64 KiB). {', '.join(LARGE_FIELDS)} are left out unless named in "
+                "include. Every filter, alone or with others, walks an index newest first.",
                 "parameters": [
                     {
                         "name": "state",
@@ -845,6 +874,15 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
                         "schema": {"type": "string", "pattern": _or_empty(ULID_PATTERN)},
                         "description": "next_cursor of the previous page; an empty value means "
                         "the first page",
+                    },
+                    {
+                        "name": "include",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": INCLUDE_PATTERN.pattern},
+                        "description": "the large fields to show, comma-separated: any of "
+                        + ", ".join(LARGE_FIELDS)
+                        + "; left out (the keys absent) by default or when empty",
                     },
                 ],
                 "responses": {
@@ -1321,8 +1359,12 @@ def _paths(max_body_bytes: int) -> dict[str, Schema]:
     }
 
 
-def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str, Any]:
-    """The whole OpenAPI document, for a server whose body limit is ``max_body_bytes``."""
+def build_document(
+    max_body_bytes: int = ApiSettings.max_body_bytes,
+    list_max_bytes: int = ApiSettings.list_max_bytes,
+) -> dict[str, Any]:
+    """The whole OpenAPI document, for a server whose body limit is ``max_body_bytes``
+    and whose pages of jobs end at ``list_max_bytes``."""
     limits = "\n".join(
         f"- {line}"
         for line in (
@@ -1337,6 +1379,9 @@ def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str
             f"idempotency_key: 1 to {IDEMPOTENCY_KEY_MAX} characters, no control characters",
             "payload: a JSON object without U+0000",
             "limit: {} to {}, default {}".format(*LIMIT_RANGE, DEFAULT_LIMIT),
+            f"a page of jobs: at most {list_max_bytes} bytes on this server "
+            f"(API_LIST_MAX_BYTES, default {ApiSettings.list_max_bytes}) unless it holds one "
+            f"job; {', '.join(LARGE_FIELDS)} only with ?include=",
         )
     )
     return {
@@ -1350,17 +1395,18 @@ def build_document(max_body_bytes: int = ApiSettings.max_body_bytes) -> dict[str
             "not allowed on a path is 405 with an Allow header, and an unexpected failure "
             "is 500.\n\nLimits:\n" + limits,
         },
-        "paths": _paths(max_body_bytes),
+        "paths": _paths(max_body_bytes, list_max_bytes),
         "components": {"schemas": _schemas()},
     }
 
 
 @functools.cache
-def _serialized(max_body_bytes: int) -> bytes:
-    return orjson.dumps(build_document(max_body_bytes))
+def _serialized(max_body_bytes: int, list_max_bytes: int) -> bytes:
+    return orjson.dumps(build_document(max_body_bytes, list_max_bytes))
 
 
 @routes.get(DOCUMENT_PATH)
 async def openapi_document(request: web.Request) -> web.Response:
-    """The OpenAPI document of this API, built once per body limit."""
-    return web.Response(body=_serialized(request.app[MAX_BODY]), content_type="application/json")
+    """The OpenAPI document of this API, built once per body and page limit."""
+    body = _serialized(request.app[MAX_BODY], request.app[LIST_MAX_BYTES])
+    return web.Response(body=body, content_type="application/json")

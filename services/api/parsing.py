@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 from orchestrix import ids
-from orchestrix.db.jobs import JobFilter
+from orchestrix.db.jobs import LARGE_FIELDS, JobFilter
 from orchestrix.models import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_SECONDS, NewJob
 from orchestrix.services.api.errors import ApiError
 from orchestrix.states import JobState
@@ -57,7 +58,10 @@ CREATE_FIELDS = frozenset(
         "concurrency_key",
     }
 )
-LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor"})
+LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor", "include"})
+# ?include= on a list: which of the large fields to show, comma-separated.
+_LARGE = "|".join(LARGE_FIELDS)
+INCLUDE_PATTERN = re.compile(rf"^(?:(?:{_LARGE})(?:,(?:{_LARGE}))*)?$")
 BATCH_MAX = 1000
 
 
@@ -134,8 +138,18 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
     )
 
 
-def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | None]:
-    """``?state=&type=&queue=&limit=&cursor=`` as a filter, a page size and a cursor."""
+@dataclass(frozen=True)
+class ListQuery:
+    """``GET /api/v1/jobs``: which jobs, how many at most, after which, with what."""
+
+    where: JobFilter
+    limit: int
+    cursor: str | None
+    include: frozenset[str]
+
+
+def parse_list_query(query: Mapping[str, str]) -> ListQuery:
+    """``?state=&type=&queue=&limit=&cursor=&include=``."""
     unknown = sorted(set(query) - LIST_PARAMS)
     if unknown:
         raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}")
@@ -161,7 +175,15 @@ def parse_list_query(query: Mapping[str, str]) -> tuple[JobFilter, int, str | No
     cursor = query.get("cursor") or None
     if cursor is not None and not ids.is_valid(cursor):
         raise ApiError(400, "cursor must be a job id, as returned in next_cursor")
-    return JobFilter(state=state, type=job_type, queue=queue), limit, cursor
+    included = query.get("include", "")
+    if not INCLUDE_PATTERN.fullmatch(included):
+        raise ApiError(400, f"include must be a comma-separated list of {', '.join(LARGE_FIELDS)}")
+    return ListQuery(
+        where=JobFilter(state=state, type=job_type, queue=queue),
+        limit=limit,
+        cursor=cursor,
+        include=frozenset(included.split(",")) - {""},
+    )
 
 
 def checked_name(field: str, value: Any, pattern: re.Pattern[str]) -> str:

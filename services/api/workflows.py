@@ -42,8 +42,9 @@ async def create_workflow(request: web.Request) -> web.Response:
     name, jobs = parse_workflow(await read_json_object(request))
     async with request.app[POOL].acquire() as conn:
         workflow, _ = await db.create(conn, name, jobs)
+    metrics = request.app[METRICS]
     for job in workflow.jobs:
-        request.app[METRICS].jobs_created.labels(job.type, job.queue).inc()
+        metrics.jobs_created.labels(*metrics.known.job(job.type, job.queue)).inc()
     log.info("workflow created", extra={"workflow_id": workflow.id, "jobs": len(jobs)})
     return json_response(workflow.to_json(), status=201)
 

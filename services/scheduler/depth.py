@@ -1,4 +1,9 @@
-"""Keeps the queue-depth gauges current: how many jobs wait, and for how long."""
+"""Keeps the queue-depth gauges current: how many jobs wait, and for how long.
+
+Only known queues (``metrics.KnownLabels``) have gauges of their own; the jobs of
+every other queue are summed into ``other`` (its oldest wait is the longest of
+theirs), so that clients inventing queues cannot add series.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,18 @@ class DepthReporter:
         self._queues: set[str] = set()
 
     async def run_once(self, now: datetime) -> None:
-        depths = await db.waiting_by_queue(self._pool)
-        seen = {depth.queue for depth in depths}
+        waiting: dict[str, int] = {}
+        waited: dict[str, float] = {}
+        for depth in await db.waiting_by_queue(self._pool):
+            label = self._metrics.known.queue(depth.queue)
+            waiting[label] = waiting.get(label, 0) + depth.waiting
+            seconds = (now - depth.oldest_due).total_seconds() if depth.oldest_due else 0.0
+            waited[label] = max(waited.get(label, 0.0), seconds)
         # A queue that emptied shows 0 rather than its last value.
-        for queue in self._queues - seen:
-            self._metrics.queue_depth.labels(queue).set(0)
-            self._metrics.oldest_waiting.labels(queue).set(0)
-        for depth in depths:
-            self._metrics.queue_depth.labels(depth.queue).set(depth.waiting)
-            waited = (now - depth.oldest_due).total_seconds() if depth.oldest_due else 0.0
-            self._metrics.oldest_waiting.labels(depth.queue).set(max(0.0, waited))
-        self._queues |= seen
+        for label in self._queues - set(waiting):
+            self._metrics.queue_depth.labels(label).set(0)
+            self._metrics.oldest_waiting.labels(label).set(0)
+        for label, n in waiting.items():
+            self._metrics.queue_depth.labels(label).set(n)
+            self._metrics.oldest_waiting.labels(label).set(waited[label])
+        self._queues |= set(waiting)

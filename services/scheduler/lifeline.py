@@ -101,7 +101,8 @@ class Lifeline:
             log.warning("worker dead; its jobs taken back", extra={"worker_id": worker_id})
             self._gone.pop(worker_id, None)
         for job in rescued:
-            self._metrics.jobs_rescued.labels(job.queue, job.state.value).inc()
+            queue = self._metrics.known.queue(job.queue)
+            self._metrics.jobs_rescued.labels(queue, job.state.value).inc()
             log.warning(
                 "worker died; job rescued",
                 extra={"job_id": job.id, "attempt": job.attempt, "state": job.state.value},

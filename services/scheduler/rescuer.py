@@ -79,7 +79,8 @@ class Rescuer:
                 conn, decide(lost, self._retry), WORKER_LOST, actor=self._actor
             )
         for job in rescued:
-            self._metrics.jobs_rescued.labels(job.queue, job.state.value).inc()
+            queue = self._metrics.known.queue(job.queue)
+            self._metrics.jobs_rescued.labels(queue, job.state.value).inc()
             log.warning(
                 "lease expired; job rescued",
                 extra={"job_id": job.id, "attempt": job.attempt, "state": job.state.value},

@@ -8,7 +8,8 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
 - the lifeline takes back the jobs of workers that died (seconds);
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
 - the pruner deletes finished jobs once their retention has passed;
-- the depth reporter keeps the queue gauges current;
+- the depth reporter keeps the queue gauges current (for the known queues, the
+  rest as ``other``: orchestrix.labels);
 - the cron firer creates the jobs of due cron schedules;
 - the settler cancels what waits for a workflow's job that failed or was cancelled.
 
@@ -31,10 +32,10 @@ from orchestrix import broker
 from orchestrix.backoff import sleep_unless_stopped
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import TRANSIENT
+from orchestrix.labels import LabelFollower
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.liveness import LOOK_EVERY_S
-from orchestrix.metrics import SchedulerMetrics
-from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.metrics import KnownLabels, SchedulerMetrics
 from orchestrix.services.scheduler.cron import CronFirer
 from orchestrix.services.scheduler.depth import DepthReporter
 from orchestrix.services.scheduler.handbacks import HandBackApplier
@@ -110,8 +111,8 @@ async def serve(settings: Settings) -> None:
     if connected is None:
         return
     pool, nc = connected
-    metrics = SchedulerMetrics()
-    metrics.preset((DEFAULT_QUEUE,))
+    metrics = SchedulerMetrics(known=KnownLabels(settings.metrics.queues))
+    metrics.preset(metrics.known.queues)
     status = StatusServer(
         settings.metrics,
         metrics.registry,
@@ -121,6 +122,7 @@ async def serve(settings: Settings) -> None:
     )
     await status.start()
     waker = Waker(settings.database.url, nc, settings.nats)
+    labels_task = asyncio.create_task(LabelFollower(pool, metrics.known).run_forever(stop))
     depth_task = asyncio.create_task(_report_depth(DepthReporter(pool, metrics), stop))
     cron_task = asyncio.create_task(CronFirer(pool, metrics).run(stop))
     settler_task = asyncio.create_task(Settler(pool).run(stop))
@@ -147,7 +149,7 @@ async def serve(settings: Settings) -> None:
             await sleep_unless_stopped(stop, WAKER_RETRY_S)
     finally:
         log.info("scheduler stopping")
-        for task in (depth_task, cron_task, settler_task, maintenance, prune_task):
+        for task in (labels_task, depth_task, cron_task, settler_task, maintenance, prune_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

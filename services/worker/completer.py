@@ -78,7 +78,7 @@ class Completer:
 
     async def record(self, job: Job, outcome: Outcome) -> bool:
         """Write the outcome; False when the job had moved on and nothing was written."""
-        labels = (job.type, job.queue)
+        labels = self._metrics.known.job(job.type, job.queue)
         if isinstance(outcome, Success):
             written = await self._successes.submit((job.id, job.attempt, outcome.result))
             if not isinstance(written, str):
@@ -128,7 +128,7 @@ class Completer:
         state = await db.snooze(self._pool, job.id, job.attempt, delay_s, worker_id=self._worker_id)
         if state is None:
             return False
-        labels = (job.type, job.queue)
+        labels = self._metrics.known.job(job.type, job.queue)
         extra = {"job_id": job.id, "attempt": job.attempt}
         if state is JobState.CANCELLED:
             self._metrics.jobs_cancelled.labels(*labels).inc()

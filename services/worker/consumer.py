@@ -281,8 +281,9 @@ class Consumer:
 
     def _start(self, job: Job) -> None:
         started = job.started_at or job.run_at
-        self._metrics.jobs_claimed.labels(job.type, job.queue).inc()
-        self._metrics.start_latency.labels(job.type, job.queue).observe(
+        labels = self._metrics.known.job(job.type, job.queue)
+        self._metrics.jobs_claimed.labels(*labels).inc()
+        self._metrics.start_latency.labels(*labels).observe(
             max(0.0, (started - job.run_at).total_seconds())
         )
         task = asyncio.create_task(self._run(job))
@@ -399,7 +400,7 @@ class Consumer:
             log.exception("outcome not recorded", extra=extra)
 
     async def _execute(self, job: Job) -> runner.Outcome:
-        labels = (job.type, job.queue)
+        labels = self._metrics.known.job(job.type, job.queue)
         log.debug("job started", extra={"job_id": job.id, "type": job.type, "attempt": job.attempt})
         self._metrics.slots_busy.inc()
         clock = time.perf_counter()

@@ -7,13 +7,15 @@ marked FAILED by a shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from orchestrix import broker, executors
 from orchestrix.db import jobs as db
+from orchestrix.labels import LabelFollower
 from orchestrix.lifecycle import connect_both, stop_on_signals
-from orchestrix.metrics import WorkerMetrics
-from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.metrics import KnownLabels, WorkerMetrics
 from orchestrix.services.worker.consumer import Consumer
 from orchestrix.settings import Settings
 from orchestrix.status import StatusServer, check_dependencies
@@ -31,8 +33,8 @@ async def serve(settings: Settings) -> None:
         return
     pool, nc = connected
 
-    metrics = WorkerMetrics(settings.worker.concurrency)
-    metrics.preset(executors.registry.types(), settings.worker.queues or (DEFAULT_QUEUE,))
+    metrics = WorkerMetrics(settings.worker.concurrency, known=KnownLabels(settings.metrics.queues))
+    metrics.preset(executors.registry.types(), settings.worker.queues or metrics.known.queues)
     status = StatusServer(
         settings.metrics,
         metrics.registry,
@@ -51,9 +53,13 @@ async def serve(settings: Settings) -> None:
             "worker_id": consumer.id,
         },
     )
+    labels_task = asyncio.create_task(LabelFollower(pool, metrics.known).run_forever(stop))
     try:
         await consumer.run(stop)
     finally:
+        labels_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await labels_task
         await broker.disconnect(nc)
         await pool.close()
         await status.stop()

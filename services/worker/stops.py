@@ -102,7 +102,7 @@ class Stopper:
     async def finish(self, job: Job, reason: Stop) -> None:
         """Write what ``reason`` asks for the stopped attempt of ``job``."""
         extra = {"job_id": job.id, "attempt": job.attempt}
-        labels = (job.type, job.queue)
+        labels = self._metrics.known.job(job.type, job.queue)
         try:
             if reason is Stop.LOST:
                 log.warning("lease lost; attempt abandoned", extra=extra)
@@ -174,6 +174,6 @@ class Stopper:
                     extra={**extra, "error": repr(exc)},
                 )
                 return False
-        self._metrics.jobs_handed_back.labels(job.type, job.queue).inc()
+        self._metrics.jobs_handed_back.labels(*self._metrics.known.job(job.type, job.queue)).inc()
         log.warning("hand-back left in the ledger; applied once PostgreSQL answers", extra=extra)
         return True

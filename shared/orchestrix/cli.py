@@ -29,12 +29,13 @@ _API = (
     "API_HOST",
     "API_PORT",
     "API_MAX_BODY_BYTES",
+    "API_LIST_MAX_BYTES",
     "API_SHUTDOWN_TIMEOUT",
     "API_EVENTS_POLL_INTERVAL",
     "API_EVENTS_HEARTBEAT",
 )
 _NATS = ("NATS_URL", "NATS_SUBJECT_PREFIX", "NATS_STREAM_REPLICAS")
-_STATUS = ("METRICS_HOST", "METRICS_PORT")
+_STATUS = ("METRICS_HOST", "METRICS_PORT", "METRICS_QUEUES")
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -140,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "api",
         "Run the REST API (jobs, stats, health, readiness, metrics).",
-        (*_DB, *_POOL, "NATS_URL", *_API, *_LOG),
+        (*_DB, *_POOL, "NATS_URL", *_API, "METRICS_QUEUES", *_LOG),
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
         "SIGTERM or SIGINT: stop accepting, finish requests in flight within\n"

@@ -1,8 +1,10 @@
 """Prometheus metrics, one class per service, each on its own registry.
 
 A registry per process (not the library's global one) lets tests build several
-applications in one interpreter. Labels are bounded: job type and queue, HTTP
-route templates; never a job id.
+applications in one interpreter. Labels are bounded: HTTP route templates and
+methods, and job types and queues that are *known* (``KnownLabels``); never a job
+id, and never a type or queue a client made up. Every other type or queue is
+counted under ``other``.
 
 A labelled counter has no series until its first increment, and a query or an
 alert over a missing series sees nothing rather than 0 (``rate()`` of a failure
@@ -12,15 +14,97 @@ presets its counters at 0 for the types and queues it knows of at start.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from itertools import product
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from orchestrix.models import DEFAULT_QUEUE
 from orchestrix.states import TERMINAL, JobState
 
-__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "SchedulerMetrics", "WorkerMetrics", "expose"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "MAX_LABEL_VALUES",
+    "OTHER",
+    "ApiMetrics",
+    "KnownLabels",
+    "SchedulerMetrics",
+    "WorkerMetrics",
+    "expose",
+]
+
+log = logging.getLogger("metrics")
+
+# The label value of every job type and queue that is not known.
+OTHER = "other"
+# The most job types, and the most queues, one process ever labels (each): the last
+# line of defence should the known values themselves grow without bound.
+MAX_LABEL_VALUES = 200
+# HTTP methods a label may name; aiohttp accepts any token as a method.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class KnownLabels:
+    """The job types and queues this process may use as label values.
+
+    Known are: ``default``, the queues in METRICS_QUEUES, and what the process is
+    told (``learn``): a worker its own executors' types and WORKER_QUEUES; every
+    service, periodically, the types and queues the live workers registered
+    (``orchestrix.labels``). A type or queue a client chose is not known until a
+    worker serves it. Known values are never forgotten (a counter's series must
+    not vanish), and at most ``max_values`` of each are ever known; the rest are
+    ``other``.
+    """
+
+    def __init__(self, queues: Iterable[str] = (), max_values: int = MAX_LABEL_VALUES) -> None:
+        self._max = max_values
+        self._types: set[str] = set()
+        self._queues: set[str] = set()
+        self._full: set[str] = set()
+        self.learn((), (DEFAULT_QUEUE, *queues))
+
+    def learn(self, types: Iterable[str], queues: Iterable[str]) -> None:
+        self._add("type", self._types, types)
+        self._add("queue", self._queues, queues)
+
+    def _add(self, kind: str, known: set[str], values: Iterable[str]) -> None:
+        for value in values:
+            if value in known:
+                continue
+            if len(known) >= self._max:
+                if kind not in self._full:
+                    self._full.add(kind)
+                    log.warning(
+                        "too many label values; the rest are counted as other",
+                        extra={"label": kind, "limit": self._max},
+                    )
+                return
+            known.add(value)
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self._types)
+
+    @property
+    def queues(self) -> frozenset[str]:
+        return frozenset(self._queues)
+
+    def queue(self, queue: str) -> str:
+        return queue if queue in self._queues else OTHER
+
+    def job(self, job_type: str, queue: str) -> tuple[str, str]:
+        """The (type, queue) label values of a job."""
+        return (
+            job_type if job_type in self._types else OTHER,
+            queue if queue in self._queues else OTHER,
+        )
+
+
+def http_method(method: str) -> str:
+    return method if method in HTTP_METHODS else OTHER
+
 
 # HTTP handlers answer in milliseconds; the top buckets catch a stalled database.
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -48,11 +132,15 @@ def record_dependencies(gauge: Gauge, checks: dict[str, str]) -> None:
 
 
 class ApiMetrics:
-    """Nothing is preset: the API loads no executors, so it knows no job types, and
-    its counters are all per type and queue. Each series appears with its first job."""
+    """Nothing is preset: the API loads no executors, so it knows no job types at
+    start, and its counters are all per type and queue. Each series appears with its
+    first job; the types it knows are those the live workers serve (``known``)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, known: KnownLabels | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.known = known or KnownLabels()
         self.dependency_up = _dependency_up(self.registry)
         self.jobs_created = Counter(
             "orchestrix_jobs_created_total",
@@ -134,8 +222,11 @@ RESCUED_STATES = (JobState.RETRYING, JobState.FAILED, JobState.CANCELLED)
 
 
 class SchedulerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, known: KnownLabels | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.known = known or KnownLabels()
         self.dependency_up = _dependency_up(self.registry)
         self.queue_depth = Gauge(
             "orchestrix_queue_depth",
@@ -185,15 +276,21 @@ class SchedulerMetrics:
             self.jobs_pruned.labels(state.value)
 
     def preset(self, queues: Iterable[str]) -> None:
-        """Export the per-queue counters at 0 for ``queues``."""
-        for queue in queues:
+        """Export the per-queue counters at 0 for ``queues`` (as their labels)."""
+        for queue in {self.known.queue(queue) for queue in queues}:
             for state in RESCUED_STATES:
                 self.jobs_rescued.labels(queue, state.value)
 
 
 class WorkerMetrics:
-    def __init__(self, concurrency: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        registry: CollectorRegistry | None = None,
+        known: KnownLabels | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.known = known or KnownLabels()
         self.dependency_up = _dependency_up(self.registry)
         labels = ["type", "queue"]
         self.jobs_claimed = Counter(
@@ -271,7 +368,13 @@ class WorkerMetrics:
         )
 
     def preset(self, types: Iterable[str], queues: Iterable[str]) -> None:
-        """Export every outcome counter at 0 for each of ``types`` in each of ``queues``."""
+        """Export every outcome counter at 0 for each of ``types`` in each of ``queues``.
+
+        They become known label values (a worker knows its executors and queues).
+        """
+        types, queues = tuple(types), tuple(queues)
+        self.known.learn(types, queues)
+        pairs = {self.known.job(t, q) for t, q in product(types, queues)}
         counters = (
             self.jobs_claimed,
             self.jobs_succeeded,
@@ -281,7 +384,7 @@ class WorkerMetrics:
             self.jobs_snoozed,
             self.jobs_cancelled,
         )
-        for job_type, queue in product(types, tuple(queues)):
+        for job_type, queue in sorted(pairs):
             for counter in counters:
                 counter.labels(job_type, queue)
 

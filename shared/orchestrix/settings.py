@@ -336,17 +336,26 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """Where the scheduler and workers serve /metrics, /health and /ready."""
+    """Where the scheduler and workers serve /metrics, /health and /ready, and the
+    queues every service labels by name besides ``default`` and those workers name
+    in WORKER_QUEUES (any other queue is counted as ``other``)."""
 
     host: str = "0.0.0.0"
     port: int = 9100
+    queues: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MetricsSettings:
         read = _Reader(env)
+        listed = read.text("METRICS_QUEUES", "")
+        queues = tuple(dict.fromkeys(q.strip() for q in listed.split(",") if q.strip()))
+        for queue in queues:
+            if len(queue) > 64:
+                raise SettingsError("METRICS_QUEUES", f"{queue[:20]!r}... is over 64 characters")
         return cls(
             host=read.text("METRICS_HOST", cls.host),
             port=read.integer("METRICS_PORT", cls.port, low=0, high=65535),
+            queues=queues,
         )
 
 
@@ -357,6 +366,9 @@ class ApiSettings:
     host: str = "0.0.0.0"
     port: int = 8080
     max_body_bytes: int = 1024 * 1024
+    # The body of one page of GET /api/v1/jobs stops before the job that would take
+    # it past this (a page always holds one job, however large).
+    list_max_bytes: int = 4 * 1024 * 1024
     shutdown_timeout_s: float = 30.0
     # The event stream (GET /api/v1/events): how often the API reads new events
     # while anyone listens, and how long a quiet stream waits before a heartbeat.
@@ -371,6 +383,9 @@ class ApiSettings:
             port=read.integer("API_PORT", cls.port, low=1, high=65535),
             max_body_bytes=read.integer(
                 "API_MAX_BODY_BYTES", cls.max_body_bytes, low=1024, high=64 * 1024 * 1024
+            ),
+            list_max_bytes=read.integer(
+                "API_LIST_MAX_BYTES", cls.list_max_bytes, low=65536, high=256 * 1024 * 1024
             ),
             shutdown_timeout_s=read.seconds(
                 "API_SHUTDOWN_TIMEOUT", cls.shutdown_timeout_s, low=0, high=86400
@@ -475,6 +490,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("API_HOST", "0.0.0.0", "address the API listens on"),
     ("API_PORT", "8080", "port the API listens on"),
     ("API_MAX_BODY_BYTES", "1048576", "largest request body; bigger ones get 413"),
+    (
+        "API_LIST_MAX_BYTES",
+        "4194304",
+        "largest page of GET /api/v1/jobs; it ends before the job that would pass this",
+    ),
     ("API_SHUTDOWN_TIMEOUT", "30s", "how long a stopping API lets requests in flight finish"),
     (
         "API_EVENTS_POLL_INTERVAL",
@@ -484,6 +504,12 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("API_EVENTS_HEARTBEAT", "15s", "a quiet event stream sends a heartbeat this often"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
+    (
+        "METRICS_QUEUES",
+        "",
+        "comma-separated queues labelled by name in metrics, besides default and the "
+        "WORKER_QUEUES of live workers; the rest are counted as other",
+    ),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
     ("WORKER_QUEUES", "*", "comma-separated queues this worker takes jobs from; * for all"),
     (

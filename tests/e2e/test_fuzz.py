@@ -87,7 +87,7 @@ async def api_url(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[str]:
     """A real API process, on an empty jobs table so that every run sees the same data."""
-    await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies")
+    await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies, workflows")
     system = System(database, servers.nats_url, tmp_path_factory.mktemp("fuzz"))
     api = system.start("api")
     try:

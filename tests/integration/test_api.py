@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +19,7 @@ from orchestrix import broker, ids
 from orchestrix.models import NewJob
 from orchestrix.services.api.app import build_app
 from orchestrix.services.api.creator import Creator
-from orchestrix.services.api.keys import LIFECYCLE
+from orchestrix.services.api.keys import LIFECYCLE, METRICS
 from orchestrix.settings import Settings
 
 from tests.conftest import Api, free_port, served
@@ -29,6 +31,12 @@ async def create(api: Api, **fields: Any) -> dict[str, Any]:
     status, body, _ = await api.request("POST", "/api/v1/jobs", json={"type": "demo_job", **fields})
     assert status == 201, body
     return dict(body)
+
+
+def served_by_workers(api: Api, types: list[str], queues: list[str]) -> None:
+    """As if live workers had registered executors for ``types`` in ``queues``: the API
+    labels only such types and queues (tests/integration/test_label_values.py)."""
+    api.app[METRICS].known.learn(types, queues)
 
 
 async def count(pool: asyncpg.Pool) -> int:
@@ -94,6 +102,7 @@ async def test_idempotency_key_returns_the_first_job(api: Api, pool: asyncpg.Poo
 async def test_concurrent_creates_are_inserted_together_each_with_its_own_job(
     api: Api, pool: asyncpg.Pool
 ) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     answers = await asyncio.gather(
         *(
             api.request("POST", "/api/v1/jobs", json={"type": "demo_job", "payload": {"i": i}})
@@ -116,6 +125,7 @@ async def test_concurrent_creates_are_inserted_together_each_with_its_own_job(
 async def test_concurrent_creates_with_one_idempotency_key_make_one_job(
     api: Api, pool: asyncpg.Pool
 ) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     answers = await asyncio.gather(
         *(
             api.request(
@@ -321,6 +331,107 @@ async def test_list_filters(api: Api, pool: asyncpg.Pool) -> None:
     assert await listed("state=SUCCEEDED") == []
 
 
+async def test_every_filter_combination_pages_through_exactly_its_jobs(api: Api) -> None:
+    made = []
+    for i in range(24):
+        job = await create(api, type=f"t{i % 2}", queue=f"q{i // 2 % 3}")
+        if i % 4 == 0:
+            await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
+            job["state"] = "CANCELLED"
+        made.append(job)
+    newest_first = list(reversed(made))
+    for state, job_type, queue in itertools.product(
+        (None, "PENDING", "CANCELLED"), (None, "t0", "t1", "t9"), (None, "q0", "q2")
+    ):
+        given = {"state": state, "type": job_type, "queue": queue}
+        filters = "&".join(f"{name}={value}" for name, value in given.items() if value)
+        expected = [
+            job["id"]
+            for job in newest_first
+            if all(value is None or job[name] == value for name, value in given.items())
+        ]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            query = f"?limit=3&{filters}" + (f"&cursor={cursor}" if cursor else "")
+            status, body, _ = await api.request("GET", "/api/v1/jobs" + query)
+            assert status == 200, body
+            seen += [job["id"] for job in body["jobs"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == expected, filters
+
+
+async def test_a_list_leaves_large_fields_out_unless_included(api: Api, pool: asyncpg.Pool) -> None:
+    job = await create(api, payload={"big": "x" * 1000})
+    await pool.execute(
+        "UPDATE jobs SET result = '{\"r\": 1}', progress = '[1]' WHERE id = $1", job["id"]
+    )
+    large = {"payload", "result", "errors", "progress"}
+    status, body, _ = await api.request("GET", "/api/v1/jobs")
+    assert status == 200
+    (listed,) = body["jobs"]
+    assert large.isdisjoint(listed)
+    assert listed["id"] == job["id"]
+    assert "last_error" in listed
+    for include, shown in [
+        ("payload", {"payload"}),
+        ("result,progress", {"result", "progress"}),
+        ("errors,payload,errors", {"errors", "payload"}),
+        ("", set()),
+    ]:
+        status, body, _ = await api.request("GET", f"/api/v1/jobs?include={include}")
+        assert status == 200, body
+        (listed,) = body["jobs"]
+        assert large & set(listed) == shown, include
+    status, body, _ = await api.request(
+        "GET", "/api/v1/jobs?include=payload,result,errors,progress"
+    )
+    (listed,) = body["jobs"]
+    assert listed["payload"] == {"big": "x" * 1000}
+    assert (listed["result"], listed["errors"], listed["progress"]) == ({"r": 1}, [], [1])
+    for bad in ("id", "payload,", ",payload", "PAYLOAD", "payload result"):
+        status, body, _ = await api.request("GET", "/api/v1/jobs", params={"include": bad})
+        assert status == 400, bad
+        assert "include must be a comma-separated list of payload" in body["error"]
+
+
+async def test_a_page_ends_before_the_job_that_would_pass_the_byte_limit(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    limit_bytes = 65_536
+    small = dataclasses.replace(
+        settings, api=dataclasses.replace(settings.api, list_max_bytes=limit_bytes)
+    )
+    app = build_app(small, pool)
+    async with served(app) as url, aiohttp.ClientSession() as http:
+        api = Api(url=url, http=http, app=app)
+        made = [(await create(api, payload={"pad": "p" * 20_000, "i": i}))["id"] for i in range(10)]
+        huge = (await create(api, payload={"pad": "h" * 100_000}))["id"]
+        # Newest first: the job larger than the limit by itself is a page alone.
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            query = "?include=payload&limit=1000" + (f"&cursor={cursor}" if cursor else "")
+            async with http.get(f"{url}/api/v1/jobs{query}") as response:
+                raw = await response.read()
+                assert response.status == 200
+            body = orjson.loads(raw)
+            pages.append([job["id"] for job in body["jobs"]])
+            assert len(raw) <= limit_bytes or len(body["jobs"]) == 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert pages[0] == [huge]
+        assert [len(page) for page in pages] == [1, 3, 3, 3, 1]
+        assert [job for page in pages for job in page] == [huge, *reversed(made)]
+        # Without the payloads all eleven fit in one page.
+        _, body, _ = await api.request("GET", "/api/v1/jobs?limit=1000")
+        assert len(body["jobs"]) == 11
+        assert body["next_cursor"] is None
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
@@ -466,6 +577,7 @@ async def test_unknown_route_and_method_are_json(api: Api) -> None:
 
 
 async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     job = await create(api, queue="emails")
     await api.request("GET", f"/api/v1/jobs/{job['id']}")
     await api.request("DELETE", f"/api/v1/jobs/{job['id']}")
@@ -486,9 +598,16 @@ async def test_metrics_count_creations_and_requests_by_route(api: Api) -> None:
     )
     assert 'orchestrix_jobs_cancelled_total{queue="emails",type="demo_job"} 1.0' in text
     assert job["id"] not in text
+    # A method the HTTP parser knows but no route has is counted as other, not by name.
+    status, _, _ = await api.request("PROPFIND", "/api/v1/jobs")
+    assert status == 405
+    _, text, _ = await api.request("GET", "/metrics")
+    assert "PROPFIND" not in text
+    assert 'orchestrix_http_requests_total{method="other",' in text
 
 
 async def test_batch_creates_every_job_in_order(api: Api, pool: asyncpg.Pool) -> None:
+    served_by_workers(api, ["demo_job"], ["default", "emails"])
     jobs = [{"type": "demo_job", "payload": {"i": i}, "priority": i % 3} for i in range(1000)]
     jobs[7] |= {"queue": "emails", "run_at": "2030-01-01T00:00:00Z", "idempotency_key": "k7"}
     status, body, _ = await api.request("POST", "/api/v1/jobs/batch", json={"jobs": jobs})

@@ -119,6 +119,7 @@ async def test_a_retryable_failure_of_a_job_asked_to_cancel_ends_it_cancelled(
     for asked in (job, doomed):
         assert await db.request_cancel(pool, asked.id) is not None  # DELETE answered 202
     metrics = WorkerMetrics(1)
+    metrics.preset(["t"], ["default"])  # what a worker with an executor for "t" knows
     completer = Completer(pool, SETTINGS, metrics)
     assert await completer.record(job, Failure("ValueError: interrupted", Kind.RETRYABLE))
     after = await stored(pool, job.id)

@@ -39,7 +39,9 @@ async def consumer_of(
     worker = dataclasses.replace(settings.worker, concurrency=concurrency)
     settings = dataclasses.replace(settings, nats=nats_settings, worker=worker)
     nc = await nats.connect(list(settings.nats.servers))
-    consumer = Consumer(pool, nc, settings, registry, WorkerMetrics(concurrency))
+    metrics = WorkerMetrics(concurrency)
+    metrics.preset(registry.types(), ["default"])  # as the worker process does
+    consumer = Consumer(pool, nc, settings, registry, metrics)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop))
     try:

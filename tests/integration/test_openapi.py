@@ -73,7 +73,9 @@ async def test_every_route_is_documented_and_every_documented_route_exists(api: 
 async def test_document_is_valid_openapi(api: Api, settings: Settings) -> None:
     document = await served_document(api)
     validate_spec(document)  # raises on an invalid document
-    assert document == openapi.build_document(settings.api.max_body_bytes)
+    assert document == openapi.build_document(
+        settings.api.max_body_bytes, settings.api.list_max_bytes
+    )
     assert document["openapi"].startswith("3.")
 
 
@@ -150,7 +152,7 @@ def test_documented_limit_range_is_the_enforced_one() -> None:
         if parameter["name"] == "limit"
     ]
     for accepted in (limit["minimum"], limit["maximum"]):
-        assert parse_list_query({"limit": str(accepted)})[1] == accepted
+        assert parse_list_query({"limit": str(accepted)}).limit == accepted
     for refused in (limit["minimum"] - 1, limit["maximum"] + 1):
         with pytest.raises(ApiError):
             parse_list_query({"limit": str(refused)})
@@ -191,11 +193,13 @@ def test_list_filters_refuse_what_the_document_refuses(query: dict[str, str]) ->
 
 
 def test_empty_list_filters_mean_no_filter() -> None:
-    where, limit, cursor = parse_list_query(
-        dict.fromkeys(("state", "type", "queue", "limit", "cursor"), "")
+    query = parse_list_query(
+        dict.fromkeys(("state", "type", "queue", "limit", "cursor", "include"), "")
     )
-    assert (where.state, where.type, where.queue, cursor) == (None, None, None, None)
-    assert limit == DEFAULT_LIMIT
+    where = query.where
+    assert (where.state, where.type, where.queue, query.cursor) == (None, None, None, None)
+    assert query.limit == DEFAULT_LIMIT
+    assert query.include == frozenset()
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from orchestrix.metrics import RESCUED_STATES, SchedulerMetrics, WorkerMetrics, expose
+from orchestrix.metrics import (
+    MAX_LABEL_VALUES,
+    OTHER,
+    RESCUED_STATES,
+    KnownLabels,
+    SchedulerMetrics,
+    WorkerMetrics,
+    expose,
+    http_method,
+)
 from prometheus_client import CollectorRegistry, Counter
 
 
@@ -53,3 +62,42 @@ def test_a_fresh_scheduler_exports_its_per_queue_counters_at_zero() -> None:
         assert f'orchestrix_jobs_pruned_total{{state="{pruned}"}} 0.0' in text
     # A counter added later must be exported at zero too.
     assert len(_counters(metrics)) == 5
+
+
+def test_only_known_types_and_queues_are_label_values() -> None:
+    known = KnownLabels(["reports"])
+    assert known.job("anything", "default") == (OTHER, "default")
+    assert known.job("anything", "reports") == (OTHER, "reports")
+    assert known.job("anything", "emails") == (OTHER, OTHER)
+    known.learn(["send_email"], ["emails"])
+    assert known.job("send_email", "emails") == ("send_email", "emails")
+    assert known.queue("elsewhere") == OTHER
+
+
+def test_known_values_are_capped_per_process() -> None:
+    known = KnownLabels(max_values=3)
+    known.learn([f"t{i}" for i in range(10)], [f"q{i}" for i in range(10)])
+    assert known.types == {"t0", "t1", "t2"}
+    assert known.queues == {"default", "q0", "q1"}
+    assert known.job("t3", "q2") == (OTHER, OTHER)
+    assert len(KnownLabels().types) == 0
+    default = KnownLabels()
+    default.learn([f"t{i}" for i in range(MAX_LABEL_VALUES + 50)], [])
+    assert len(default.types) == MAX_LABEL_VALUES
+
+
+def test_a_worker_labels_its_own_types_and_queues_and_the_rest_as_other() -> None:
+    metrics = WorkerMetrics(concurrency=1, registry=CollectorRegistry())
+    metrics.preset(["demo_job"], ["default"])
+    metrics.jobs_failed.labels(*metrics.known.job("demo_job", "default")).inc()
+    metrics.jobs_failed.labels(*metrics.known.job("made_up", "nowhere")).inc()
+    text = expose(metrics.registry).decode()
+    assert 'orchestrix_jobs_failed_total{queue="default",type="demo_job"} 1.0' in text
+    assert 'orchestrix_jobs_failed_total{queue="other",type="other"} 1.0' in text
+    assert "made_up" not in text
+    assert "nowhere" not in text
+
+
+def test_unknown_http_methods_are_other() -> None:
+    assert http_method("GET") == "GET"
+    assert http_method("BREW") == OTHER

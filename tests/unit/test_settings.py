@@ -193,3 +193,18 @@ def test_retention_is_read_per_state_and_zero_keeps_forever() -> None:
     )
     assert "RETENTION_FAILED" in describe(("RETENTION_FAILED",))
     assert "(default 7d)" in describe(("RETENTION_FAILED",))
+
+
+def test_metrics_queues_and_the_list_page_limit_are_read() -> None:
+    settings = Settings.from_env(
+        {"METRICS_QUEUES": " emails, reports,emails ,", "API_LIST_MAX_BYTES": "65536"}
+    )
+    assert settings.metrics.queues == ("emails", "reports")
+    assert settings.api.list_max_bytes == 65536
+    defaults = Settings.from_env({})
+    assert defaults.metrics.queues == ()
+    assert defaults.api.list_max_bytes == 4 * 1024 * 1024
+    with pytest.raises(SettingsError, match="API_LIST_MAX_BYTES"):
+        Settings.from_env({"API_LIST_MAX_BYTES": "1000"})
+    with pytest.raises(SettingsError, match="METRICS_QUEUES"):
+        Settings.from_env({"METRICS_QUEUES": "q" * 65})

@@ -14,7 +14,8 @@ check, for tests and tools that move a job on no worker's behalf.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -203,38 +204,93 @@ class JobFilter:
     queue: str | None = None
 
 
-@dataclass(frozen=True)
-class Page:
-    jobs: Sequence[Job]
-    next_cursor: str | None
+# The fields a list leaves out unless asked for: each may hold a megabyte or more
+# (payload up to API_MAX_BODY_BYTES, a result up to 1 MiB, an error text per attempt).
+LARGE_FIELDS = ("payload", "result", "errors", "progress")
+# Every column a Job is read from, in the dataclass's order (Job.from_row reads each).
+_JOB_COLUMNS = tuple(field.name for field in dataclasses.fields(Job))
 
 
-async def list_page(conn: Conn, where: JobFilter, *, limit: int, before: str | None) -> Page:
-    """Jobs newest first, ``limit`` at most, with ids below ``before`` (keyset)."""
-    # Only the filters given go into the SQL: an `$n IS NULL OR ...` form would
-    # leave the planner a generic plan that cannot use the indexes.
+def list_query(
+    where: JobFilter,
+    *,
+    limit: int,
+    before: str | None,
+    include: Collection[str] = LARGE_FIELDS,
+) -> tuple[str, list[Any]]:
+    """The SQL and arguments of ``list_jobs``, for it and for the plan tests.
+
+    Each combination of filters names the index it walks, backwards from the
+    cursor: its filters are the leading columns of an index (migrations 0001 and
+    0012), bounded by two row comparisons, ``(state, queue, id) > ($1, $2, '')``
+    and ``< ($1, $2, cursor)``, and the ORDER BY is that index's order. Equality
+    (``state = $1 ... ORDER BY id DESC``) would let the planner walk the primary
+    key instead and check the filters on each row: cheap while the matches are
+    spread evenly over time, but the whole table for a queue whose jobs are old,
+    and a generic plan (asyncpg prepares every statement) guesses the average
+    queue. The bounds are exact: the scan starts at the cursor and stops at the
+    first row past its filters. ``type`` with ``queue`` walks the type's index
+    and checks the queue on each of its rows (no index of its own, see 0012).
+
+    A large field not in ``include`` is read as NULL: PostgreSQL then never
+    fetches (or decompresses) its TOAST data.
+    """
+    given = {
+        column: value
+        for column, value in (
+            ("state", where.state.value if where.state else None),
+            ("type", where.type),
+            ("queue", where.queue),
+        )
+        if value is not None
+    }
+    # type with queue has no index of its own: the type's index, checking the queue.
+    checked = ["queue"] if "type" in given and "queue" in given else []
+    # The index's last filter column is walked (with id); those before it are equal.
+    indexed = [column for column in given if column not in checked]
+    walked = indexed.pop() if indexed else None
     clauses: list[str] = []
     args: list[Any] = []
-    for column, value in (
-        ("state", where.state.value if where.state else None),
-        ("type", where.type),
-        ("queue", where.queue),
-    ):
-        if value is not None:
-            args.append(value)
-            clauses.append(f"{column} = ${len(args)}")
-    if before is not None:
+    for column in [*indexed, *checked]:
+        args.append(given[column])
+        clauses.append(f"{column} = ${len(args)}")
+    if walked is not None:
+        args.append(given[walked])
+        value = f"${len(args)}"
+        # No id sorts below '' or above '8' (a ULID starts with 0 to 7; id is C-collated).
+        args.append(before if before is not None else "8")
+        clauses.append(f"({walked}, id) > ({value}, '')")
+        clauses.append(f"({walked}, id) < ({value}, ${len(args)})")
+    elif before is not None:
         args.append(before)
         clauses.append(f"id < ${len(args)}")
-    args.append(limit + 1)
-    sql = "SELECT * FROM jobs"
+    args.append(limit)
+    columns = ", ".join(
+        f"NULL::jsonb AS {name}" if name in LARGE_FIELDS and name not in include else name
+        for name in _JOB_COLUMNS
+    )
+    sql = f"SELECT {columns} FROM jobs"
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
-    sql += f" ORDER BY id DESC LIMIT ${len(args)}"
-    rows = await conn.fetch(sql, *args)
-    jobs = [Job.from_row(row) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(jobs=jobs, next_cursor=jobs[-1].id if more else None)
+    order = "id DESC" if walked is None else f"{walked} DESC, id DESC"
+    sql += f" ORDER BY {order} LIMIT ${len(args)}"
+    return sql, args
+
+
+async def list_jobs(
+    conn: Conn,
+    where: JobFilter,
+    *,
+    limit: int,
+    before: str | None,
+    include: Collection[str] = LARGE_FIELDS,
+) -> list[Job]:
+    """Up to ``limit`` jobs newest first, with ids below ``before`` (keyset).
+
+    The large fields not in ``include`` are None on the jobs returned.
+    """
+    sql, args = list_query(where, limit=limit, before=before, include=include)
+    return [Job.from_row(row) for row in await conn.fetch(sql, *args)]
 
 
 async def cancel(conn: Conn, job_id: str) -> Job | None:
