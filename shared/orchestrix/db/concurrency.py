@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrix.db.events import WORKER_ACTOR, recorded
+from orchestrix.db.jobs import START_CHOSEN
 from orchestrix.models import Job
 
 Conn = Any
@@ -76,18 +76,7 @@ WITH RECURSIVE keys AS (
                PARTITION BY queue, concurrency_key ORDER BY priority DESC, run_at, id
            ) AS turn
     FROM candidates
-), chosen AS (
-    SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
-), moved AS (
-    UPDATE jobs
-    SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
-        scheduled_at = now(), started_at = now(), updated_at = now(),
-        lease_expires_at = now() + make_interval(secs => $5)
-    FROM chosen
-    WHERE jobs.id = chosen.id
-    RETURNING jobs.*, chosen.state AS from_state
-), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}
-SELECT * FROM moved
+), {START_CHOSEN}
 """
 
 _ANY_WAITING = """

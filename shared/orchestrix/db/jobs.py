@@ -221,16 +221,18 @@ def list_query(
     """The SQL and arguments of ``list_jobs``, for it and for the plan tests.
 
     Each combination of filters names the index it walks, backwards from the
-    cursor: its filters are the leading columns of an index (migrations 0001 and
-    0012), bounded by two row comparisons, ``(state, queue, id) > ($1, $2, '')``
-    and ``< ($1, $2, cursor)``, and the ORDER BY is that index's order. Equality
-    (``state = $1 ... ORDER BY id DESC``) would let the planner walk the primary
-    key instead and check the filters on each row: cheap while the matches are
-    spread evenly over time, but the whole table for a queue whose jobs are old,
-    and a generic plan (asyncpg prepares every statement) guesses the average
-    queue. The bounds are exact: the scan starts at the cursor and stops at the
-    first row past its filters. ``type`` with ``queue`` walks the type's index
-    and checks the queue on each of its rows (no index of its own, see 0012).
+    cursor: the last filter of ``state``, ``type``, ``queue`` given with ``id``
+    (the indexes of migrations 0001 and 0012: ``(state, id)``, ``(type, id)``,
+    ``(queue, id)``), bounded by two row comparisons, ``(queue, id) > ($2, '')``
+    and ``< ($2, cursor)``, the others equalities checked on each row; the ORDER
+    BY is that index's order. Equality alone (``queue = $1 ... ORDER BY id DESC``)
+    would let the planner walk the primary key instead and check the filters on
+    each row: cheap while the matches are spread evenly over time, but the whole
+    table for a queue whose jobs are old, and a generic plan (asyncpg prepares
+    every statement) guesses the average queue. The bounds are exact: the scan
+    starts at the cursor and stops at the first row past its filter. ``type``
+    with ``queue`` walks the type's index and checks the queue. No combination
+    has an index of its own (see 0012: each costs every state change an entry).
 
     A large field not in ``include`` is read as NULL: PostgreSQL then never
     fetches (or decompresses) its TOAST data.
@@ -319,6 +321,22 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # order, and the queues take turns with each other: with two queues backlogged,
 # each gets half the slots, and a quiet queue's job goes in the first turn.
 # A paused queue (db.queues) is passed over: one primary-key probe per pair.
+# The end of a claim, shared with the keyed claim (db.concurrency): `turns` (id,
+# priority, run_at, state, turn) ranked; the first $3 by turn start for worker
+# $4, leased for $5 s, with their events.
+START_CHOSEN = f"""chosen AS (
+    SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
+), moved AS (
+    UPDATE jobs
+    SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
+        scheduled_at = now(), started_at = now(), updated_at = now(),
+        lease_expires_at = now() + make_interval(secs => $5)
+    FROM chosen
+    WHERE jobs.id = chosen.id
+    RETURNING jobs.*, chosen.state AS from_state
+), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}
+SELECT * FROM moved"""
+
 _CLAIM = f"""
 WITH RECURSIVE pairs AS (
     (SELECT queue, type FROM jobs
@@ -349,18 +367,7 @@ WITH RECURSIVE pairs AS (
     SELECT id, priority, run_at, state,
            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn
     FROM candidates
-), chosen AS (
-    SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
-), moved AS (
-    UPDATE jobs
-    SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
-        scheduled_at = now(), started_at = now(), updated_at = now(),
-        lease_expires_at = now() + make_interval(secs => $5)
-    FROM chosen
-    WHERE jobs.id = chosen.id
-    RETURNING jobs.*, chosen.state AS from_state
-), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}
-SELECT * FROM moved
+), {START_CHOSEN}
 """
 
 # The sessions that claim (workers) and maintain (schedulers).
