@@ -459,14 +459,19 @@ _FROM_RUNNING_UNCOUNTED = recorded(
     "moved", from_state="'RUNNING'", attempt="$2::int", actor=WORKER_ACTOR
 )
 
-_HAND_BACK = f"""
+
+def _give_back(*, handoffs: str, run_at: str) -> str:
+    """RUNNING -> PENDING with the attempt not counted (CANCELLED if a cancel was
+    asked for): a hand-back or a snooze, which differ in ``handoffs`` and the
+    ``run_at`` they set (SQL expressions)."""
+    return f"""
 WITH moved AS (
     UPDATE jobs
     SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
         completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
         attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
-        handoffs = handoffs + $3::int,
-        run_at = CASE WHEN cancel_requested_at IS NULL THEN now() ELSE run_at END,
+        handoffs = {handoffs},
+        run_at = CASE WHEN cancel_requested_at IS NULL THEN {run_at} ELSE run_at END,
         started_at = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
       AND ($4::text IS NULL OR worker_id = $4)
@@ -475,24 +480,12 @@ WITH moved AS (
 SELECT state FROM moved
 """
 
+
+_HAND_BACK = _give_back(handoffs="handoffs + $3::int", run_at="now()")
+
 # An executor asked to run again later (a snooze): like a hand-back, the attempt
 # is not counted, but the job is due only after $3 s, and hand-backs start over.
-_SNOOZE = f"""
-WITH moved AS (
-    UPDATE jobs
-    SET state = CASE WHEN cancel_requested_at IS NULL THEN 'PENDING' ELSE 'CANCELLED' END,
-        completed_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        attempt = CASE WHEN cancel_requested_at IS NULL THEN attempt - 1 ELSE attempt END,
-        handoffs = 0,
-        run_at = CASE WHEN cancel_requested_at IS NULL
-                      THEN now() + make_interval(secs => $3) ELSE run_at END,
-        started_at = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = $1 AND attempt = $2 AND state = 'RUNNING'
-      AND ($4::text IS NULL OR worker_id = $4)
-    RETURNING id, state, queue, type, worker_id, workflow_id
-), {_FROM_RUNNING_UNCOUNTED}
-SELECT state FROM moved
-"""
+_SNOOZE = _give_back(handoffs="0", run_at="now() + make_interval(secs => $3)")
 
 # The workers are woken as for a new job. The event names the attempt the job
 # had reached; the new budget starts from 0.

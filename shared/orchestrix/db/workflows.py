@@ -299,11 +299,6 @@ async def retry(conn: Conn, job_id: str) -> Job | None:
     return moved.get(job_id)
 
 
-async def job_ids(conn: Conn, workflow_id: str) -> list[str]:
-    rows = await conn.fetch("SELECT id FROM jobs WHERE workflow_id = $1", workflow_id)
-    return [row["id"] for row in rows]
-
-
 def topological_order(depends_on: Mapping[str, Sequence[str]]) -> list[str]:
     """The keys with every parent before its children; with a cycle, only those
     not on it nor behind it (fewer than all)."""
