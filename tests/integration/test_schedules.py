@@ -122,8 +122,12 @@ async def test_overlap_skip_creates_nothing_while_the_last_job_runs(clean: async
 async def test_missed_ticks_are_skipped_or_run_once(clean: asyncpg.Pool) -> None:
     now = await clean.fetchval("SELECT now()")
     long_ago = now - timedelta(hours=3)
-    await make(clean, "skips", long_ago, cron="0 * * * *", missed="skip")
-    await make(clean, "catches-up", long_ago, cron="0 * * * *", missed="run_once")
+    # Hourly, at the minute half an hour from now: the latest tick is about 30
+    # minutes old, never within the 60 s catch-up window (at 05:00:00 an hourly
+    # "0 * * * *" tick was, and fired as it should).
+    hourly = f"{(now.minute + 30) % 60} * * * *"
+    await make(clean, "skips", long_ago, cron=hourly, missed="skip")
+    await make(clean, "catches-up", long_ago, cron=hourly, missed="run_once")
     await CronFirer(clean, SchedulerMetrics()).run_once()
     assert await ticks_of(clean, "skips") == []
     [once] = await ticks_of(clean, "catches-up")
