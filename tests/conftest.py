@@ -124,7 +124,8 @@ async def session_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     """The run's database, emptied before each test that asks for it."""
     await session_pool.execute(
-        "TRUNCATE jobs, job_events, job_dependencies, workflows, workers, queues, schedules"
+        "TRUNCATE jobs, job_events, job_dependencies, workflows, workers, queues, schedules,"
+        " rate_limits"
     )
     return session_pool
 

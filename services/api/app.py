@@ -22,6 +22,7 @@ from orchestrix.services.api import (
     jobs,
     openapi,
     queues,
+    rate_limits,
     schedules,
     workflows,
 )
@@ -87,6 +88,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app.add_routes(events.routes)
     app.add_routes(jobs.routes)
     app.add_routes(queues.routes)
+    app.add_routes(rate_limits.routes)
     app.add_routes(schedules.routes)
     app.add_routes(workflows.routes)
     app.add_routes(health.routes)

@@ -30,6 +30,7 @@ from orchestrix.services.api.parsing import (
     parse_wait,
     read_json_object,
 )
+from orchestrix.services.api.rate_limits import check_known
 from orchestrix.states import CLAIMABLE, TERMINAL, JobState
 
 log = logging.getLogger("api")
@@ -49,6 +50,8 @@ JOB_PATH = r"/api/v1/jobs/{id:(?!(?:batch|cancel|retry)/?$)[^{}/]+}"
 @routes.post("/api/v1/jobs")
 async def create_job(request: web.Request) -> web.Response:
     new = parse_new_job(await read_json_object(request))
+    if new.rate_limit is not None:
+        await check_known(request.app[POOL], [new])
     # Inserted together with the creates of concurrent requests (see creator.py).
     job, created = await request.app[CREATOR].create(new)
     if not created:
@@ -63,6 +66,7 @@ async def create_job(request: web.Request) -> web.Response:
 async def create_jobs(request: web.Request) -> web.Response:
     """Up to 1,000 jobs in one request and one statement: all are created, or none."""
     batch = parse_batch(await read_json_object(request))
+    await check_known(request.app[POOL], batch)
     results = await db.insert_many(request.app[POOL], batch)
     # One counter update per type and queue, not per job: labels() takes a lock.
     metrics = request.app[METRICS]

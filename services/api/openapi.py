@@ -47,12 +47,14 @@ from orchestrix.services.api.parsing import (
     MAX_ATTEMPTS_RANGE,
     PRIORITY_RANGE,
     QUEUE_PATTERN,
+    RATE_LIMIT_PATTERN,
     TIMEOUT_SECONDS_RANGE,
     TYPE_PATTERN,
     WAIT_MAX_S,
     WAIT_PATTERN,
 )
-from orchestrix.services.api.queues import KEY_LIMIT_RANGE
+from orchestrix.services.api.queues import KEY_LIMIT_RANGE, RUNNING_LIMIT_RANGE
+from orchestrix.services.api.rate_limits import BURST_RANGE, PER_SECOND_MAX
 from orchestrix.services.api.schedules import (
     CATCH_UP_RANGE,
     MISSED,
@@ -275,6 +277,14 @@ def new_job_schema() -> Schema:
             "run at once, fleet-wide; keys share free capacity in turns. No control "
             "characters.",
         },
+        "rate_limit": {
+            "type": "string",
+            "nullable": True,
+            "pattern": RATE_LIMIT_PATTERN.pattern,
+            "description": "the name of a rate limit (POST /api/v1/rate-limits) each start "
+            "of this job counts against, fleet-wide; a job it holds back waits. A name no "
+            "limit has is refused (422).",
+        },
     }
     if set(properties) != CREATE_FIELDS:
         raise TypeError("the NewJob schema does not list exactly parsing.CREATE_FIELDS")
@@ -478,6 +488,14 @@ def _schemas() -> dict[str, Schema]:
                     "description": "at most this many jobs of one concurrency_key run at "
                     "once, fleet-wide; null: 1",
                 },
+                "running_limit": {
+                    "type": "integer",
+                    "nullable": True,
+                    "minimum": RUNNING_LIMIT_RANGE[0],
+                    "maximum": RUNNING_LIMIT_RANGE[1],
+                    "description": "at most this many of the queue's jobs run at once, "
+                    "fleet-wide; null: no limit",
+                },
             },
             "required": [
                 "name",
@@ -488,7 +506,84 @@ def _schemas() -> dict[str, Schema]:
                 "oldest_due_at",
                 "oldest_due_age_seconds",
                 "key_limit",
+                "running_limit",
             ],
+            "additionalProperties": False,
+        },
+        "RateLimit": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
+                "per_second": {
+                    "type": "number",
+                    "exclusiveMinimum": True,
+                    "minimum": 0,
+                    "maximum": PER_SECOND_MAX,
+                    "description": "tokens the bucket gains a second",
+                },
+                "burst": {
+                    "type": "integer",
+                    "minimum": BURST_RANGE[0],
+                    "maximum": BURST_RANGE[1],
+                    "description": "the most tokens the bucket holds: the starts in any "
+                    "span of t seconds are at most burst + per_second * t",
+                },
+                "available": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "tokens in the bucket now",
+                },
+                "created_at": dict(_DATE_TIME),
+                "updated_at": dict(_DATE_TIME),
+            },
+            "required": ["name", "per_second", "burst", "available", "created_at", "updated_at"],
+            "additionalProperties": False,
+        },
+        "NewRateLimit": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
+                "per_second": {
+                    "type": "number",
+                    "exclusiveMinimum": True,
+                    "minimum": 0,
+                    "maximum": PER_SECOND_MAX,
+                },
+                "burst": {
+                    "type": "integer",
+                    "nullable": True,
+                    "minimum": BURST_RANGE[0],
+                    "maximum": BURST_RANGE[1],
+                    "description": "default: per_second rounded up (at least 1)",
+                },
+            },
+            "required": ["name", "per_second"],
+            "additionalProperties": False,
+        },
+        "RateLimitChange": {
+            "type": "object",
+            "properties": {
+                "per_second": {
+                    "type": "number",
+                    "nullable": True,
+                    "exclusiveMinimum": True,
+                    "minimum": 0,
+                    "maximum": PER_SECOND_MAX,
+                },
+                "burst": {
+                    "type": "integer",
+                    "nullable": True,
+                    "minimum": BURST_RANGE[0],
+                    "maximum": BURST_RANGE[1],
+                },
+            },
+            "minProperties": 1,
+            "additionalProperties": False,
+        },
+        "RateLimitList": {
+            "type": "object",
+            "properties": {"rate_limits": {"type": "array", "items": _ref("RateLimit")}},
+            "required": ["rate_limits"],
             "additionalProperties": False,
         },
         "QueueList": {
@@ -773,6 +868,7 @@ _BODY_ERRORS = {
     "413": _error("the body is larger than API_MAX_BODY_BYTES"),
     "415": _error("Content-Type is not application/json"),
 }
+_UNKNOWN_RATE_LIMIT = _error("a job names a rate limit that does not exist; nothing was created")
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
 
@@ -797,6 +893,13 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
         "required": True,
         "schema": {"type": "string", "pattern": SCHEDULE_NAME_PATTERN.pattern},
         "description": "the schedule's name; any other value is 400",
+    }
+    rate_limit_name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
+        "description": "the rate limit's name; any other value is 400",
     }
     low, high = LIMIT_RANGE
 
@@ -824,6 +927,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                     "200": _json(_ref("Job"), "a job with this idempotency_key exists: that job"),
                     "201": _json(_ref("Job"), "created"),
                     "400": _error("invalid JSON, not an object, unknown field, bad value"),
+                    "422": _UNKNOWN_RATE_LIMIT,
                     **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
@@ -905,6 +1009,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "201": _json(_ref("JobBatch"), "every job, created or found by its key"),
                     "400": _error("a bad batch, or a bad job: the message names it, jobs[i]"),
+                    "422": _UNKNOWN_RATE_LIMIT,
                     **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },
@@ -1136,10 +1241,11 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
             },
             "patch": {
                 "operationId": "changeQueue",
-                "summary": "Set how many jobs of one concurrency key of the queue run at once",
-                "description": "The limit holds fleet-wide from the next keyed claim on; "
-                "jobs running above a lowered limit finish. A queue that has no jobs yet "
-                "can be given one.",
+                "summary": "Set how many jobs of the queue, and of one of its concurrency "
+                "keys, run at once",
+                "description": "Either limit or both; the one not named stays. A limit holds "
+                "fleet-wide from the next claim on; jobs running above a lowered limit "
+                "finish. A queue that has no jobs yet can be given one.",
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -1153,9 +1259,16 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                                         "minimum": KEY_LIMIT_RANGE[0],
                                         "maximum": KEY_LIMIT_RANGE[1],
                                         "description": "null: back to the default, 1",
-                                    }
+                                    },
+                                    "running_limit": {
+                                        "type": "integer",
+                                        "nullable": True,
+                                        "minimum": RUNNING_LIMIT_RANGE[0],
+                                        "maximum": RUNNING_LIMIT_RANGE[1],
+                                        "description": "null: no limit",
+                                    },
                                 },
-                                "required": ["key_limit"],
+                                "minProperties": 1,
                                 "additionalProperties": False,
                             }
                         }
@@ -1180,6 +1293,74 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "200": _json(_ref("Queue"), "the queue, paused"),
                     "400": _error("the name is not a valid queue name"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/rate-limits": {
+            "get": {
+                "operationId": "listRateLimits",
+                "summary": "List the rate limits, by name",
+                "responses": {
+                    "200": _json(_ref("RateLimitList"), "every rate limit"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "post": {
+                "operationId": "createRateLimit",
+                "summary": "Create a rate limit: a token bucket that jobs' starts take from",
+                "description": "Jobs name it in rate_limit; each start of such a job, on any "
+                "worker, takes a token. A new bucket starts full.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewRateLimit")}},
+                },
+                "responses": {
+                    "201": _json(_ref("RateLimit"), "created"),
+                    "400": _error("a bad body"),
+                    "409": _error("a rate limit of that name exists"),
+                    **_BODY_ERRORS,
+                    "503": _UNAVAILABLE,
+                },
+            },
+        },
+        "/api/v1/rate-limits/{name}": {
+            "parameters": [rate_limit_name],
+            "get": {
+                "operationId": "getRateLimit",
+                "summary": "Get one rate limit, with the tokens it holds now",
+                "responses": {
+                    "200": _json(_ref("RateLimit"), "the rate limit"),
+                    "400": _error("the name is not a valid rate limit name"),
+                    "404": _error("no such rate limit"),
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "patch": {
+                "operationId": "changeRateLimit",
+                "summary": "Change a rate limit's rate, burst or both",
+                "description": "The bucket is brought up to now at the old rate, then "
+                "capped at the new burst; the next start fleet-wide sees the new figures.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RateLimitChange")}},
+                },
+                "responses": {
+                    "200": _json(_ref("RateLimit"), "the rate limit, changed"),
+                    "400": _error("a bad name or body"),
+                    "404": _error("no such rate limit"),
+                    **_BODY_ERRORS,
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "operationId": "deleteRateLimit",
+                "summary": "Delete a rate limit no unfinished job names",
+                "responses": {
+                    "200": _json(_ref("RateLimit"), "the rate limit, deleted"),
+                    "400": _error("the name is not a valid rate limit name"),
+                    "404": _error("no such rate limit"),
+                    "409": _error("unfinished jobs name it: the message says how many"),
                     "503": _UNAVAILABLE,
                 },
             },
@@ -1214,6 +1395,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "responses": {
                     "201": _json(_ref("Workflow"), "created, with every job"),
                     "400": _error("a bad body or job, a repeated or unknown key, or a cycle"),
+                    "422": _UNKNOWN_RATE_LIMIT,
                     **_BODY_ERRORS,
                     "503": _UNAVAILABLE,
                 },

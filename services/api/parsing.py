@@ -23,6 +23,8 @@ from orchestrix.states import JobState
 # Types name executors; queues become a NATS subject token, so no dots or wildcards.
 TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The name of a rate limit (db.rate_limits), as a job names it.
+RATE_LIMIT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 PRIORITY_RANGE = (-1000, 1000)
 MAX_ATTEMPTS_RANGE = (1, 100)
 TIMEOUT_SECONDS_RANGE = (1, 7 * 24 * 3600)
@@ -56,6 +58,7 @@ CREATE_FIELDS = frozenset(
         "timeout_seconds",
         "idempotency_key",
         "concurrency_key",
+        "rate_limit",
     }
 )
 LIST_PARAMS = frozenset({"state", "type", "queue", "limit", "cursor", "include"})
@@ -135,6 +138,11 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
         ),
         idempotency_key=_idempotency_key(data.get("idempotency_key")),
         concurrency_key=_concurrency_key(data.get("concurrency_key")),
+        rate_limit=(
+            None
+            if data.get("rate_limit") is None
+            else checked_name("rate_limit", data["rate_limit"], RATE_LIMIT_PATTERN)
+        ),
     )
 
 

@@ -24,6 +24,8 @@ log = logging.getLogger("api")
 routes = web.RouteTableDef()
 QUEUE_PATH = "/api/v1/queues/{queue}"
 KEY_LIMIT_RANGE = (1, 100_000)
+RUNNING_LIMIT_RANGE = (1, 1_000_000)
+LIMITS = {"key_limit": KEY_LIMIT_RANGE, "running_limit": RUNNING_LIMIT_RANGE}
 
 
 @routes.get("/api/v1/queues")
@@ -39,16 +41,23 @@ async def get_queue(request: web.Request) -> web.Response:
 
 @routes.patch(QUEUE_PATH)
 async def change_queue(request: web.Request) -> web.Response:
-    """``{"key_limit": n}``: at most n jobs of one concurrency key run at once (null: 1)."""
+    """``{"key_limit": n, "running_limit": m}``, either or both: at most n jobs of
+    one concurrency key (null: 1), at most m jobs of the queue (null: no limit)
+    run at once, fleet-wide."""
     name = _name(request)
     data = await read_json_object(request)
-    if set(data) != {"key_limit"}:
-        raise ApiError(400, 'the body must be {"key_limit": n}, n from 1 to 100000 or null')
-    limit = data["key_limit"]
-    if limit is not None:
-        limit = checked_int("key_limit", limit, KEY_LIMIT_RANGE)
-    await db.set_key_limit(request.app[POOL], name, limit)
-    log.info("queue key limit set", extra={"queue": name, "key_limit": limit})
+    if not data or set(data) - LIMITS.keys():
+        raise ApiError(
+            400,
+            'the body must be {"key_limit": n, "running_limit": m}, either or both: '
+            "n from 1 to 100000, m from 1 to 1000000, or null",
+        )
+    limits = {
+        field: None if data[field] is None else checked_int(field, data[field], LIMITS[field])
+        for field in data
+    }
+    await db.set_limits(request.app[POOL], name, **limits)
+    log.info("queue limits set", extra={"queue": name, **limits})
     return json_response((await _existing(request, name)).to_json())
 
 

@@ -23,6 +23,7 @@ from orchestrix.services.api.bulk import cancel_selected
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.keys import METRICS, POOL
 from orchestrix.services.api.parsing import checked_name, parse_new_job, read_json_object
+from orchestrix.services.api.rate_limits import check_known
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
@@ -40,6 +41,7 @@ JOB_EXTRA_FIELDS = frozenset({"key", "depends_on"})
 @routes.post("/api/v1/workflows")
 async def create_workflow(request: web.Request) -> web.Response:
     name, jobs = parse_workflow(await read_json_object(request))
+    await check_known(request.app[POOL], [item.job for item in jobs])
     async with request.app[POOL].acquire() as conn:
         workflow, _ = await db.create(conn, name, jobs)
     metrics = request.app[METRICS]

@@ -60,8 +60,9 @@ log = logging.getLogger("worker")
 # A claim that has not answered in this long is abandoned; its jobs, if it did
 # commit, are found by the heartbeat's reconciliation.
 CLAIM_TIMEOUT_S = 5.0
-# How often a worker looks for keyed jobs while none came its way.
-KEYED_LOOK_S = 0.1
+# How often a worker looks for limited jobs (keys, rate limits, running limits)
+# while none came its way.
+LIMITED_LOOK_S = 0.1
 # After a failed claim, wait this long before the next.
 CLAIM_RETRY_S = 0.5
 # How often the fence is checked.
@@ -79,6 +80,7 @@ class Running:
     task: asyncio.Task[None]
     phase: Phase = Phase.EXECUTING
     stop: Stop | None = None
+    limited: bool = False  # claimed by the limited claim (db.concurrency)
 
 
 class Consumer:
@@ -117,12 +119,12 @@ class Consumer:
         self._wake = asyncio.Event()  # a wake-up or the poll: claim if any slot is free
         self._freed = asyncio.Event()  # a slot was freed
         self._dry = False  # the last claim found fewer jobs than it asked for
-        # Keyed jobs (db.concurrency) are claimed in turns with the others, by a
-        # claim of their own: at once while the last one found some (or one of
-        # ours ended, making room for its key), else at most every KEYED_LOOK_S.
-        self._keyed_active = True
-        self._keyed_tried = float("-inf")
-        self._keyed_first = False
+        # Limited jobs (db.concurrency) are claimed in turns with the others, by
+        # a claim of their own: at once while the last one found some (or one of
+        # its jobs ended, making room), else at most every LIMITED_LOOK_S.
+        self._limited_active = True
+        self._limited_tried = float("-inf")
+        self._limited_first = False
         self._heartbeat = Heartbeat(
             settings.database.url,
             workers.Registration(
@@ -220,16 +222,18 @@ class Consumer:
             return False
         if not woken and (self._dry or free < self._batch):
             return False
-        # The plain claim and the keyed claim (db.concurrency) take turns at going
-        # first. Each claim's jobs start before the next claim is sent: the
+        # The plain claim and the limited claim (db.concurrency) take turns at
+        # going first. Each claim's jobs start before the next claim is sent: the
         # heartbeat hands back jobs claimed for this worker that it does not run.
-        keyed_due = self._keyed_active or time.monotonic() - self._keyed_tried >= KEYED_LOOK_S
-        kinds = ("keyed", "plain") if self._keyed_first else ("plain", "keyed")
-        self._keyed_first = not self._keyed_first
+        limited_due = (
+            self._limited_active or time.monotonic() - self._limited_tried >= LIMITED_LOOK_S
+        )
+        kinds = ("limited", "plain") if self._limited_first else ("plain", "limited")
+        self._limited_first = not self._limited_first
         claimed = 0
         for kind in kinds:
             left = free - claimed
-            if left <= 0 or (kind == "keyed" and not keyed_due):
+            if left <= 0 or (kind == "limited" and not limited_due):
                 continue
             sent = time.monotonic()
             try:
@@ -238,7 +242,7 @@ class Consumer:
                         if kind == "plain":
                             jobs = await self._claim_plain(left)
                         else:
-                            jobs = await self._claim_keyed(left, sent)
+                            jobs = await self._claim_limited(left, sent)
             except (*TRANSIENT, TimeoutError) as exc:
                 # The server may have committed: the heartbeat finds such jobs and
                 # hands them back.
@@ -247,7 +251,7 @@ class Consumer:
                 return False
             self._heartbeat.leased([job.id for job in jobs], sent)
             for job in jobs:
-                self._start(job)
+                self._start(job, limited=kind == "limited")
             claimed += len(jobs)
         self._dry = claimed < free
         return not self._dry
@@ -262,10 +266,10 @@ class Consumer:
             lease_s=self._lease_s,
         )
 
-    async def _claim_keyed(self, limit: int, now: float) -> list[Job]:
-        """Keyed jobs, if any wait: one probe while none came, else the keyed claim."""
-        self._keyed_tried = now
-        if not self._keyed_active and not await concurrency.any_waiting(self._pool):
+    async def _claim_limited(self, limit: int, now: float) -> list[Job]:
+        """Limited jobs, if any wait: one probe while none came, else the limited claim."""
+        self._limited_tried = now
+        if not self._limited_active and not await concurrency.any_waiting(self._pool):
             return []
         async with self._pool.acquire() as conn:
             jobs = await concurrency.claim(
@@ -276,10 +280,10 @@ class Consumer:
                 limit=limit,
                 lease_s=self._lease_s,
             )
-        self._keyed_active = len(jobs) > 0
+        self._limited_active = len(jobs) > 0
         return jobs
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, *, limited: bool = False) -> None:
         started = job.started_at or job.run_at
         labels = self._metrics.known.job(job.type, job.queue)
         self._metrics.jobs_claimed.labels(*labels).inc()
@@ -287,7 +291,7 @@ class Consumer:
             max(0.0, (started - job.run_at).total_seconds())
         )
         task = asyncio.create_task(self._run(job))
-        self._running[job.id] = Running(job, task)
+        self._running[job.id] = Running(job, task, limited=limited)
         task.add_done_callback(lambda _: self._release(job.id))
 
     def _recording_started(self, running: Running) -> None:
@@ -298,9 +302,9 @@ class Consumer:
 
     def _release(self, job_id: str) -> None:
         running = self._running.pop(job_id, None)
-        if running is not None and running.job.concurrency_key is not None:
-            # Room for its key, here or elsewhere: claim keyed jobs at once.
-            self._keyed_active = True
+        if running is not None and running.limited:
+            # Room under its limits, here or elsewhere: claim limited jobs at once.
+            self._limited_active = True
             self._dry = False
         if running is not None and running.phase is Phase.RECORDING:
             self._recording -= 1

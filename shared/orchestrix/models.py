@@ -29,6 +29,7 @@ class NewJob:
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
     idempotency_key: str | None = None
     concurrency_key: str | None = None
+    rate_limit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Job:
     cancelled_by: str | None = None
     # At most the queue's key_limit jobs with this key run at once.
     concurrency_key: str | None = None
+    # The rate limit (db.rate_limits) each start of this job counts against.
+    rate_limit: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -107,6 +110,7 @@ class Job:
             waiting_for=row["waiting_for"],
             cancelled_by=row["cancelled_by"],
             concurrency_key=row["concurrency_key"],
+            rate_limit=row["rate_limit"],
         )
         return job
 
@@ -144,6 +148,7 @@ class Job:
             "waiting_for": self.waiting_for,
             "cancelled_by": self.cancelled_by,
             "concurrency_key": self.concurrency_key,
+            "rate_limit": self.rate_limit,
         }
 
 

@@ -462,6 +462,14 @@ async def test_keda_query_counts_the_jobs_that_need_a_worker_slot(pool: asyncpg.
         if (counted ^ expected) >> i & 1
     ]
     assert counted == expected, f"miscounted: {wrong}"
+    # Due jobs with a concurrency key or a rate limit are in indexes of their own.
+    await pool.execute(
+        "INSERT INTO jobs (id, type, concurrency_key, rate_limit) VALUES "
+        "('0000000000000000000000KEY1', 't', 'k', NULL), "
+        "('0000000000000000000000KEY2', 't', 'k', 'r'), "
+        "('000000000000000000000RATE1', 't', NULL, 'r')"
+    )
+    assert await pool.fetchval(query) == expected + 3
 
 
 async def test_keda_query_stays_off_the_finished_jobs(pool: asyncpg.Pool) -> None:
@@ -476,7 +484,7 @@ async def test_keda_query_stays_off_the_finished_jobs(pool: asyncpg.Pool) -> Non
     await pool.execute("ANALYZE jobs")
     plan = "\n".join(row[0] for row in await pool.fetch("EXPLAIN " + query))
     assert "Seq Scan" not in plan, plan
-    assert plan.count("Index Only Scan") == 3, plan
+    assert plan.count("Index Only Scan") == 4, plan
 
 
 def test_keda_query_names_only_states_that_exist() -> None:

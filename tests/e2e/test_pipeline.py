@@ -304,3 +304,58 @@ async def test_a_concurrency_keys_limit_holds_on_real_workers(
     assert {job["state"] for job in finished} == {"SUCCEEDED"}
     last_busy_start = max(job["started_at"] for job in finished)
     assert (await running.get(other["id"]))["started_at"] < last_busy_start
+
+
+async def test_a_rate_limit_holds_on_real_workers(running: Running) -> None:
+    """40 jobs under 20 starts/s with a burst of 5: the starts in any span of t
+    seconds are at most 5 + 20 t (one more for the clocks' rounding), and all run."""
+    async with running.http.post(
+        f"{running.url}/api/v1/rate-limits",
+        json={"name": "e2e-rate", "per_second": 20, "burst": 5},
+    ) as response:
+        assert response.status == 201, await response.text()
+    made = [
+        await running.create(type="record", rate_limit="e2e-rate", payload={"sleep_ms": 1})
+        for _ in range(40)
+    ]
+    finished = [await running.settled(job["id"]) for job in made]
+    assert {job["state"] for job in finished} == {"SUCCEEDED"}
+    starts = sorted(datetime.fromisoformat(job["started_at"]) for job in finished)
+    for i, j in itertools.combinations(range(len(starts)), 2):
+        span = (starts[j] - starts[i]).total_seconds()
+        assert j - i + 1 <= 5 + 20 * span + 1, (i, j, span)
+    assert (starts[-1] - starts[0]).total_seconds() >= (40 - 5 - 1) / 20
+
+
+async def test_a_queues_running_limit_holds_on_real_workers(
+    running: Running, database: str
+) -> None:
+    async with running.http.patch(
+        f"{running.url}/api/v1/queues/narrow", json={"running_limit": 2}
+    ) as response:
+        assert response.status == 200, await response.text()
+    made = [
+        await running.create(type="record", queue="narrow", payload={"sleep_ms": 100})
+        for _ in range(12)
+    ]
+    conn = await asyncpg.connect(database)
+    try:
+        most = 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            most = max(
+                most,
+                await conn.fetchval(
+                    "SELECT count(*) FROM jobs WHERE queue = 'narrow' AND state = 'RUNNING'"
+                ),
+            )
+            left = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE queue = 'narrow' AND state <> 'SUCCEEDED'"
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    assert most == 2
+    assert {(await running.get(job["id"]))["state"] for job in made} == {"SUCCEEDED"}

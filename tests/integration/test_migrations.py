@@ -47,6 +47,7 @@ TABLES = {
     "workers",
     "queues",
     "schedules",
+    "rate_limits",
     "alembic_version",
 }
 

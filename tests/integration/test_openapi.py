@@ -107,6 +107,7 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "workflow_key",
         "cancelled_by",
         "concurrency_key",
+        "rate_limit",
     }
 
 
@@ -356,6 +357,26 @@ async def test_real_answers_match_the_document(api: Api, pool: asyncpg.Pool) -> 
     await responses.call(api, "POST", f"{queues}/default/resume", f"{queue}/resume", 200)
     await responses.call(api, "POST", f"{queues}/nobody/resume", f"{queue}/resume", 404)
     await responses.call(api, "POST", f"{queues}/bad%20name/resume", f"{queue}/resume", 400)
+    await responses.call(api, "PATCH", f"{queues}/default", queue, 200, json={"running_limit": 9})
+    limits, limit = "/api/v1/rate-limits", "/api/v1/rate-limits/{name}"
+    await responses.call(api, "POST", limits, limits, 201, json={"name": "r", "per_second": 2.5})
+    await responses.call(api, "POST", limits, limits, 409, json={"name": "r", "per_second": 1})
+    await responses.call(api, "POST", limits, limits, 400, json={"name": "r"})
+    await responses.call(api, "GET", limits, limits, 200)
+    await responses.call(api, "GET", f"{limits}/r", limit, 200)
+    await responses.call(api, "GET", f"{limits}/nobody", limit, 404)
+    await responses.call(api, "GET", f"{limits}/bad%20name", limit, 400)
+    await responses.call(api, "PATCH", f"{limits}/r", limit, 200, json={"burst": 7})
+    await responses.call(api, "PATCH", f"{limits}/r", limit, 400, json={"burst": 0})
+    await responses.call(api, "PATCH", f"{limits}/nobody", limit, 404, json={"burst": 7})
+    await responses.call(api, "POST", jobs, jobs, 422, json={"type": "t", "rate_limit": "zz"})
+    await responses.call(api, "POST", jobs, jobs, 201, json={"type": "t", "rate_limit": "r"})
+    await responses.call(api, "DELETE", f"{limits}/r", limit, 409)
+    await pool.execute(
+        "UPDATE jobs SET state = 'CANCELLED', completed_at = now() WHERE rate_limit = 'r'"
+    )
+    await responses.call(api, "DELETE", f"{limits}/r", limit, 200)
+    await responses.call(api, "DELETE", f"{limits}/r", limit, 404)
     schedules, schedule = "/api/v1/schedules", "/api/v1/schedules/{name}"
     nightly = {"name": "nightly", "cron": "0 3 * * *", "job": {"type": "t", "payload": {}}}
     await responses.call(api, "POST", schedules, schedules, 201, json=nightly)

@@ -1,21 +1,35 @@
-"""The keyed claim: jobs with a concurrency key, never more of one key running at once
-than its queue's ``key_limit`` (1 when the queue sets none), fleet-wide.
+"""The limited claim: jobs that a limit holds back, claimed in turns fleet-wide.
+
+Three limits hold across every worker and scheduler:
+
+- a concurrency key: at most the queue's ``key_limit`` jobs (1 when the queue
+  sets none) with one ``concurrency_key`` run at once;
+- a queue's ``running_limit``: at most that many of the queue's jobs run at once;
+- a rate limit (``rate_limits``, db.rate_limits): a token bucket that gains
+  ``per_second`` tokens a second up to ``burst``; each start of a job that names
+  it takes one, so the starts in any span of t seconds are at most
+  ``burst + per_second * t``.
 
 Why a claim of its own. The plain claim (db.jobs.claim) lets any number of
-workers claim at once (SKIP LOCKED); for keyed jobs that would let two workers
-each see 4 of 5 running and each start one. So keyed claims take turns: each
+workers claim at once (SKIP LOCKED); for limited jobs that would let two workers
+each see 4 of 5 running and each start one. So limited claims take turns: each
 runs in a transaction that first takes one advisory lock (``KEYED_LOCK``, held
 to its commit), then, in a statement of its own and so with a snapshot taken
-after the lock, counts what each key runs and claims only the room left. The
-previous keyed claim has committed by then (it released the lock at its commit),
-so its jobs are counted; jobs that end meanwhile only make room. Nothing else
-moves a keyed job to RUNNING, and the plain claim never sees one: jobs_claim_idx
-holds only jobs without a key (migration 0011).
+after the lock, counts what runs and what each bucket holds, and claims only
+the room left. The previous limited claim has committed by then (it released
+the lock at its commit), so its jobs and the tokens it took are counted; jobs
+that end meanwhile only make room. Nothing else moves a limited job to RUNNING:
+the plain claim never sees a job with a key or a rate limit (jobs_claim_idx
+holds none, migrations 0011 and 0013) and passes over the queues that have a
+running limit. A change of a bucket over the API takes the same lock.
 
 Within a key, jobs start in priority, then ``run_at`` order; across keys, the
 room is shared in turns: every key with room gets its first job before any gets
 its second, so one key's backlog of 100,000 does not delay another key's job.
-A key's limit applies within its queue.
+A key's limit applies within its queue. A job may carry a key and a rate limit,
+in a queue with a running limit: it starts only when all three have room (a
+job passed over for one limit may keep another's room unused until the next
+claim: the limits are never exceeded, and may be left short for one turn).
 """
 
 from __future__ import annotations
@@ -29,24 +43,34 @@ from orchestrix.models import Job
 
 Conn = Any
 
-# An arbitrary constant naming the keyed claims' turn in pg_locks.
+# An arbitrary constant naming the limited claims' turn in pg_locks.
 KEYED_LOCK = 0x4F52_4358_4B45_5944  # "ORCXKEYD"
+
+_WAITING = "state IN ('PENDING', 'RETRYING')"
 
 # $1 queues (NULL: all), $2 types, $3 at most this many, $4 the worker, $5 lease.
 # `keys` skips through jobs_keyed_claim_idx to each (queue, key) with waiting jobs;
-# `room` is each one's limit less what runs (jobs_running_key_idx).
-_CLAIM_KEYED = f"""
+# `room` is each one's limit less what runs (jobs_running_key_idx). `limited` is
+# each running-limited queue's room, `unkeyed` its jobs without key or rate
+# limit (jobs_claim_idx, per type). `buckets` is what each rate limit holds, by
+# the clock read after the lock (now() is the transaction's start, which may
+# precede the previous claim's), and `rated` the jobs with a rate limit and no
+# key (jobs_rated_claim_idx). `turns` keeps, of all those candidates, the ones
+# every limit has room for; `spent` takes their tokens.
+_CLAIM_LIMITED = f"""
 WITH RECURSIVE keys AS (
     (SELECT queue, concurrency_key FROM jobs
-     WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NOT NULL
+     WHERE {_WAITING} AND concurrency_key IS NOT NULL
      ORDER BY queue, concurrency_key LIMIT 1)
     UNION ALL
     SELECT next.queue, next.concurrency_key FROM keys CROSS JOIN LATERAL (
         SELECT queue, concurrency_key FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NOT NULL
+        WHERE {_WAITING} AND concurrency_key IS NOT NULL
           AND (queue, concurrency_key) > (keys.queue, keys.concurrency_key)
         ORDER BY queue, concurrency_key LIMIT 1
     ) AS next
+), clock AS (
+    SELECT clock_timestamp() AS at
 ), room AS (
     SELECT keys.queue, keys.concurrency_key,
            COALESCE((SELECT key_limit FROM queues WHERE queues.name = keys.queue), 1)
@@ -59,10 +83,23 @@ WITH RECURSIVE keys AS (
       AND NOT EXISTS (
           SELECT 1 FROM queues WHERE queues.name = keys.queue AND queues.paused_at IS NOT NULL
       )
-), candidates AS (
+), limited AS (
+    SELECT queues.name AS queue,
+           queues.running_limit - (SELECT count(*) FROM jobs AS running
+                                   WHERE running.state = 'RUNNING'
+                                     AND running.queue = queues.name) AS free
+    FROM queues
+    WHERE queues.running_limit IS NOT NULL AND queues.paused_at IS NULL
+      AND ($1::text[] IS NULL OR queues.name = ANY($1::text[]))
+), buckets AS (
+    SELECT name,
+           least(burst::float8, tokens + per_second
+                 * greatest(0, extract(epoch FROM clock.at - refilled_at))) AS available
+    FROM rate_limits CROSS JOIN clock
+), keyed AS (
     SELECT due.* FROM room CROSS JOIN LATERAL (
-        SELECT id, queue, concurrency_key, priority, run_at, state FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NOT NULL
+        SELECT id, queue, concurrency_key AS grp, rate_limit, priority, run_at, state FROM jobs
+        WHERE {_WAITING} AND concurrency_key IS NOT NULL
           AND queue = room.queue AND concurrency_key = room.concurrency_key
           AND run_at <= now() AND type = ANY($2::text[])
         ORDER BY priority DESC, run_at, id
@@ -70,19 +107,75 @@ WITH RECURSIVE keys AS (
         FOR UPDATE SKIP LOCKED
     ) AS due
     WHERE room.free > 0
-), turns AS (
-    SELECT id, priority, run_at, state,
+), unkeyed AS (
+    SELECT due.* FROM limited CROSS JOIN unnest($2::text[]) AS served(type) CROSS JOIN LATERAL (
+        SELECT id, queue, NULL::text AS grp, NULL::text AS rate_limit, priority, run_at, state
+        FROM jobs
+        WHERE {_WAITING} AND concurrency_key IS NULL AND rate_limit IS NULL
+          AND queue = limited.queue AND type = served.type AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT least(limited.free, $3)
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE limited.free > 0
+), rated AS (
+    SELECT due.* FROM buckets CROSS JOIN LATERAL (
+        SELECT id, queue, NULL::text AS grp, rate_limit, priority, run_at, state FROM jobs
+        WHERE {_WAITING} AND concurrency_key IS NULL AND rate_limit = buckets.name
+          AND run_at <= now() AND type = ANY($2::text[])
+          AND ($1::text[] IS NULL OR queue = ANY($1::text[]))
+          AND NOT EXISTS (
+              SELECT 1 FROM queues WHERE queues.name = jobs.queue AND queues.paused_at IS NOT NULL
+          )
+        ORDER BY priority DESC, run_at, id
+        LIMIT least(floor(buckets.available)::int, $3)
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE buckets.available >= 1
+), candidates AS (
+    SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM rated
+), ranked AS (
+    SELECT candidates.*,
+           row_number() OVER (PARTITION BY queue, grp ORDER BY priority DESC, run_at, id) AS turn,
+           row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS in_queue,
            row_number() OVER (
-               PARTITION BY queue, concurrency_key ORDER BY priority DESC, run_at, id
-           ) AS turn
+               PARTITION BY rate_limit ORDER BY priority DESC, run_at, id
+           ) AS in_bucket
     FROM candidates
-), {START_CHOSEN}
+), turns AS (
+    SELECT ranked.id, ranked.priority, ranked.run_at, ranked.state, ranked.turn
+    FROM ranked
+    LEFT JOIN limited ON limited.queue = ranked.queue
+    LEFT JOIN buckets ON buckets.name = ranked.rate_limit
+    WHERE (limited.queue IS NULL OR ranked.in_queue <= limited.free)
+      AND (ranked.rate_limit IS NULL OR ranked.in_bucket <= buckets.available)
+), {START_CHOSEN}, spent AS (
+    UPDATE rate_limits
+    SET tokens = buckets.available - taken.n,
+        refilled_at = greatest(rate_limits.refilled_at, clock.at)
+    FROM (SELECT rate_limit, count(*) AS n FROM moved
+          WHERE rate_limit IS NOT NULL GROUP BY rate_limit) AS taken,
+         buckets, clock
+    WHERE rate_limits.name = taken.rate_limit AND buckets.name = taken.rate_limit
+)
+SELECT * FROM moved
 """
 
-_ANY_WAITING = """
+# One probe of each index a limited job may wait in.
+_ANY_WAITING = f"""
 SELECT EXISTS (
     SELECT 1 FROM jobs
-    WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NOT NULL AND run_at <= now()
+    WHERE {_WAITING} AND concurrency_key IS NOT NULL AND run_at <= now()
+) OR EXISTS (
+    SELECT 1 FROM jobs
+    WHERE {_WAITING} AND concurrency_key IS NULL AND rate_limit IS NOT NULL AND run_at <= now()
+) OR EXISTS (
+    SELECT 1 FROM queues
+    WHERE running_limit IS NOT NULL AND EXISTS (
+        SELECT 1 FROM jobs
+        WHERE {_WAITING} AND concurrency_key IS NULL AND rate_limit IS NULL
+          AND jobs.queue = queues.name AND run_at <= now()
+    )
 )
 """
 
@@ -96,16 +189,17 @@ async def claim(
     limit: int,
     lease_s: float,
 ) -> list[Job]:
-    """Move up to ``limit`` due keyed jobs to RUNNING for ``worker_id``, each key
-    within its limit. ``conn`` must be one connection (not a pool): the claim is
-    a transaction. Run it on a connection opened with db.jobs.CLAIM_SERVER_SETTINGS."""
+    """Move up to ``limit`` due limited jobs to RUNNING for ``worker_id``, each
+    within every limit it is under. ``conn`` must be one connection (not a pool):
+    the claim is a transaction. Run it on a connection opened with
+    db.jobs.CLAIM_SERVER_SETTINGS."""
     if limit <= 0 or not types:
         return []
     queue_list = None if queues is None else list(queues)
     # BEGIN and the lock in one round trip (a simple query of two statements).
     await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({KEYED_LOCK})")
     try:
-        rows = await conn.fetch(_CLAIM_KEYED, queue_list, list(types), limit, worker_id, lease_s)
+        rows = await conn.fetch(_CLAIM_LIMITED, queue_list, list(types), limit, worker_id, lease_s)
     except BaseException:
         with contextlib.suppress(Exception):
             await conn.execute("ROLLBACK")
@@ -117,5 +211,5 @@ async def claim(
 
 
 async def any_waiting(conn: Conn) -> bool:
-    """Whether any keyed job is due (one probe of jobs_keyed_claim_idx)."""
+    """Whether any limited job is due (a probe of each index they wait in)."""
     return bool(await conn.fetchval(_ANY_WAITING))

@@ -37,8 +37,8 @@ _CREATED = recorded("created", from_state="NULL::text", actor=SESSION_ACTOR)
 _INSERT = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key, concurrency_key)
-    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9, $10)
+                      timeout_seconds, idempotency_key, concurrency_key, rate_limit)
+    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9, $10, $11)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -99,6 +99,7 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
             new.timeout_seconds,
             new.idempotency_key,
             new.concurrency_key,
+            new.rate_limit,
         )
         if row is not None:
             return Job.from_row(row), True
@@ -111,13 +112,13 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
 _INSERT_MANY = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key, concurrency_key)
+                      timeout_seconds, idempotency_key, concurrency_key, rate_limit)
     SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
-           timeout_seconds, idempotency_key, concurrency_key
+           timeout_seconds, idempotency_key, concurrency_key, rate_limit
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::timestamptz[], $8::int[], $9::text[], $10::text[])
+                $7::timestamptz[], $8::int[], $9::text[], $10::text[], $11::text[])
          AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
-                idempotency_key, concurrency_key)
+                idempotency_key, concurrency_key, rate_limit)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -171,6 +172,7 @@ async def _insert_unique(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job,
         [new.timeout_seconds for new in batch],
         [new.idempotency_key for new in batch],
         [new.concurrency_key for new in batch],
+        [new.rate_limit for new in batch],
     )
     created = {row["id"]: Job.from_row(row) for row in await conn.fetch(_INSERT_MANY, *columns)}
     earlier: dict[str, Job] = {}
@@ -312,7 +314,8 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 
 # A claim for one worker: up to $3 due jobs of the queues ($1, NULL for all) and
 # types ($2) it serves, moved to RUNNING for it at once. Jobs with a concurrency
-# key are not this claim's (jobs_claim_idx holds none): db.concurrency claims them.
+# key or a rate limit are not this claim's (jobs_claim_idx holds none), nor are
+# the jobs of a queue with a running limit: db.concurrency claims those.
 #
 # `pairs` skips through jobs_claim_idx to each (queue, type) that has waiting
 # jobs: one index probe per pair, however long the backlog. For each pair the
@@ -320,10 +323,11 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # other workers go past each other). The jobs of a queue take turns in priority
 # order, and the queues take turns with each other: with two queues backlogged,
 # each gets half the slots, and a quiet queue's job goes in the first turn.
-# A paused queue (db.queues) is passed over: one primary-key probe per pair.
-# The end of a claim, shared with the keyed claim (db.concurrency): `turns` (id,
-# priority, run_at, state, turn) ranked; the first $3 by turn start for worker
-# $4, leased for $5 s, with their events.
+# A paused queue (db.queues) is passed over, and so is a queue with a running
+# limit: one primary-key probe per pair.
+# The end of a claim, shared with the limited claim (db.concurrency): `turns`
+# (id, priority, run_at, state, turn) ranked; the first $3 by turn start for
+# worker $4, leased for $5 s, with their events, in `moved`.
 START_CHOSEN = f"""chosen AS (
     SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
 ), moved AS (
@@ -334,25 +338,24 @@ START_CHOSEN = f"""chosen AS (
     FROM chosen
     WHERE jobs.id = chosen.id
     RETURNING jobs.*, chosen.state AS from_state
-), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}
-SELECT * FROM moved"""
+), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}"""
 
 _CLAIM = f"""
 WITH RECURSIVE pairs AS (
     (SELECT queue, type FROM jobs
-     WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
+     WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL AND rate_limit IS NULL
      ORDER BY queue, type LIMIT 1)
     UNION ALL
     SELECT next.queue, next.type FROM pairs CROSS JOIN LATERAL (
         SELECT queue, type FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
+        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL AND rate_limit IS NULL
           AND (queue, type) > (pairs.queue, pairs.type)
         ORDER BY queue, type LIMIT 1
     ) AS next
 ), candidates AS (
     SELECT due.* FROM pairs CROSS JOIN LATERAL (
         SELECT id, queue, priority, run_at, state FROM jobs
-        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL
+        WHERE state IN ('PENDING', 'RETRYING') AND concurrency_key IS NULL AND rate_limit IS NULL
           AND queue = pairs.queue AND type = pairs.type
           AND run_at <= now()
         ORDER BY priority DESC, run_at, id
@@ -361,13 +364,16 @@ WITH RECURSIVE pairs AS (
     ) AS due
     WHERE ($1::text[] IS NULL OR pairs.queue = ANY($1::text[])) AND pairs.type = ANY($2::text[])
       AND NOT EXISTS (
-          SELECT 1 FROM queues WHERE queues.name = pairs.queue AND queues.paused_at IS NOT NULL
+          SELECT 1 FROM queues
+          WHERE queues.name = pairs.queue
+            AND (queues.paused_at IS NOT NULL OR queues.running_limit IS NOT NULL)
       )
 ), turns AS (
     SELECT id, priority, run_at, state,
            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn
     FROM candidates
 ), {START_CHOSEN}
+SELECT * FROM moved
 """
 
 # The sessions that claim (workers) and maintain (schedulers).

@@ -53,11 +53,19 @@ WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now() AND ($1::text IS NULL
 GROUP BY queue
 """
 
-_ROWS = "SELECT name, paused_at, key_limit FROM queues WHERE $1::text IS NULL OR name = $1"
+_ROWS = (
+    "SELECT name, paused_at, key_limit, running_limit FROM queues"
+    " WHERE $1::text IS NULL OR name = $1"
+)
 
-_SET_KEY_LIMIT = """
-INSERT INTO queues (name, key_limit) VALUES ($1, $2)
-ON CONFLICT (name) DO UPDATE SET key_limit = excluded.key_limit, updated_at = now()
+# $3 / $5: whether to set key_limit ($2) / running_limit ($4).
+_SET_LIMITS = """
+INSERT INTO queues (name, key_limit, running_limit)
+VALUES ($1, CASE WHEN $3 THEN $2::int END, CASE WHEN $5 THEN $4::int END)
+ON CONFLICT (name) DO UPDATE
+SET key_limit = CASE WHEN $3 THEN excluded.key_limit ELSE queues.key_limit END,
+    running_limit = CASE WHEN $5 THEN excluded.running_limit ELSE queues.running_limit END,
+    updated_at = now()
 """
 
 
@@ -69,6 +77,7 @@ class Queue:
     oldest_due_at: datetime | None  # the oldest due job that waits, if any
     oldest_due_age_s: float | None  # since when it is due, by the database's clock
     key_limit: int | None = None  # jobs of one concurrency key running at once (None: 1)
+    running_limit: int | None = None  # the queue's jobs running at once (None: no limit)
 
     def to_json(self) -> dict[str, Any]:
         age = self.oldest_due_age_s
@@ -81,6 +90,7 @@ class Queue:
             "oldest_due_at": rfc3339(self.oldest_due_at),
             "oldest_due_age_seconds": None if age is None else max(0.0, age),
             "key_limit": self.key_limit,
+            "running_limit": self.running_limit,
         }
 
 
@@ -99,6 +109,7 @@ async def overview(pool: Any, name: str | None = None) -> list[Queue]:
             name=queue,
             paused_at=rows[queue]["paused_at"] if queue in rows else None,
             key_limit=rows[queue]["key_limit"] if queue in rows else None,
+            running_limit=rows[queue]["running_limit"] if queue in rows else None,
             jobs=counts.get(queue, dict.fromkeys(JobState, 0)),
             oldest_due_at=oldest[queue]["oldest"] if queue in oldest else None,
             oldest_due_age_s=oldest[queue]["age_s"] if queue in oldest else None,
@@ -112,9 +123,22 @@ async def pause(conn: Conn, name: str) -> None:
     await conn.fetchval(_PAUSE, name)
 
 
-async def set_key_limit(conn: Conn, name: str, limit: int | None) -> None:
-    """How many jobs of one concurrency key of ``name`` may run at once (None: 1)."""
-    await conn.execute(_SET_KEY_LIMIT, name, limit)
+UNSET = object()  # a limit set_limits leaves as it is
+
+
+async def set_limits(
+    conn: Conn, name: str, *, key_limit: Any = UNSET, running_limit: Any = UNSET
+) -> None:
+    """How many jobs of one concurrency key of ``name`` may run at once (None: 1),
+    and how many of its jobs (None: no limit); a limit not given stays."""
+    await conn.execute(
+        _SET_LIMITS,
+        name,
+        None if key_limit is UNSET else key_limit,
+        key_limit is not UNSET,
+        None if running_limit is UNSET else running_limit,
+        running_limit is not UNSET,
+    )
 
 
 async def resume(conn: Conn, name: str) -> bool:

@@ -72,14 +72,15 @@ _INSERT_JOBS = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
                       timeout_seconds, workflow_id, workflow_key, waiting_for, state,
-                      concurrency_key)
+                      concurrency_key, rate_limit)
     SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
            timeout_seconds, $10, key, waiting_for,
-           CASE WHEN waiting_for > 0 THEN 'WAITING' ELSE 'PENDING' END, concurrency_key
+           CASE WHEN waiting_for > 0 THEN 'WAITING' ELSE 'PENDING' END, concurrency_key,
+           rate_limit
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::timestamptz[], $8::int[], $9::text[], $11::int[], $12::text[])
+                $7::timestamptz[], $8::int[], $9::text[], $11::int[], $12::text[], $13::text[])
          AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
-                key, waiting_for, concurrency_key)
+                key, waiting_for, concurrency_key, rate_limit)
     RETURNING *
 ), {recorded("created", from_state="NULL::text", actor=SESSION_ACTOR)}
 SELECT * FROM created
@@ -114,6 +115,7 @@ async def create(
             workflow_id,
             [len(set(item.depends_on)) for item in jobs],
             [item.job.concurrency_key for item in jobs],
+            [item.job.rate_limit for item in jobs],
         )
         edges = [(job_ids[item.key], job_ids[p]) for item in jobs for p in set(item.depends_on)]
         if edges:
