@@ -23,6 +23,7 @@ PHASES = (
     "priority",
     "fairness",
     "keys",
+    "rates",
     "subscribers",
     "workflows",
     "claim",
@@ -71,6 +72,9 @@ class Options:
     subscribers_events: int = 100
     keys_count: int = 100  # bench/keys.py
     keys_limit: int = 5
+    rate_per_s: float = 500.0  # bench/rates.py
+    rate_burst: int = 50
+    rate_duration_s: float = 30.0
     workflow_workers: int = 2  # bench/workflows.py
     workflow_rounds: int = 5
     prune_rows: int = 1_000_000
@@ -116,6 +120,9 @@ class Options:
             subscribers_events=10,
             workflow_rounds=1,
             keys_count=10,
+            rate_per_s=100.0,
+            rate_burst=10,
+            rate_duration_s=3.0,
             prune_rows=10_000,
             prune_jobs=1_000,
             retention_rate=100.0,

@@ -197,6 +197,11 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         out["keys_plain_jobs_per_s"] = keyed["plain_jobs_per_s"]
         out["keys_keyed_jobs_per_s"] = keyed["keyed_jobs_per_s"]
         out["keys_backlog_p99_ms"] = keyed["backlog"]["create_to_start_ms"]["p99"]
+    rated = results.get("rates", {})
+    if "starts_per_s" in rated:
+        out["rate_starts_per_s"] = rated["starts_per_s"]
+        out["rate_deviation"] = rated["deviation"]
+        out["rate_bucket_excess"] = rated["bucket_excess"]
     flows = results.get("workflows", {})
     if "create_ms" in flows:
         out["workflow_create_p50_ms"] = flows["create_ms"]["p50"]
@@ -303,6 +308,20 @@ def table(results: dict[str, Any]) -> str:
                 "10 keys' create->start beside one key's backlog (ms, p99)",
                 _ms(p99),
                 f"< 1000{_verdict(p99 < 1000)}",
+                "-",
+                "-",
+            )
+        )
+    if "rate_starts_per_s" in s:
+        rated = results.get("rates", {})
+        deviation, excess = s["rate_deviation"], s["rate_bucket_excess"]
+        held = abs(deviation) <= 0.05 and excess <= rated.get("burst", 0)
+        rows.append(
+            (
+                f"Rate limit {_n(rated.get('per_second'))}/s, burst {rated.get('burst')}: "
+                f"starts/s over {rated.get('duration_s'):g} s; most above the bucket",
+                f"{s['rate_starts_per_s']:,.1f} ({deviation * 100:+.1f}%); {excess:.1f}",
+                f"within 5%, <= burst{_verdict(held)}",
                 "-",
                 "-",
             )

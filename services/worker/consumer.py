@@ -125,6 +125,9 @@ class Consumer:
         self._limited_active = True
         self._limited_tried = float("-inf")
         self._limited_first = False
+        # When the last limited claim left jobs behind (a limit held them, or it
+        # could not tell), the next look: LIMITED_LOOK_S after it, not at the poll.
+        self._limited_look_at: float | None = None
         self._heartbeat = Heartbeat(
             settings.database.url,
             workers.Registration(
@@ -192,7 +195,7 @@ class Consumer:
 
     async def _wait(self) -> None:
         """Until a wake-up, the poll, or (while jobs are there) enough freed slots."""
-        deadline = time.monotonic() + self._settings.worker.poll_interval_s
+        poll_at = time.monotonic() + self._settings.worker.poll_interval_s
         while not self._wake.is_set():
             # Freed slots are a reason to claim only while PostgreSQL answers: else
             # _claim_if_due returns at once, and so would this, and the loop would
@@ -203,8 +206,19 @@ class Consumer:
                 and self._heartbeat.reachable(time.monotonic())
             ):
                 return
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            look_at = self._limited_look_at
+            look = (
+                look_at is not None
+                and look_at < poll_at
+                and self._free() > 0
+                and self._heartbeat.reachable(now)
+            )
+            remaining = (look_at if look and look_at is not None else poll_at) - now
             if remaining <= 0:
+                if look:
+                    # At most one such wake-up per LIMITED_LOOK_S, claim or not.
+                    self._limited_look_at = now + LIMITED_LOOK_S
                 self._wake.set()
                 break
             self._freed.clear()
@@ -270,6 +284,7 @@ class Consumer:
         """Limited jobs, if any wait: one probe while none came, else the limited claim."""
         self._limited_tried = now
         if not self._limited_active and not await concurrency.any_waiting(self._pool):
+            self._limited_look_at = None
             return []
         async with self._pool.acquire() as conn:
             jobs = await concurrency.claim(
@@ -281,6 +296,7 @@ class Consumer:
                 lease_s=self._lease_s,
             )
         self._limited_active = len(jobs) > 0
+        self._limited_look_at = now + LIMITED_LOOK_S if len(jobs) < limit else None
         return jobs
 
     def _start(self, job: Job, *, limited: bool = False) -> None:

@@ -54,6 +54,7 @@ HEADLINES = (
     "prune_rows_per_s",
     "retention_total_mib_at_end",
     "retention_bytes_per_job_at_end",
+    "rate_starts_per_s",
 )
 
 

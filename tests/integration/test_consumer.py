@@ -13,6 +13,7 @@ import asyncpg
 import nats
 import pytest
 from orchestrix.db import jobs as db
+from orchestrix.db import rate_limits
 from orchestrix.executors import JobContext, Registry, Snooze
 from orchestrix.metrics import WorkerMetrics
 from orchestrix.models import Job, NewJob
@@ -144,6 +145,27 @@ async def test_slots_free_while_outcomes_are_written_but_held_jobs_stay_bounded(
             succeeded = await pool.fetchval("SELECT count(*) FROM jobs WHERE state = 'SUCCEEDED'")
     assert most_executing <= concurrency
     assert succeeded == 10
+
+
+async def test_jobs_a_rate_limit_holds_back_start_before_the_next_poll(
+    pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """20 jobs under 20 starts/s, burst 2, on a worker that polls every 30 s: once
+    the bucket is empty and nothing runs, the worker looks again within
+    LIMITED_LOOK_S, not at its poll, so all start within about a second."""
+    settings = dataclasses.replace(
+        settings, worker=dataclasses.replace(settings.worker, poll_interval_s=30.0)
+    )
+    await rate_limits.create(pool, "twenty", 20.0, 2)
+    for _ in range(20):
+        await db.insert(pool, NewJob(type="quick", rate_limit="twenty"))
+    registry = Registry()
+    registry.register("quick", lambda ctx: None)
+    async with consumer_of(pool, settings, registry):
+        began = time.monotonic()
+        while await pool.fetchval("SELECT count(*) FROM jobs WHERE state <> 'SUCCEEDED'"):
+            assert time.monotonic() - began < 10, "held-back jobs waited for the poll"
+            await asyncio.sleep(0.05)
 
 
 # --- what executors can say besides success and failure ----------------------------

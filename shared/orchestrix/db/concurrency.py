@@ -38,7 +38,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrix.db.jobs import START_CHOSEN
+from orchestrix.db.jobs import start_chosen
 from orchestrix.models import Job
 
 Conn = Any
@@ -149,7 +149,7 @@ WITH RECURSIVE keys AS (
     LEFT JOIN buckets ON buckets.name = ranked.rate_limit
     WHERE (limited.queue IS NULL OR ranked.in_queue <= limited.free)
       AND (ranked.rate_limit IS NULL OR ranked.in_bucket <= buckets.available)
-), {START_CHOSEN}, spent AS (
+), {start_chosen("(SELECT at FROM clock)")}, spent AS (
     UPDATE rate_limits
     SET tokens = buckets.available - taken.n,
         refilled_at = greatest(rate_limits.refilled_at, clock.at)

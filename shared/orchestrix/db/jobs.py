@@ -312,6 +312,7 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 
 # --- the pipeline: a worker claims, runs and finishes ---------------------------
 
+
 # A claim for one worker: up to $3 due jobs of the queues ($1, NULL for all) and
 # types ($2) it serves, moved to RUNNING for it at once. Jobs with a concurrency
 # key or a rate limit are not this claim's (jobs_claim_idx holds none), nor are
@@ -327,18 +328,21 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # limit: one primary-key probe per pair.
 # The end of a claim, shared with the limited claim (db.concurrency): `turns`
 # (id, priority, run_at, state, turn) ranked; the first $3 by turn start for
-# worker $4, leased for $5 s, with their events, in `moved`.
-START_CHOSEN = f"""chosen AS (
+# worker $4, leased for $5 s, with their events, in `moved`. ``at`` is the start's
+# time: the transaction's, or for the limited claim the clock read after its turn.
+def start_chosen(at: str = "now()") -> str:
+    return f"""chosen AS (
     SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
 ), moved AS (
     UPDATE jobs
     SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
-        scheduled_at = now(), started_at = now(), updated_at = now(),
-        lease_expires_at = now() + make_interval(secs => $5)
+        scheduled_at = {at}, started_at = {at}, updated_at = {at},
+        lease_expires_at = {at} + make_interval(secs => $5)
     FROM chosen
     WHERE jobs.id = chosen.id
     RETURNING jobs.*, chosen.state AS from_state
 ), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}"""
+
 
 _CLAIM = f"""
 WITH RECURSIVE pairs AS (
@@ -372,7 +376,7 @@ WITH RECURSIVE pairs AS (
     SELECT id, priority, run_at, state,
            row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, id) AS turn
     FROM candidates
-), {START_CHOSEN}
+), {start_chosen()}
 SELECT * FROM moved
 """
 
