@@ -26,6 +26,7 @@ from orchestrix.services.api.parsing import (
     parse_new_job,
     read_json_object,
 )
+from orchestrix.services.api.rate_limits import check_known
 
 log = logging.getLogger("api")
 routes = web.RouteTableDef()
@@ -55,6 +56,7 @@ async def create_schedule(request: web.Request) -> web.Response:
             raise ApiError(400, f"{required} is required")
     name = checked_name("name", data["name"], NAME_PATTERN)
     fields, cron = _checked({**DEFAULTS, **data})
+    await _check_rate_limit(request, fields)
     created = await db.create(request.app[POOL], name, fields, _first_tick(cron, fields))
     if created is None:
         raise ApiError(409, f"a schedule named {name} exists; change it with PATCH")
@@ -88,6 +90,7 @@ async def change_schedule(request: web.Request) -> web.Response:
             raise ApiError(404, f"schedule {name} not found")
         current = {field: getattr(found, field) for field in FIELDS - {"name"}}
         fields, cron = _checked({**current, **data})
+        await _check_rate_limit(request, fields)
         timing = ("cron", "timezone", "paused")
         if any(fields[f] != current[f] for f in timing):
             next_tick = _first_tick(cron, fields)
@@ -106,6 +109,16 @@ async def delete_schedule(request: web.Request) -> web.Response:
         raise ApiError(404, f"schedule {name} not found")
     log.info("schedule deleted", extra={"schedule": name})
     return json_response(_shown(deleted))
+
+
+async def _check_rate_limit(request: web.Request, fields: Mapping[str, Any]) -> None:
+    """422 when the template names a rate limit that does not exist (now: one
+    deleted later holds the ticks' jobs back until it is created again)."""
+    if fields["job"]["rate_limit"] is not None:
+        try:
+            await check_known(request.app[POOL], [parse_new_job(dict(fields["job"]))])
+        except ApiError as exc:
+            raise ApiError(exc.status, f"job: {exc.message}") from None
 
 
 def _name(request: web.Request) -> str:
@@ -163,6 +176,8 @@ def _template(job: Any) -> dict[str, Any]:
         "priority": new.priority,
         "max_attempts": new.max_attempts,
         "timeout_seconds": new.timeout_seconds,
+        "concurrency_key": new.concurrency_key,
+        "rate_limit": new.rate_limit,
     }
 
 

@@ -24,6 +24,8 @@ TEMPLATE = {
     "priority": 0,
     "max_attempts": 3,
     "timeout_seconds": 300,
+    "concurrency_key": None,
+    "rate_limit": None,
 }
 
 
@@ -247,3 +249,36 @@ async def test_missing_fields_are_400(api: Api, clean: asyncpg.Pool) -> None:
         status, error, _ = await api.request("POST", "/api/v1/schedules", json=body)
         assert (status, error["error"]) == (400, f"{field} is required")
     assert Counter(await clean.fetch("SELECT name FROM schedules")) == Counter()
+
+
+async def test_a_tick_job_carries_the_templates_key_and_rate_limit(
+    api: Api, clean: asyncpg.Pool
+) -> None:
+    job = {"type": "report", "concurrency_key": "customer-1", "rate_limit": "reports"}
+    body = {"name": "limited", "cron": "0 * * * *", "job": job}
+    status, refused, _ = await api.request("POST", "/api/v1/schedules", json=body)
+    assert status == 422, refused
+    assert "reports" in refused["error"]
+    status, _, _ = await api.request(
+        "POST", "/api/v1/rate-limits", json={"name": "reports", "per_second": 1}
+    )
+    assert status == 201
+    status, made, _ = await api.request("POST", "/api/v1/schedules", json=body)
+    assert status == 201, made
+    assert (made["job"]["concurrency_key"], made["job"]["rate_limit"]) == ("customer-1", "reports")
+    # A template stored before these fields reads them as unset.
+    tick = await clean.fetchval("SELECT date_trunc('hour', now()) - interval '1 hour'")
+    await make(clean, "older", tick, cron="0 * * * *", catch_up_seconds=3 * 3600)
+    await clean.execute(
+        "UPDATE schedules SET job = job - 'concurrency_key' - 'rate_limit' WHERE name = 'older'"
+    )
+    await clean.execute(
+        "UPDATE schedules SET next_tick_at = $1, catch_up_seconds = 10800 WHERE name = 'limited'",
+        tick,
+    )
+    await CronFirer(clean, SchedulerMetrics()).run_once()
+    rows = await clean.fetch("SELECT schedule, concurrency_key, rate_limit FROM jobs")
+    assert {tuple(row) for row in rows} == {
+        ("limited", "customer-1", "reports"),
+        ("older", None, None),
+    }

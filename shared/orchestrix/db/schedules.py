@@ -24,8 +24,19 @@ Conn = Any
 # but run_at (a tick's job is due when it fires) and idempotency_key (the tick is
 # the key).
 TEMPLATE_FIELDS = frozenset(
-    {"type", "payload", "queue", "priority", "max_attempts", "timeout_seconds"}
+    {
+        "type",
+        "payload",
+        "queue",
+        "priority",
+        "max_attempts",
+        "timeout_seconds",
+        "concurrency_key",
+        "rate_limit",
+    }
 )
+# Fields added to templates later: a template stored before them has them unset.
+_LATER_FIELDS = {"concurrency_key": None, "rate_limit": None}
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,9 @@ class Schedule:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Schedule:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        fields = {name: row[name] for name in cls.__dataclass_fields__}
+        fields["job"] = {**_LATER_FIELDS, **fields["job"]}
+        return cls(**fields)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,8 +151,8 @@ SELECT EXISTS (
 _INSERT_TICK = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, timeout_seconds,
-                      schedule, tick_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                      schedule, tick_at, concurrency_key, rate_limit)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     ON CONFLICT (schedule, tick_at) WHERE schedule IS NOT NULL DO NOTHING
     RETURNING *
 ), {recorded("created", from_state="NULL::text", actor="'schedule:' || schedule")}
@@ -179,6 +192,8 @@ async def insert_tick(conn: Conn, schedule: Schedule, tick_at: datetime) -> str 
         job["timeout_seconds"],
         schedule.name,
         tick_at,
+        job["concurrency_key"],
+        job["rate_limit"],
     )
     return job_id
 
