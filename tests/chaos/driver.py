@@ -104,6 +104,8 @@ STUCK_SHOWN = 40
 # service that cannot start at all must not turn the run into a crash loop.
 MAX_REPLACEMENTS = 5
 # Faults that each get a slot of their own (the rest are worker faults).
+# The rate limit the plan's rated jobs name.
+RATE_LIMIT = "chaos-rate"
 BIG_FAULTS = ("kill_scheduler", "nats", "nats_node", "postgres", "shutdown_outage", "cut", "slow")
 
 
@@ -141,6 +143,16 @@ class Plan:
     settle_timeout_s: float
     # Diamond workflows (a -> b, c -> d) of plain jobs, created over REST meanwhile.
     workflows: int = 0
+    # Plain, retry and long jobs of the async executor (the plain-function one
+    # cannot be stopped at once: see records.LIMITS) with a concurrency key, one of
+    # ``keys``, under the default queue's ``key_limit``; and others under the rate
+    # limit ``RATE_LIMIT`` (``rate_per_s``, burst ``rate_burst``).
+    keyed_share: float = 0.0
+    keys: int = 4
+    key_limit: int = 2
+    rated_share: float = 0.0
+    rate_per_s: float = 20.0
+    rate_burst: int = 5
 
 
 @dataclass(frozen=True)
@@ -203,6 +215,8 @@ class JobSpec:
     max_attempts: int
     timeout_seconds: int | None
     id: str | None  # chosen by the suite for SQL inserts; the API chooses its own
+    concurrency_key: str | None = None
+    rate_limit: str | None = None
 
     @property
     def plan(self) -> str:
@@ -640,6 +654,13 @@ class ChaosRun:
                 payload = {"plan": "long", "sleep_ms": rng.randint(*LONG_JOB_MS)}
             else:
                 payload["plan"] = "plain"
+            key = rate = None
+            if payload["plan"] in ("plain", "retry", "long"):
+                limited = rng.random()
+                if limited < plan.keyed_share:
+                    key, job_type = f"key-{rng.randrange(plan.keys)}", JOB_TYPE
+                elif limited < plan.keyed_share + plan.rated_share:
+                    rate, job_type = RATE_LIMIT, JOB_TYPE
             specs.append(
                 JobSpec(
                     index=i,
@@ -649,9 +670,30 @@ class ChaosRun:
                     max_attempts=max_attempts,
                     timeout_seconds=timeout_seconds,
                     id=None if api else ids.new_id(),
+                    concurrency_key=key,
+                    rate_limit=rate,
                 )
             )
         return specs
+
+    async def set_limits(self) -> None:
+        """The default queue's key limit and the rate limit the plan's jobs name."""
+
+        async def write(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO queues (name, key_limit) VALUES ('default', $1) "
+                "ON CONFLICT (name) DO UPDATE SET key_limit = excluded.key_limit",
+                self.plan.key_limit,
+            )
+            await conn.execute(
+                "INSERT INTO rate_limits (name, per_second, burst, tokens) "
+                "VALUES ($1, $2, $3::int, $3::int) ON CONFLICT (name) DO NOTHING",
+                RATE_LIMIT,
+                self.plan.rate_per_s,
+                self.plan.rate_burst,
+            )
+
+        await self.with_db(write, 30)
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -693,10 +735,14 @@ class ChaosRun:
         async def insert(conn: asyncpg.Connection) -> None:
             # ON CONFLICT: a retry after a commit whose answer was lost inserts nothing.
             await conn.execute(
-                "INSERT INTO jobs (id, type, payload, max_attempts, timeout_seconds) "
-                "SELECT id, type, payload::jsonb, max_attempts, COALESCE(timeout_seconds, $6) "
-                "FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[]) "
-                "AS t(id, type, payload, max_attempts, timeout_seconds) "
+                "INSERT INTO jobs (id, type, payload, max_attempts, timeout_seconds, "
+                "concurrency_key, rate_limit) "
+                "SELECT id, type, payload::jsonb, max_attempts, COALESCE(timeout_seconds, $6), "
+                "concurrency_key, rate_limit "
+                "FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], "
+                "$7::text[], $8::text[]) "
+                "AS t(id, type, payload, max_attempts, timeout_seconds, concurrency_key, "
+                "rate_limit) "
                 "ON CONFLICT (id) DO NOTHING",
                 job_ids,
                 [spec.type for spec in batch],
@@ -704,6 +750,8 @@ class ChaosRun:
                 [spec.max_attempts for spec in batch],
                 [spec.timeout_seconds for spec in batch],
                 DEFAULT_TIMEOUT_SECONDS,
+                [spec.concurrency_key for spec in batch],
+                [spec.rate_limit for spec in batch],
             )
 
         try:
@@ -726,6 +774,10 @@ class ChaosRun:
         }
         if spec.timeout_seconds is not None:
             body["timeout_seconds"] = spec.timeout_seconds
+        if spec.concurrency_key is not None:
+            body["concurrency_key"] = spec.concurrency_key
+        if spec.rate_limit is not None:
+            body["rate_limit"] = spec.rate_limit
         delay = 0.1
         async with gate:
             while time.monotonic() < give_up:
@@ -895,6 +947,7 @@ class ChaosRun:
         faults = schedule(self.plan, random.Random(f"{self.seed}-faults"))
         pick = random.Random(f"{self.seed}-victims")
         await self.start_services()
+        await self.set_limits()
         self.origin = time.time()
         self.note(f"chaos starts: {len(faults)} faults planned")
         watchdog = asyncio.create_task(self.watch())
@@ -966,20 +1019,25 @@ class ChaosRun:
         rows = await conn.fetch(
             "SELECT id, state, attempt, max_attempts, last_error, errors, payload, "
             "timeout_seconds, handoffs, extract(epoch FROM updated_at)::float8 AS updated, "
-            "extract(epoch FROM completed_at)::float8 AS completed, cancelled_by "
+            "extract(epoch FROM completed_at)::float8 AS completed, cancelled_by, "
+            "concurrency_key, rate_limit "
             "FROM jobs WHERE id = ANY($1)",
             list(self.submitted),
         )
         total: int = await conn.fetchval("SELECT count(*) FROM jobs")
         history: dict[str, list[tuple[str | None, str, int]]] = defaultdict(list)
+        claimed: dict[str, list[float]] = defaultdict(list)
         for event in await conn.fetch(
-            "SELECT job_id, from_state, to_state, attempt FROM job_events "
+            "SELECT job_id, from_state, to_state, attempt, "
+            "extract(epoch FROM at)::float8 AS at FROM job_events "
             "WHERE job_id = ANY($1) ORDER BY job_id, id",
             list(self.submitted),
         ):
             history[event["job_id"]].append(
                 (event["from_state"], event["to_state"], event["attempt"])
             )
+            if event["to_state"] == "RUNNING":
+                claimed[event["job_id"]].append(event["at"])
         parents: dict[str, tuple[str, ...]] = {
             row["job_id"]: tuple(row["parents"])
             for row in await conn.fetch(
@@ -1004,6 +1062,9 @@ class ChaosRun:
                     parents=parents.get(row["id"], ()),
                     cancelled_by=row["cancelled_by"],
                     completed=row["completed"],
+                    concurrency_key=row["concurrency_key"],
+                    rate_limit=row["rate_limit"],
+                    claimed_at=tuple(claimed[row["id"]]),
                 )
                 for row in rows
             },
@@ -1041,7 +1102,12 @@ class ChaosRun:
         text = self.records_path.read_text() if self.records_path.exists() else ""
         parsed = records.parse(text)
         rows = self.snapshot.rows if self.snapshot else {}
-        return parsed, records.judge(parsed.executions, rows, self.faults, self.origin)
+        limits = records.Limits(
+            key_limit=self.plan.key_limit,
+            rate_per_s=self.plan.rate_per_s,
+            rate_burst=self.plan.rate_burst,
+        )
+        return parsed, records.judge(parsed.executions, rows, self.faults, self.origin, limits)
 
     async def workers_state(self) -> str:
         """The workers registered now, and what each holds RUNNING."""
@@ -1122,6 +1188,7 @@ class ChaosRun:
             records.CANCEL_HONOURED,
             records.HISTORY,
             records.WORKFLOWS,
+            records.LIMITS,
         )
         table = [
             (
@@ -1178,6 +1245,14 @@ class ChaosRun:
                 f"{len(self.cancels)} DELETEs answered ("
                 + ", ".join(f"{s} x{n}" for s, n in sorted(cancel_answers.items()))
                 + f"){delay_text}",
+            ),
+            (
+                "limits",
+                f"keyed jobs {sum(1 for x in specs if x.concurrency_key)}, most of one key "
+                f"at once {verdict.key_peak} (limit {self.plan.key_limit}); rated jobs "
+                f"{sum(1 for x in specs if x.rate_limit)}, most starts beyond "
+                f"{self.plan.rate_per_s:g}/s {verdict.rate_excess:.1f} "
+                f"(burst {self.plan.rate_burst})",
             ),
             *(
                 (f"check: {check}", f"{len(verdict.problems_of(check))} problems")

@@ -259,6 +259,11 @@ class JobRow:
     parents: tuple[str, ...] = ()
     cancelled_by: str | None = None
     completed: float | None = None
+    # Its limits, and when each of its attempts was claimed (its moves to RUNNING
+    # in job_events: a limited claim stamps them with the time it took the token).
+    concurrency_key: str | None = None
+    rate_limit: str | None = None
+    claimed_at: tuple[float, ...] = ()
 
     @property
     def plan(self) -> str:
@@ -316,6 +321,16 @@ SHUTDOWN_FAILED = "none FAILED by a shutdown"
 CANCEL_HONOURED = "every cancellation honoured"
 HISTORY = "history tells what the row and the executions tell"
 WORKFLOWS = "no child before its parents, every workflow ended as expected"
+LIMITS = "no key above its limit, no rate limit above its bucket"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits the run set: every key's, and the one rate limit's."""
+
+    key_limit: int
+    rate_per_s: float
+    rate_burst: int
 
 
 @dataclass
@@ -337,6 +352,10 @@ class Verdict:
     failed_by_faults: list[str] = field(default_factory=list)
     # Seconds from an accepted DELETE (202) to the CANCEL line of the execution it stopped.
     cancel_delays: list[float] = field(default_factory=list)
+    # The most executions of one key at once, and the rate limit's most starts
+    # beyond what its rate allows over any span (at most its burst).
+    key_peak: int = 0
+    rate_excess: float = 0.0
 
     @property
     def unexplained(self) -> list[Fate]:
@@ -698,6 +717,7 @@ def judge(
     rows: Mapping[str, JobRow],
     faults: Faults,
     origin: float = 0.0,
+    limits: Limits | None = None,
 ) -> Verdict:
     """Judge every execution of the submitted jobs (``rows``, keyed by job id).
 
@@ -729,7 +749,69 @@ def judge(
         if row.state in TERMINAL:
             _Job(row, runs, faults, origin, verdict).judge()
     _judge_workflows(rows, by_job, verdict)
+    if limits is not None:
+        _judge_limits(rows, by_job, faults, limits, verdict)
     return verdict
+
+
+def bucket_excess(starts: Sequence[float], rate: float) -> float:
+    """The most starts in any span beyond what ``rate`` allows over it: the max over
+    i <= j of (j - i + 1) - rate * (t_j - t_i), for ``starts`` in order."""
+    best = 0.0
+    lowest = math.inf  # the least i - rate * t_i so far
+    for j, t in enumerate(starts):
+        lowest = min(lowest, j - rate * t)
+        best = max(best, j - rate * t - lowest + 1)
+    return best
+
+
+def _judge_limits(
+    rows: Mapping[str, JobRow],
+    runs: Mapping[str, Sequence[Execution]],
+    faults: Faults,
+    limits: Limits,
+    verdict: Verdict,
+) -> None:
+    """From the executions: never more of a key at once than its limit (an execution
+    lasts from its START to its end line, or to its process's death). From the
+    claims: never more starts under the rate limit than its bucket allows.
+
+    Only async executions count for keys: a plain-function one that a worker gave
+    up on may run on past the end of its attempt (docs/architecture.md, known gaps),
+    and so past its key's slot."""
+    spans: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
+    starts: list[float] = []
+    for row in rows.values():
+        if row.concurrency_key is not None:
+            for run in runs.get(row.id, []):
+                spans[row.concurrency_key].append((run.started, 1, row.id))
+                spans[row.concurrency_key].append((faults.until(run), -1, row.id))
+        if row.rate_limit is not None:
+            starts.extend(row.claimed_at)
+    for key, points in spans.items():
+        running = 0
+        for _at, step, job_id in sorted(points):  # an end sorts before a start at one time
+            running += step
+            verdict.key_peak = max(verdict.key_peak, running)
+            if running > limits.key_limit:
+                verdict.job_problems.append(
+                    JobProblem(
+                        job_id,
+                        LIMITS,
+                        f"{running} executions of key {key} at once (limit {limits.key_limit})",
+                    )
+                )
+    if starts:
+        verdict.rate_excess = bucket_excess(sorted(starts), limits.rate_per_s)
+        if verdict.rate_excess > limits.rate_burst + 1e-6:
+            verdict.job_problems.append(
+                JobProblem(
+                    "-",
+                    LIMITS,
+                    f"{verdict.rate_excess:.2f} starts beyond the rate limit's "
+                    f"{limits.rate_per_s:g}/s (burst {limits.rate_burst})",
+                )
+            )
 
 
 def _judge_workflows(

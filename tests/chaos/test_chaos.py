@@ -53,6 +53,8 @@ SHORT = Plan(
     latency_s=(2.5, 3.5),
     settle_timeout_s=45,
     workflows=12,
+    keyed_share=0.1,
+    rated_share=0.1,
 )
 
 LONG = Plan(
@@ -85,6 +87,10 @@ LONG = Plan(
     latency_s=(3.0, 6.0),
     settle_timeout_s=90,
     workflows=60,
+    keyed_share=0.1,
+    rated_share=0.1,
+    rate_per_s=50.0,
+    rate_burst=10,
 )
 
 

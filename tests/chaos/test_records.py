@@ -16,6 +16,7 @@ from tests.chaos.records import (
     CANCEL_HONOURED,
     FINAL_STATE,
     HISTORY,
+    LIMITS,
     LOST_TO_SHUTDOWN_IN_OUTAGE,
     RETRIES,
     SHUTDOWN_FAILED,
@@ -24,6 +25,7 @@ from tests.chaos.records import (
     Faults,
     JobRow,
     Judgement,
+    Limits,
     Verdict,
     Window,
     judge,
@@ -472,3 +474,40 @@ def test_a_failed_parent_must_cancel_its_children_unrun() -> None:
     assert workflow_problems(wrongly, "") == [
         "cancelled for an ancestor, but its parents all SUCCEEDED"
     ]
+
+
+LIMITS_SET = Limits(key_limit=2, rate_per_s=10.0, rate_burst=3)
+
+
+def limit_problems(rows: dict[str, JobRow], text: str) -> tuple[list[str], Verdict]:
+    verdict = judge(parse(text).executions, rows, Faults(), limits=LIMITS_SET)
+    return [p.text for p in verdict.job_problems if p.check == LIMITS], verdict
+
+
+def test_a_key_at_its_limit_passes_and_one_above_it_fails() -> None:
+    rows = {j: dataclasses.replace(row(j), concurrency_key="k") for j in "ABC"}
+    two_then_one = (
+        "START,A,1,10,100.0\nSTART,B,1,10,100.1\nEND,A,1,10,100.5\n"
+        "START,C,1,10,100.5\nEND,B,1,10,100.9\nEND,C,1,10,101.0\n"
+    )
+    problems, verdict = limit_problems(rows, two_then_one)
+    assert (problems, verdict.key_peak) == ([], 2)
+    three = "START,A,1,10,100.0\nSTART,B,1,10,100.1\nSTART,C,1,10,100.2\n" + (
+        "END,A,1,10,100.5\nEND,B,1,10,100.5\nEND,C,1,10,100.5\n"
+    )
+    problems, verdict = limit_problems(rows, three)
+    assert problems == ["3 executions of key k at once (limit 2)"]
+    assert verdict.key_peak == 3
+
+
+def test_starts_within_the_bucket_pass_and_beyond_it_fail() -> None:
+    # 10/s, burst 3: three at once, then one every 0.1 s, is the bucket exactly.
+    paced = (100.0, 100.0, 100.0, 100.1, 100.2, 100.3)
+    rows = {"A": dataclasses.replace(row("A"), rate_limit="r", claimed_at=paced)}
+    problems, verdict = limit_problems(rows, "")
+    assert problems == []
+    assert verdict.rate_excess == pytest.approx(3.0)
+    rushed = (100.0, 100.0, 100.0, 100.0, 100.05)
+    rows = {"A": dataclasses.replace(row("A"), rate_limit="r", claimed_at=rushed)}
+    problems, _ = limit_problems(rows, "")
+    assert problems == ["4.50 starts beyond the rate limit's 10/s (burst 3)"]

@@ -45,18 +45,20 @@ def recorded(
     actor: str,
     name: str = "recorded",
     where: str = "true",
+    at: str = "now()",
 ) -> str:
     """A CTE (named ``name``) writing one event per row of the CTE ``source`` (those
     ``where`` selects).
 
     ``source`` returns the moved jobs' ``id``, ``state`` (the new one),
     ``queue``, ``type``, ``workflow_id`` and what the expressions use; ``from_state``, ``attempt``
-    and ``actor`` are SQL expressions over its rows.
+    and ``actor`` are SQL expressions over its rows; ``at`` is when the moves happened.
     """
     return f"""{name} AS (
     INSERT INTO job_events (job_id, from_state, to_state, attempt, actor, queue, type,
-                            workflow_id)
-    SELECT id, {from_state}, state, {attempt}, {actor}, queue, type, workflow_id FROM {source}
+                            workflow_id, at)
+    SELECT id, {from_state}, state, {attempt}, {actor}, queue, type, workflow_id, {at}
+    FROM {source}
     WHERE {_WRITING} AND ({where})
 )"""
 

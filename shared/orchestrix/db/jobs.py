@@ -341,7 +341,7 @@ def start_chosen(at: str = "now()") -> str:
     FROM chosen
     WHERE jobs.id = chosen.id
     RETURNING jobs.*, chosen.state AS from_state
-), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR)}"""
+), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR, at=at)}"""
 
 
 _CLAIM = f"""
