@@ -83,6 +83,11 @@ WITH RECURSIVE keys AS (
       AND NOT EXISTS (
           SELECT 1 FROM queues WHERE queues.name = keys.queue AND queues.paused_at IS NOT NULL
       )
+), share AS (
+    -- Twice the turns $3 needs if every key with room had that many jobs: keys
+    -- with fewer leave room to the others, mostly.
+    SELECT ceil(2 * $3::numeric / greatest(1, count(*)))::int AS turns
+    FROM room WHERE free > 0
 ), limited AS (
     SELECT queues.name AS queue,
            queues.running_limit - (SELECT count(*) FROM jobs AS running
@@ -103,8 +108,7 @@ WITH RECURSIVE keys AS (
           AND queue = room.queue AND concurrency_key = room.concurrency_key
           AND run_at <= now() AND type = ANY($2::text[])
         ORDER BY priority DESC, run_at, id
-        LIMIT least(room.free, $3)
-        FOR UPDATE SKIP LOCKED
+        LIMIT least(room.free, $3, (SELECT turns FROM share))
     ) AS due
     WHERE room.free > 0
 ), unkeyed AS (
@@ -115,7 +119,6 @@ WITH RECURSIVE keys AS (
           AND queue = limited.queue AND type = served.type AND run_at <= now()
         ORDER BY priority DESC, run_at, id
         LIMIT least(limited.free, $3)
-        FOR UPDATE SKIP LOCKED
     ) AS due
     WHERE limited.free > 0
 ), rated AS (
@@ -129,7 +132,6 @@ WITH RECURSIVE keys AS (
           )
         ORDER BY priority DESC, run_at, id
         LIMIT least(floor(buckets.available)::int, $3)
-        FOR UPDATE SKIP LOCKED
     ) AS due
     WHERE buckets.available >= 1
 ), candidates AS (
@@ -149,7 +151,7 @@ WITH RECURSIVE keys AS (
     LEFT JOIN buckets ON buckets.name = ranked.rate_limit
     WHERE (limited.queue IS NULL OR ranked.in_queue <= limited.free)
       AND (ranked.rate_limit IS NULL OR ranked.in_bucket <= buckets.available)
-), {start_chosen("(SELECT at FROM clock)")}, spent AS (
+), {start_chosen("(SELECT at FROM clock)", lock=True)}, spent AS (
     UPDATE rate_limits
     SET tokens = buckets.available - taken.n,
         refilled_at = greatest(rate_limits.refilled_at, clock.at)

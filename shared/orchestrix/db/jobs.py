@@ -330,17 +330,28 @@ async def count_by_state(conn: Conn) -> dict[JobState, int]:
 # (id, priority, run_at, state, turn) ranked; the first $3 by turn start for
 # worker $4, leased for $5 s, with their events, in `moved`. ``at`` is the start's
 # time: the transaction's, or for the limited claim the clock read after its turn.
-def start_chosen(at: str = "now()") -> str:
+# With ``lock`` the chosen jobs are locked (SKIP LOCKED) and checked to wait still,
+# for a claim whose candidates were read without locks.
+def start_chosen(at: str = "now()", *, lock: bool = False) -> str:
+    picked = "chosen"
+    locking = ""
+    if lock:
+        picked = "picked"
+        locking = """, picked AS (
+    SELECT jobs.id, chosen.state FROM jobs JOIN chosen ON chosen.id = jobs.id
+    WHERE jobs.state IN ('PENDING', 'RETRYING')
+    FOR UPDATE OF jobs SKIP LOCKED
+)"""
     return f"""chosen AS (
     SELECT id, state FROM turns ORDER BY turn, priority DESC, run_at, id LIMIT $3
-), moved AS (
+){locking}, moved AS (
     UPDATE jobs
     SET state = 'RUNNING', attempt = jobs.attempt + 1, worker_id = $4,
         scheduled_at = {at}, started_at = {at}, updated_at = {at},
         lease_expires_at = {at} + make_interval(secs => $5)
-    FROM chosen
-    WHERE jobs.id = chosen.id
-    RETURNING jobs.*, chosen.state AS from_state
+    FROM {picked}
+    WHERE jobs.id = {picked}.id
+    RETURNING jobs.*, {picked}.state AS from_state
 ), {recorded("moved", from_state="from_state", actor=WORKER_ACTOR, at=at)}"""
 
 
