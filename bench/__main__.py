@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import (
     api,
+    bulk,
     ceiling,
     claim,
     dispatch,
@@ -53,6 +54,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "fairness": dispatch.run_fairness,
     "keys": keys.run_phase,
     "rates": rates.run_phase,
+    "bulk": bulk.run_phase,
     "subscribers": subscribers.run_phase,
     "workflows": workflows.run_phase,
     "sustained": sustained.run_phase,

@@ -24,6 +24,7 @@ PHASES = (
     "fairness",
     "keys",
     "rates",
+    "bulk",
     "subscribers",
     "workflows",
     "claim",
@@ -75,6 +76,8 @@ class Options:
     rate_per_s: float = 500.0  # bench/rates.py
     rate_burst: int = 50
     rate_duration_s: float = 30.0
+    bulk_action_jobs: int = 100_000  # bench/bulk.py
+    bulk_drain_jobs: int = 150_000
     workflow_workers: int = 2  # bench/workflows.py
     workflow_rounds: int = 5
     prune_rows: int = 1_000_000
@@ -123,6 +126,8 @@ class Options:
             rate_per_s=100.0,
             rate_burst=10,
             rate_duration_s=3.0,
+            bulk_action_jobs=2_000,
+            bulk_drain_jobs=5_000,
             prune_rows=10_000,
             prune_jobs=1_000,
             retention_rate=100.0,

@@ -55,6 +55,8 @@ HEADLINES = (
     "retention_total_mib_at_end",
     "retention_bytes_per_job_at_end",
     "rate_starts_per_s",
+    "bulk_retry_s",
+    "bulk_cancel_s",
 )
 
 
