@@ -45,6 +45,15 @@ FROM pg_stat_user_tables AS s WHERE s.relname = 'jobs'
 """
 
 
+# Every index of jobs, and the history table, by size: what a job costs, and where.
+_RELATIONS = """
+SELECT indexrelid::regclass::text AS name, pg_relation_size(indexrelid) AS bytes
+FROM pg_index WHERE indrelid = 'jobs'::regclass
+UNION ALL SELECT 'job_events (with its indexes)', pg_total_relation_size('job_events')
+ORDER BY bytes DESC
+"""
+
+
 async def _insert_steadily(url: str, rate: float, duration_s: float) -> int:
     """Insert ``rate`` no-op jobs a second for ``duration_s``; how many went in."""
     conn = await asyncpg.connect(url)
@@ -129,6 +138,7 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                 inserter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await inserter
+            relations = {row["name"]: row["bytes"] for row in await conn.fetch(_RELATIONS)}
         finally:
             await conn.close()
     elapsed = samples[-1]["t_s"]
@@ -140,6 +150,11 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         round(end["total_bytes"] / settled["total_bytes"] - 1, 3)
         if settled is not None and settled is not end
         else None
+    )
+    print(
+        "  at the end, by relation: "
+        + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in relations.items()),
+        flush=True,
     )
     return {
         "rate": o.retention_rate,
@@ -154,4 +169,10 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         "growth_after_two_windows": growth,
         "bytes_per_job_at_end": end["bytes_per_job"],
         "dead_tuples_at_end": end["dead_tuples"],
+        "index_growth_after_two_windows": (
+            round(end["index_bytes"] / settled["index_bytes"] - 1, 3)
+            if settled is not None and settled is not end and settled["index_bytes"]
+            else None
+        ),
+        "relation_bytes_at_end": relations,
     }
