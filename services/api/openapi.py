@@ -24,11 +24,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from orchestrix.apikeys import METRICS_READ
 from orchestrix.cron import MAX_EXPRESSION_CHARS
 from orchestrix.db.jobs import LARGE_FIELDS
 from orchestrix.db.schedules import TEMPLATE_FIELDS
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
+from orchestrix.services.api.auth import OPEN, ROUTE_SCOPES
 from orchestrix.services.api.bulk import CANCEL_STATES, RETRY_STATES
 from orchestrix.services.api.bulk import IDS_MAX as BULK_IDS_MAX
 from orchestrix.services.api.errors import MAX_BODY
@@ -148,6 +150,14 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
         "value; written at most once a second while it runs"
     },
     "progress_at": {"description": "when that report was written"},
+    "created_by_key": {
+        "description": "the name of the API key that created the job; null with "
+        "authentication off, or for a schedule's jobs"
+    },
+    "cancelled_by_key": {
+        "description": "the name of the API key that cancelled the job (or asked its worker "
+        "to); null with authentication off, or when no key did"
+    },
 }
 
 
@@ -776,6 +786,62 @@ _BODY_ERRORS = {
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+_UNAUTHORIZED: Schema = {
+    **_error("no API key, or a malformed, unknown, revoked or expired one"),
+    "headers": {
+        "WWW-Authenticate": {
+            "description": 'Bearer realm="orchestrix" (with error="invalid_token" for a bad key)',
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+}
+_TOO_MANY: Schema = {
+    **_error(
+        "the key is over its requests/s (or, creating jobs, its jobs/s), or this client "
+        "address failed authentication too often"
+    ),
+    "headers": _RETRY_AFTER,
+}
+_BEARER: dict[str, list[str]] = {"bearer": []}
+
+
+def _secured(paths: dict[str, Schema]) -> dict[str, Schema]:
+    """Each operation with the key it needs (services.api.auth.ROUTE_SCOPES) and the
+    401, 403 and 429 that come with one."""
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            scope = ROUTE_SCOPES[(method.upper(), path)]
+            if scope is OPEN:
+                operation["security"] = []
+                continue
+            responses = operation["responses"]
+            if scope == METRICS_READ:  # open unless API_READY_AUTH / API_METRICS_AUTH
+                operation["security"] = [{}, _BEARER]
+                note = f"Open by default; a key with {scope} (or admin) once its *_AUTH is on."
+            else:
+                operation["security"] = [_BEARER]
+                note = f"Needs an API key with the scope {scope}" + (
+                    "." if scope == "admin" else " (or admin)."
+                )
+                responses["429"] = _TOO_MANY
+            responses["401"] = _UNAUTHORIZED
+            responses["403"] = _error(f"the key lacks the scope {scope}")
+            operation["x-required-scope"] = scope
+            summary = operation.get("description")
+            operation["description"] = f"{summary}\n\n{note}" if summary else note
+    return paths
+
+
 def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
     job_id = {
         "name": "id",
@@ -1393,10 +1459,27 @@ def build_document(
             "queues; create jobs on cron schedules.\n\n"
             'Every error answers JSON {"error": "..."}. An unknown path is 404, a method '
             "not allowed on a path is 405 with an Allow header, and an unexpected failure "
-            "is 500.\n\nLimits:\n" + limits,
+            "is 500.\n\nAuthentication: every operation but /health and /openapi.json "
+            "needs an API key (Authorization: Bearer <key>) with the scope its "
+            "x-required-scope names (admin may do everything); without one, 401; with "
+            "a key that lacks the scope, 403; over a limit, 429 with Retry-After. "
+            "/ready and /metrics are open unless API_READY_AUTH / API_METRICS_AUTH are "
+            "on. With API_AUTH=off no key is needed.\n\nLimits:\n" + limits,
         },
-        "paths": _paths(max_body_bytes, list_max_bytes),
-        "components": {"schemas": _schemas()},
+        "paths": _secured(_paths(max_body_bytes, list_max_bytes)),
+        "security": [_BEARER],
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key made by `orchestrix keys create`: "
+                    "`Authorization: Bearer orx_...`. Not needed when the API runs with "
+                    "API_AUTH=off (as `orchestrix dev` does).",
+                }
+            },
+        },
     }
 
 

@@ -29,6 +29,8 @@ class NewJob:
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
     idempotency_key: str | None = None
     concurrency_key: str | None = None
+    # The name of the API key that sent it (None with authentication off).
+    created_by_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Job:
     cancelled_by: str | None = None
     # At most the queue's key_limit jobs with this key run at once.
     concurrency_key: str | None = None
+    # The names of the API keys that created it and that cancelled it (or asked
+    # for its cancel); None with authentication off, or when no key did.
+    created_by_key: str | None = None
+    cancelled_by_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -107,6 +113,8 @@ class Job:
             waiting_for=row["waiting_for"],
             cancelled_by=row["cancelled_by"],
             concurrency_key=row["concurrency_key"],
+            created_by_key=row["created_by_key"],
+            cancelled_by_key=row["cancelled_by_key"],
         )
         return job
 
@@ -144,6 +152,8 @@ class Job:
             "waiting_for": self.waiting_for,
             "cancelled_by": self.cancelled_by,
             "concurrency_key": self.concurrency_key,
+            "created_by_key": self.created_by_key,
+            "cancelled_by_key": self.cancelled_by_key,
         }
 
 

@@ -47,6 +47,7 @@ TABLES = {
     "workers",
     "queues",
     "schedules",
+    "api_keys",
     "alembic_version",
 }
 

@@ -107,6 +107,8 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "workflow_key",
         "cancelled_by",
         "concurrency_key",
+        "created_by_key",
+        "cancelled_by_key",
     }
 
 
