@@ -40,9 +40,6 @@ from orchestrix.services.api.errors import ApiError
 from orchestrix.services.api.keys import POOL
 from orchestrix.settings import AuthSettings
 
-# Any valid key will do: an unknown path or method (404, 405) is not told to
-# anyone without one.
-ANY_KEY = "any"
 OPEN = None
 
 # The scope of every route (method, path template). HEAD is GET's.
@@ -348,14 +345,16 @@ def middleware(authenticator: Authenticator) -> Middleware:
             needed = scopes[route]
         except KeyError:
             resource = route.resource
-            if resource is None:  # no route matched: 404 or 405, for key holders only
-                needed = ANY_KEY
+            if resource is None:
+                # No route matched: 404 or 405 (with Allow) for anyone. The routes
+                # are no secret (/openapi.json lists them); what they hold is.
+                needed = OPEN
             else:
                 needed = scopes[route] = scope_of(route.method, resource.canonical, settings)
         if needed is OPEN:
             return await handler(request)
         caller = await authenticator.verify(request)
-        if needed != ANY_KEY and not apikeys.allows(caller.scopes, needed):
+        if not apikeys.allows(caller.scopes, needed):
             raise ApiError(403, f"API key {caller.name} lacks the scope {needed} this route needs")
         authenticator.charge_request(caller)
         request[CALLER] = caller
