@@ -30,6 +30,7 @@ from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.errors import MAX_BODY, error_middleware
 from orchestrix.services.api.feed import Feed
 from orchestrix.services.api.keys import (
+    AUTH,
     CREATOR,
     FEED,
     LIFECYCLE,
@@ -79,6 +80,7 @@ def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) 
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
     app[LIST_MAX_BYTES] = settings.api.list_max_bytes
+    app[AUTH] = settings.auth
     app[LIFECYCLE] = Lifecycle()
     app[FEED] = Feed(
         pool,

@@ -166,8 +166,12 @@ class _Limits:
 
 @dataclass(frozen=True)
 class _Entry:
+    """A key as read, and what each request needs of it, worked out once."""
+
     until: float  # monotonic
     key: db.ApiKey | None
+    caller: Caller | None = None
+    expires: float = math.inf  # time.time() from which it no longer works
 
 
 def _unauthorized(message: str, *, invalid: bool) -> ApiError:
@@ -184,7 +188,7 @@ class Authenticator:
         self._pool = pool
         self.settings = settings
         self._cache: dict[str, _Entry] = {}
-        self._loading: dict[str, asyncio.Future[db.ApiKey | None]] = {}
+        self._loading: dict[str, asyncio.Future[_Entry]] = {}
         self._failures: OrderedDict[str, Bucket] = OrderedDict()
         self._limits: dict[str, _Limits] = {}
 
@@ -206,27 +210,27 @@ class Authenticator:
             raise self._failed(address, "malformed API key")
         now = time.monotonic()
         entry = self._cache.get(key_id)
-        if entry is not None and entry.until > now:
-            key = entry.key
-        else:
+        if entry is None or entry.until <= now:
             wait = self._blocked_for(address, now)
             if wait:
                 raise self._too_many(wait)
-            key = await self._load(key_id)
+            entry = await self._load(key_id)
+        key = entry.key
         if key is None or not apikeys.matches(token, key.secret_sha256):
             raise self._failed(address, "unknown API key")
         if key.revoked_at is not None:
             raise self._failed(address, f"API key {key.name} was revoked")
-        if key.expires_at is not None and key.expires_at.timestamp() <= time.time():
+        if entry.expires <= time.time():
             raise self._failed(address, f"API key {key.name} has expired")
-        return Caller(key.id, key.name, frozenset(key.scopes))
+        assert entry.caller is not None  # set for every key found
+        return entry.caller
 
-    async def _load(self, key_id: str) -> db.ApiKey | None:
+    async def _load(self, key_id: str) -> _Entry:
         """The key from PostgreSQL, one query for all the requests that wait for it."""
         loading = self._loading.get(key_id)
         if loading is not None:
             return await asyncio.shield(loading)
-        future: asyncio.Future[db.ApiKey | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._loading[key_id] = future
         try:
             key = await db.get(self._pool, key_id)
@@ -241,9 +245,15 @@ class Authenticator:
             del self._loading[key_id]
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[key_id] = _Entry(time.monotonic() + self.settings.cache_ttl_s, key)
-        future.set_result(key)
-        return key
+        until = time.monotonic() + self.settings.cache_ttl_s
+        if key is None:
+            entry = _Entry(until, None)
+        else:
+            expires = math.inf if key.expires_at is None else key.expires_at.timestamp()
+            entry = _Entry(until, key, Caller(key.id, key.name, frozenset(key.scopes)), expires)
+        self._cache[key_id] = entry
+        future.set_result(entry)
+        return entry
 
     # --- failures per client address -------------------------------------------
 

@@ -446,3 +446,50 @@ def test_scopes_are_checked() -> None:
         apikeys.parse_scopes(" , ")
     assert apikeys.allows(frozenset({"admin"}), "jobs:cancel")
     assert not apikeys.allows(frozenset({"jobs:read"}), "jobs:cancel")
+
+
+async def test_the_document_says_what_this_server_asks_for(
+    serve_auth: ServeApp, pool: asyncpg.Pool, settings: Settings
+) -> None:
+    from openapi_spec_validator import validate as validate_spec
+
+    api = await serve_auth(open_metrics=False)
+    status, document, _ = await api.call("GET", "/openapi.json")
+    assert status == 200
+    validate_spec(document)
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["security"] == [{"bearer": []}]
+    paths = document["paths"]
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            needed = expected_scope(method.upper(), path, protect_probes=path == "/metrics")
+            assert operation["x-required-scope"] == EXPECTED[(method.upper(), path)]
+            if needed is None:
+                assert operation["security"] == [], (method, path)
+                assert "401" not in operation["responses"]
+            else:
+                assert operation["security"] == [{"bearer": []}], (method, path)
+                assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
+                assert needed in operation["description"]
+    assert paths["/ready"]["get"]["security"] == []  # open by default
+    headers = paths["/api/v1/jobs"]["post"]["responses"]["401"]["headers"]
+    assert headers["WWW-Authenticate"]["required"]
+
+    # With auth off, nothing is required: a client must not expect a 401.
+    app = build_app(settings, pool)
+    async with (
+        served(app) as url,
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/openapi.json") as response,
+    ):
+        off = await response.json()
+    assert off["security"] == []
+    assert all(
+        operation["security"] == []
+        for item in off["paths"].values()
+        for method, operation in item.items()
+        if method != "parameters"
+    )
+    assert "Authentication is off on this server" in off["info"]["description"]
