@@ -172,6 +172,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="RETENTION_SUCCEEDED in the retention phase, in seconds (default 30)",
     )
     parser.add_argument(
+        "--api-auth",
+        action="store_true",
+        help="run the API phase with API_AUTH=on, every request with an admin key "
+        "(compare with a run without it: the cost of authentication)",
+    )
+    parser.add_argument(
         "--note",
         metavar="TEXT",
         default="",
@@ -189,6 +195,8 @@ def options_from(args: argparse.Namespace) -> Options:
         options = replace(options, drain_workers=args.workers)
     if args.worker_concurrency:
         options = replace(options, worker_concurrency=args.worker_concurrency)
+    if args.api_auth:
+        options = replace(options, api_auth=True)
     if args.rounds:
         options = replace(
             options, drain_rounds=args.rounds, claim_rounds=args.rounds, prune_rounds=args.rounds

@@ -49,6 +49,8 @@ class Options:
     latency_rate: float = 100.0
     latency_duration_s: float = 10.0
     api_clients: int = 50
+    # The API phase with API_AUTH=on, every request with one admin key (no limits).
+    api_auth: bool = False
     api_duration_s: float = 10.0
     api_warmup_s: float = 1.0
     bulk_clients: int = 4

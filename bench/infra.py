@@ -352,6 +352,8 @@ class Stack:
             "LOG_LEVEL": "warning",
             "API_HOST": "127.0.0.1",
             "METRICS_HOST": "127.0.0.1",
+            # The API phase turns it on with --api-auth (bench/api.py).
+            "API_AUTH": "off",
             "SHUTDOWN_TIMEOUT": "5s",
             **env,
         }

@@ -48,9 +48,12 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
-def session(connections: int) -> aiohttp.ClientSession:
+def session(connections: int, headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """A client session; ``headers`` go with every request (an API key's Authorization)."""
     connector = aiohttp.TCPConnector(limit=connections, force_close=False, ttl_dns_cache=None)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60), headers=headers
+    )
 
 
 class _ProcessCpu:

@@ -107,6 +107,9 @@ def settings(database: str, servers: Servers) -> Settings:
             "NATS_URL": servers.nats_url,
             "API_PORT": "8080",
             "LOG_FORMAT": "text",
+            # Most tests call the API without keys; tests/integration/test_auth.py
+            # and the fuzz test's auth-on run build it with auth on.
+            "API_AUTH": "off",
         }
     )
 
@@ -125,7 +128,7 @@ async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     """The run's database, emptied before each test that asks for it."""
     await session_pool.execute(
         "TRUNCATE jobs, job_events, job_dependencies, workflows, workers, queues, schedules,"
-        " rate_limits"
+        " rate_limits, api_keys"
     )
     return session_pool
 

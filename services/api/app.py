@@ -16,6 +16,7 @@ from orchestrix.labels import LabelFollower
 from orchestrix.lifecycle import session_settings, stop_on_signals
 from orchestrix.metrics import ApiMetrics, KnownLabels, http_method
 from orchestrix.services.api import (
+    auth,
     bulk,
     events,
     health,
@@ -30,6 +31,7 @@ from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.errors import MAX_BODY, error_middleware
 from orchestrix.services.api.feed import Feed
 from orchestrix.services.api.keys import (
+    AUTH,
     CREATOR,
     FEED,
     LIFECYCLE,
@@ -63,17 +65,23 @@ def _metrics_middleware(metrics: ApiMetrics) -> Any:
 def build_app(settings: Settings, pool: Any, metrics: ApiMetrics | None = None) -> web.Application:
     metrics = metrics or ApiMetrics(known=KnownLabels(settings.metrics.queues))
     # The error middleware sits inside the metrics one, so errors are counted
-    # with the status the client received.
-    app = web.Application(
-        client_max_size=settings.api.max_body_bytes,
-        middlewares=[_metrics_middleware(metrics), error_middleware],
-    )
+    # with the status the client received; the key check inside both, so that its
+    # refusals are JSON errors, and counted. With API_AUTH=off there is no check.
+    middlewares = [_metrics_middleware(metrics), error_middleware]
+    authenticator = None
+    if settings.auth.enabled:
+        authenticator = auth.Authenticator(pool, settings.auth)
+        middlewares.append(auth.middleware(authenticator))
+    app = web.Application(client_max_size=settings.api.max_body_bytes, middlewares=middlewares)
+    if authenticator is not None:
+        app[auth.AUTHENTICATOR] = authenticator
     app[POOL] = pool
     app[CREATOR] = Creator(pool)
     app[METRICS] = metrics
     app[NATS_SETTINGS] = settings.nats
     app[MAX_BODY] = settings.api.max_body_bytes
     app[LIST_MAX_BYTES] = settings.api.list_max_bytes
+    app[AUTH] = settings.auth
     app[LIFECYCLE] = Lifecycle()
     app[FEED] = Feed(
         pool,
@@ -117,6 +125,7 @@ async def _end_event_streams(app: web.Application) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run the API until SIGTERM or SIGINT, then stop accepting and finish in-flight requests."""
+    settings.auth.check_listener(settings.api.host)
     stop = stop_on_signals()
 
     pool = await connect_with_backoff(
@@ -141,7 +150,14 @@ async def serve(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)
     await site.start()
-    log.info("api listening", extra={"host": settings.api.host, "port": settings.api.port})
+    log.info(
+        "api listening",
+        extra={
+            "host": settings.api.host,
+            "port": settings.api.port,
+            "auth": "on" if settings.auth.enabled else "off",
+        },
+    )
     try:
         await stop.wait()
     finally:

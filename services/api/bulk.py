@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 from orchestrix import broker, ids
 from orchestrix.db import bulk as db
+from orchestrix.services.api import auth
 from orchestrix.services.api.errors import ApiError, json_response
-from orchestrix.services.api.keys import LIFECYCLE, NATS_SETTINGS, POOL
+from orchestrix.services.api.keys import LIFECYCLE, NATS_SETTINGS
 from orchestrix.services.api.parsing import (
     QUEUE_PATTERN,
     TYPE_PATTERN,
@@ -47,7 +48,9 @@ async def cancel_jobs(request: web.Request) -> web.Response:
 async def cancel_selected(request: web.Request, selection: db.Selection) -> dict[str, int]:
     """Cancel what ``selection`` picks: the waiting jobs at once, the running ones
     through their workers; the counts, as the API answers them."""
-    cancelled, asked = await db.cancel(request.app[POOL], selection)
+    # The connection names the request's key: the jobs' cancelled_by_key, their events.
+    async with auth.connection(request) as conn:
+        cancelled, asked = await db.cancel(conn, selection)
     nc = request.app[LIFECYCLE].nats
     if asked and nc is not None and nc.is_connected:
         # Fire and forget, as for one job: a worker that misses it sees the request
@@ -64,7 +67,8 @@ async def cancel_selected(request: web.Request, selection: db.Selection) -> dict
 async def retry_jobs(request: web.Request) -> web.Response:
     """FAILED and CANCELLED jobs become PENDING with a new budget of attempts."""
     selection = parse_selection(await read_json_object(request), RETRY_STATES)
-    retried = await db.retry(request.app[POOL], selection)
+    async with auth.connection(request) as conn:
+        retried = await db.retry(conn, selection)
     log.info("jobs retried in bulk", extra={"retried": retried})
     return json_response({"retried": retried})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -12,6 +13,7 @@ from orchestrix import broker, ids
 from orchestrix.db import jobs as db
 from orchestrix.db import workers, workflows
 from orchestrix.models import Job
+from orchestrix.services.api import auth
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.feed import until_finished
 from orchestrix.services.api.keys import (
@@ -49,7 +51,8 @@ JOB_PATH = r"/api/v1/jobs/{id:(?!(?:batch|cancel|retry)/?$)[^{}/]+}"
 
 @routes.post("/api/v1/jobs")
 async def create_job(request: web.Request) -> web.Response:
-    new = parse_new_job(await read_json_object(request))
+    new = parse_new_job(await read_json_object(request), auth.key_name(request))
+    auth.charge_jobs(request, 1)
     if new.rate_limit is not None:
         await check_known(request.app[POOL], [new])
     # Inserted together with the creates of concurrent requests (see creator.py).
@@ -65,7 +68,8 @@ async def create_job(request: web.Request) -> web.Response:
 @routes.post("/api/v1/jobs/batch")
 async def create_jobs(request: web.Request) -> web.Response:
     """Up to 1,000 jobs in one request and one statement: all are created, or none."""
-    batch = parse_batch(await read_json_object(request))
+    batch = parse_batch(await read_json_object(request), auth.key_name(request))
+    auth.charge_jobs(request, len(batch))
     await check_known(request.app[POOL], batch)
     results = await db.insert_many(request.app[POOL], batch)
     # One counter update per type and queue, not per job: labels() takes a lock.
@@ -137,21 +141,23 @@ async def get_job(request: web.Request) -> web.Response:
 @routes.delete(JOB_PATH)
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    cancelled = await db.cancel(request.app[POOL], job_id) if ids.is_valid(job_id) else None
-    if cancelled is not None:
-        return _cancelled(request, cancelled)
-    # Not cancelled: say why, from the state the job is in now.
-    job = await _existing(request)
-    if job.state in TERMINAL:
-        raise ApiError(
-            409, f"job {job.id} is already {job.state}; only unfinished jobs can be cancelled"
-        )
-    if job.state is JobState.RUNNING:
-        return await _request_cancel(request, job)
-    # It moved between our update and our read (e.g. PENDING -> RUNNING): try once more.
-    cancelled = await db.cancel(request.app[POOL], job_id)
-    if cancelled is not None:
-        return _cancelled(request, cancelled)
+    # The connection names the request's key: the job's cancelled_by_key, its event's actor.
+    async with auth.connection(request) as conn:
+        cancelled = await db.cancel(conn, job_id) if ids.is_valid(job_id) else None
+        if cancelled is not None:
+            return _cancelled(request, cancelled)
+        # Not cancelled: say why, from the state the job is in now.
+        job = await _existing(request, conn)
+        if job.state in TERMINAL:
+            raise ApiError(
+                409, f"job {job.id} is already {job.state}; only unfinished jobs can be cancelled"
+            )
+        if job.state is JobState.RUNNING:
+            return await _request_cancel(request, conn, job)
+        # It moved between our update and our read (e.g. PENDING -> RUNNING): try once more.
+        cancelled = await db.cancel(conn, job_id)
+        if cancelled is not None:
+            return _cancelled(request, cancelled)
     raise ApiError(409, f"job {job.id} changed state while cancelling; retry")
 
 
@@ -159,11 +165,11 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def retry_job(request: web.Request) -> web.Response:
     """A FAILED or CANCELLED job runs again: PENDING, due now, a new budget of attempts."""
     job_id = request.match_info["id"]
-    retried = await db.retry_by_hand(request.app[POOL], job_id) if ids.is_valid(job_id) else None
-    if retried is None:
-        job = await _existing(request)
-        if job.workflow_id is not None:  # runs again when its parents have all SUCCEEDED
-            async with request.app[POOL].acquire() as conn:
+    async with auth.connection(request) as conn:
+        retried = await db.retry_by_hand(conn, job_id) if ids.is_valid(job_id) else None
+        if retried is None:
+            job = await _existing(request, conn)
+            if job.workflow_id is not None:  # runs again when its parents have all SUCCEEDED
                 retried = await workflows.retry(conn, job_id)
     if retried is None:
         raise ApiError(
@@ -190,11 +196,11 @@ async def run_job_now(request: web.Request) -> web.Response:
     return json_response(job.to_json())
 
 
-async def _request_cancel(request: web.Request, job: Job) -> web.Response:
+async def _request_cancel(request: web.Request, conn: Any, job: Job) -> web.Response:
     """A running job is stopped by its worker: record the request, tell the workers, 202."""
-    marked = await db.request_cancel(request.app[POOL], job.id)
+    marked = await db.request_cancel(conn, job.id)
     if marked is None:  # it finished meanwhile
-        latest = await _existing(request)
+        latest = await _existing(request, conn)
         raise ApiError(409, f"job {latest.id} is already {latest.state}; it cannot be cancelled")
     nc = request.app[LIFECYCLE].nats
     if nc is not None and nc.is_connected:
@@ -234,9 +240,12 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
-async def _existing(request: web.Request) -> Job:
+async def _existing(request: web.Request, conn: Any = None) -> Job:
+    """The job of the route's id, read on ``conn`` if given (a handler that holds a
+    connection must not wait for a second one: the pool could be empty)."""
     job_id = request.match_info["id"]
-    job = await db.get(request.app[POOL], job_id) if ids.is_valid(job_id) else None
+    conn = request.app[POOL] if conn is None else conn
+    job = await db.get(conn, job_id) if ids.is_valid(job_id) else None
     if job is None:
         raise ApiError(404, f"job {job_id} not found")
     return job

@@ -10,7 +10,7 @@ from nats.aio.client import Client
 from orchestrix.metrics import ApiMetrics
 from orchestrix.services.api.creator import Creator
 from orchestrix.services.api.feed import Feed
-from orchestrix.settings import NatsSettings
+from orchestrix.settings import AuthSettings, NatsSettings
 
 POOL: web.AppKey[Any] = web.AppKey("pool")  # an asyncpg.Pool; asyncpg ships no types
 METRICS = web.AppKey("metrics", ApiMetrics)
@@ -18,6 +18,7 @@ CREATOR = web.AppKey("creator", Creator)
 FEED = web.AppKey("feed", Feed)
 NATS_SETTINGS = web.AppKey("nats_settings", NatsSettings)
 LIST_MAX_BYTES = web.AppKey("list_max_bytes", int)  # API_LIST_MAX_BYTES
+AUTH = web.AppKey("auth_settings", AuthSettings)  # API_AUTH and the rest
 
 
 @dataclass

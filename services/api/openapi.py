@@ -24,16 +24,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from orchestrix.apikeys import ADMIN
 from orchestrix.cron import MAX_EXPRESSION_CHARS
 from orchestrix.db.jobs import LARGE_FIELDS
 from orchestrix.db.schedules import TEMPLATE_FIELDS
 from orchestrix.errors import MAX_ERROR_CHARS
 from orchestrix.models import Job, NewJob
+from orchestrix.services.api.auth import OPEN, ROUTE_SCOPES, scope_of
 from orchestrix.services.api.bulk import CANCEL_STATES, RETRY_STATES
 from orchestrix.services.api.bulk import IDS_MAX as BULK_IDS_MAX
 from orchestrix.services.api.errors import MAX_BODY
 from orchestrix.services.api.jobs import STATS_TYPES_MAX
-from orchestrix.services.api.keys import LIST_MAX_BYTES
+from orchestrix.services.api.keys import AUTH, LIST_MAX_BYTES
 from orchestrix.services.api.parsing import (
     BATCH_MAX,
     CONCURRENCY_KEY_MAX,
@@ -66,7 +68,7 @@ from orchestrix.services.api.schedules import NAME_PATTERN as SCHEDULE_NAME_PATT
 from orchestrix.services.api.workflows import KEY_PATTERN as WORKFLOW_KEY_PATTERN
 from orchestrix.services.api.workflows import NAME_MAX as WORKFLOW_NAME_MAX
 from orchestrix.services.api.workflows import WORKFLOW_JOBS_MAX
-from orchestrix.settings import ApiSettings
+from orchestrix.settings import ApiSettings, AuthSettings
 from orchestrix.states import JobState
 
 Schema = dict[str, Any]
@@ -150,6 +152,14 @@ _JOB_FIELD_DETAILS: dict[str, Schema] = {
         "value; written at most once a second while it runs"
     },
     "progress_at": {"description": "when that report was written"},
+    "created_by_key": {
+        "description": "the name of the API key that created the job; null with "
+        "authentication off, or for a schedule's jobs"
+    },
+    "cancelled_by_key": {
+        "description": "the name of the API key that cancelled the job (or asked its worker "
+        "to); null with authentication off, or when no key did"
+    },
 }
 
 
@@ -872,6 +882,63 @@ _UNKNOWN_RATE_LIMIT = _error("a job names a rate limit that does not exist; noth
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
 
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+_UNAUTHORIZED: Schema = {
+    **_error("no API key, or a malformed, unknown, revoked or expired one"),
+    "headers": {
+        "WWW-Authenticate": {
+            "description": 'Bearer realm="orchestrix" (with error="invalid_token" for a bad key)',
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+}
+_TOO_MANY: Schema = {
+    **_error(
+        "the key is over its requests/s (or, creating jobs, its jobs/s), or this client "
+        "address failed authentication too often"
+    ),
+    "headers": _RETRY_AFTER,
+}
+_BEARER: dict[str, list[str]] = {"bearer": []}
+
+
+def _secured(paths: dict[str, Schema], auth: AuthSettings) -> dict[str, Schema]:
+    """Each operation with the key it needs on this server (services.api.auth:
+    ROUTE_SCOPES and the settings) and the 401, 403 and 429 that come with one.
+
+    With API_AUTH=off no operation needs a key, and the document says so: a
+    client (or schemathesis) must not expect a 401 there.
+    """
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            scope = ROUTE_SCOPES[(method.upper(), path)]
+            operation["x-required-scope"] = scope
+            needed = scope_of(method.upper(), path, auth) if auth.enabled else OPEN
+            if needed is OPEN:
+                operation["security"] = []
+                continue
+            operation["security"] = [_BEARER]
+            responses = operation["responses"]
+            responses["401"] = _UNAUTHORIZED
+            responses["403"] = _error(f"the key lacks the scope {needed}")
+            responses["429"] = _TOO_MANY
+            note = f"Needs an API key with the scope {needed}" + (
+                "." if needed == ADMIN else " (or admin)."
+            )
+            summary = operation.get("description")
+            operation["description"] = f"{summary}\n\n{note}" if summary else note
+    return paths
+
+
 def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
     job_id = {
         "name": "id",
@@ -1541,12 +1608,35 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
     }
 
 
+# The document of an API with the default settings: authentication on.
+DEFAULT_AUTH = AuthSettings()
+
+
+def _auth_text(auth: AuthSettings) -> str:
+    if not auth.enabled:
+        return (
+            "Authentication is off on this server (API_AUTH=off): no operation needs a "
+            "key. With it on, each operation needs an API key (Authorization: Bearer "
+            "<key>) with the scope its x-required-scope names."
+        )
+    return (
+        "Authentication: each operation with a security requirement needs an API key "
+        "(Authorization: Bearer <key>, made by `orchestrix keys create`) with the scope "
+        "its x-required-scope names (admin may do everything); without one, 401; with a "
+        "key that lacks the scope, 403; over the key's limits, or after too many failed "
+        "authentications from one address, 429 with Retry-After. /ready and /metrics "
+        "are open unless API_READY_AUTH / API_METRICS_AUTH are on."
+    )
+
+
 def build_document(
     max_body_bytes: int = ApiSettings.max_body_bytes,
     list_max_bytes: int = ApiSettings.list_max_bytes,
+    auth: AuthSettings = DEFAULT_AUTH,
 ) -> dict[str, Any]:
-    """The whole OpenAPI document, for a server whose body limit is ``max_body_bytes``
-    and whose pages of jobs end at ``list_max_bytes``."""
+    """The whole OpenAPI document, for a server whose body limit is ``max_body_bytes``,
+    whose pages of jobs end at ``list_max_bytes`` and that asks for keys as ``auth``
+    says."""
     limits = "\n".join(
         f"- {line}"
         for line in (
@@ -1575,20 +1665,33 @@ def build_document(
             "queues; create jobs on cron schedules.\n\n"
             'Every error answers JSON {"error": "..."}. An unknown path is 404, a method '
             "not allowed on a path is 405 with an Allow header, and an unexpected failure "
-            "is 500.\n\nLimits:\n" + limits,
+            "is 500.\n\n" + _auth_text(auth) + "\n\nLimits:\n" + limits,
         },
-        "paths": _paths(max_body_bytes, list_max_bytes),
-        "components": {"schemas": _schemas()},
+        "paths": _secured(_paths(max_body_bytes, list_max_bytes), auth),
+        "security": [_BEARER] if auth.enabled else [],
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key made by `orchestrix keys create`: "
+                    "`Authorization: Bearer orx_...`. Not needed when the API runs with "
+                    "API_AUTH=off (as `orchestrix dev` does).",
+                }
+            },
+        },
     }
 
 
 @functools.cache
-def _serialized(max_body_bytes: int, list_max_bytes: int) -> bytes:
-    return orjson.dumps(build_document(max_body_bytes, list_max_bytes))
+def _serialized(max_body_bytes: int, list_max_bytes: int, auth: AuthSettings) -> bytes:
+    return orjson.dumps(build_document(max_body_bytes, list_max_bytes, auth))
 
 
 @routes.get(DOCUMENT_PATH)
 async def openapi_document(request: web.Request) -> web.Response:
-    """The OpenAPI document of this API, built once per body and page limit."""
-    body = _serialized(request.app[MAX_BODY], request.app[LIST_MAX_BYTES])
+    """The OpenAPI document of this API, built once per body and page limit and
+    authentication settings."""
+    body = _serialized(request.app[MAX_BODY], request.app[LIST_MAX_BYTES], request.app[AUTH])
     return web.Response(body=body, content_type="application/json")

@@ -81,7 +81,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def parse_batch(data: Mapping[str, Any]) -> list[NewJob]:
+def parse_batch(data: Mapping[str, Any], created_by_key: str | None = None) -> list[NewJob]:
     """``{"jobs": [...]}``: 1 to BATCH_MAX jobs, each checked like a single create."""
     unknown = sorted(set(data) - {"jobs"})
     if unknown:
@@ -94,14 +94,15 @@ def parse_batch(data: Mapping[str, Any]) -> list[NewJob]:
         try:
             if not isinstance(item, dict):
                 raise ApiError(400, "must be a JSON object")
-            new = parse_new_job(item)
+            new = parse_new_job(item, created_by_key)
         except ApiError as exc:
             raise ApiError(exc.status, f"jobs[{index}]: {exc.message}") from None
         batch.append(new)
     return batch
 
 
-def parse_new_job(data: Mapping[str, Any]) -> NewJob:
+def parse_new_job(data: Mapping[str, Any], created_by_key: str | None = None) -> NewJob:
+    """A job to create, for the API key named ``created_by_key`` (None: auth is off)."""
     # Only the fields given are checked (the defaults are valid): the checks were a
     # fifth of a batch create's CPU.
     if not data.keys() <= CREATE_FIELDS:
@@ -143,6 +144,7 @@ def parse_new_job(data: Mapping[str, Any]) -> NewJob:
             if data.get("rate_limit") is None
             else checked_name("rate_limit", data["rate_limit"], RATE_LIMIT_PATTERN)
         ),
+        created_by_key=created_by_key,
     )
 
 

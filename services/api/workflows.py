@@ -19,6 +19,7 @@ from aiohttp import web
 from orchestrix import ids
 from orchestrix.db import bulk
 from orchestrix.db import workflows as db
+from orchestrix.services.api import auth
 from orchestrix.services.api.bulk import cancel_selected
 from orchestrix.services.api.errors import ApiError, json_response
 from orchestrix.services.api.keys import METRICS, POOL
@@ -41,8 +42,10 @@ JOB_EXTRA_FIELDS = frozenset({"key", "depends_on"})
 @routes.post("/api/v1/workflows")
 async def create_workflow(request: web.Request) -> web.Response:
     name, jobs = parse_workflow(await read_json_object(request))
+    auth.charge_jobs(request, len(jobs))
     await check_known(request.app[POOL], [item.job for item in jobs])
-    async with request.app[POOL].acquire() as conn:
+    # The connection names the request's key: the jobs' created_by_key, their events.
+    async with auth.connection(request) as conn:
         workflow, _ = await db.create(conn, name, jobs)
     metrics = request.app[METRICS]
     for job in workflow.jobs:

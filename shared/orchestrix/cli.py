@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
-from orchestrix import logs, migrate
+from orchestrix import keyadmin, logs, migrate
 from orchestrix.settings import Settings, SettingsError, WorkerSettings, describe
 
 log = logging.getLogger("orchestrix")
@@ -33,6 +33,19 @@ _API = (
     "API_SHUTDOWN_TIMEOUT",
     "API_EVENTS_POLL_INTERVAL",
     "API_EVENTS_HEARTBEAT",
+)
+_AUTH = (
+    "API_AUTH",
+    "API_ALLOW_UNAUTHENTICATED_REMOTE",
+    "API_KEY_CACHE_TTL",
+    "API_READY_AUTH",
+    "API_METRICS_AUTH",
+    "API_AUTH_FAILURES",
+    "API_AUTH_FAILURE_WINDOW",
+    "API_KEY_REQUESTS_PER_S",
+    "API_KEY_REQUESTS_BURST",
+    "API_KEY_JOBS_PER_S",
+    "API_KEY_JOBS_BURST",
 )
 _NATS = ("NATS_URL", "NATS_SUBJECT_PREFIX", "NATS_STREAM_REPLICAS")
 _STATUS = ("METRICS_HOST", "METRICS_PORT", "METRICS_QUEUES")
@@ -106,6 +119,10 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    return keyadmin.run(args, settings)
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrix.devstack import run
 
@@ -141,12 +158,34 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "api",
         "Run the REST API (jobs, stats, health, readiness, metrics).",
-        (*_DB, *_POOL, "NATS_URL", *_API, "METRICS_QUEUES", *_LOG),
+        (*_DB, *_POOL, "NATS_URL", *_API, *_AUTH, "METRICS_QUEUES", *_LOG),
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
+        "Every route but /health, /openapi.json (and, by default, /ready and /metrics)\n"
+        "needs an API key with its scope (`orchestrix keys create`); with API_AUTH=off\n"
+        "none does, and the API listens only on a loopback API_HOST unless\n"
+        "API_ALLOW_UNAUTHENTICATED_REMOTE=true.\n"
         "SIGTERM or SIGINT: stop accepting, finish requests in flight within\n"
         "API_SHUTDOWN_TIMEOUT, exit.",
     )
+
+    keys = add(
+        "keys",
+        "Create, list and revoke API keys (on the database directly).",
+        (*_DB, *_LOG),
+        _keys,
+        "create --name NAME --scopes SCOPES [--expires 90d]   print a new key's secret, once\n"
+        "list                                                  every key, never a secret\n"
+        "revoke NAME_OR_ID                                     refused within API_KEY_CACHE_TTL\n"
+        "\n"
+        "Scopes: jobs:read (read jobs, events, stats, queues, workflows, schedules),\n"
+        "jobs:write (create jobs and workflows, retry or run one job), jobs:cancel\n"
+        "(cancel one job), metrics:read (/ready and /metrics when protected), admin\n"
+        "(everything: bulk cancel and retry, queues, schedules, deleting workflows).\n"
+        "Only the SHA-256 of a secret is stored. A request sends\n"
+        "Authorization: Bearer <secret>.",
+    )
+    keyadmin.add_arguments(keys)
 
     add(
         "scheduler",
@@ -237,6 +276,8 @@ def _parser() -> argparse.ArgumentParser:
             "SCHEDULERS",
             "WORKERS",
             *_API,
+            "API_AUTH",
+            "METRICS_HOST",
             "METRICS_PORT",
             "SHUTDOWN_TIMEOUT",
             "LOG_FORMAT",
@@ -248,7 +289,9 @@ def _parser() -> argparse.ArgumentParser:
         "the DB_* variables are not used then), applies migrations, then runs the API,\n"
         "SCHEDULERS schedulers and WORKERS workers as their own processes, with status\n"
         "ports from METRICS_PORT up and log lines prefixed by name. Every other variable\n"
-        "is passed on to the services. Ctrl-C or SIGTERM stops everything.",
+        "is passed on to the services. Ctrl-C or SIGTERM stops everything.\n"
+        "For development: unless set otherwise, API_AUTH=off (no API keys needed) and\n"
+        "every port on 127.0.0.1 only (API_HOST, METRICS_HOST).",
     )
     dev.add_argument(
         "--data-dir",

@@ -26,6 +26,8 @@ from orchestrix import migrate
 from orchestrix.settings import Settings
 
 DEV_DATABASE = "orchestrix"
+# What `orchestrix dev` sets unless the environment says otherwise.
+DEV_DEFAULTS = {"API_AUTH": "off", "API_HOST": "127.0.0.1", "METRICS_HOST": "127.0.0.1"}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -51,6 +53,13 @@ async def ensure_database(server_url: str, name: str) -> None:
             await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+
+
+def _shown(host: str) -> str:
+    """A listening address as a URL a browser on this machine can open."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
@@ -158,20 +167,40 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "text")
+    # For development: no API keys, and so nothing listens beyond this machine
+    # (an API with auth off refuses another address unless told otherwise).
+    for name, value in DEV_DEFAULTS.items():
+        if not env.get(name):
+            env[name] = value
+    dev_settings = Settings.from_env(env)
+    dev_settings.auth.check_listener(dev_settings.api.host)
     with embedded_servers(data_dir, env):
         migrate.up(env["DATABASE_URL"])
-        api = f"http://127.0.0.1:{settings.api.port}"
+        api = f"http://{_shown(dev_settings.api.host)}:{settings.api.port}"
+        status_host = _shown(dev_settings.metrics.host)
         plan = services(settings, env)
         width = max(len(service.name) for service in plan) + 2
         ports = [
-            f"  {service.name + ':':<{width}}http://127.0.0.1:{service.status_port}/metrics"
+            f"  {service.name + ':':<{width}}http://{status_host}:{service.status_port}/metrics"
             for service in plan
             if service.status_port is not None
         ]
+        auth = (
+            "API keys required (API_AUTH=on)"
+            if dev_settings.auth.enabled
+            else "no API keys needed (API_AUTH=off)"
+        )
+        hosts = {dev_settings.api.host, dev_settings.metrics.host}
+        where = (
+            f"listening on {dev_settings.api.host} only"
+            if hosts == {"127.0.0.1"}
+            else f"API on {dev_settings.api.host}, status ports on {dev_settings.metrics.host}"
+        )
         banner = "\n".join(
             (
                 "",
                 f"Orchestrix is running. API: {api}  (try: curl {api}/health)",
+                f"  {auth}; {where}",
                 *ports,
                 f"  PostgreSQL: {env['DATABASE_URL']}",
                 f"  NATS:       {env['NATS_URL']}",

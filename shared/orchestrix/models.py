@@ -30,6 +30,8 @@ class NewJob:
     idempotency_key: str | None = None
     concurrency_key: str | None = None
     rate_limit: str | None = None
+    # The name of the API key that sent it (None with authentication off).
+    created_by_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class Job:
     concurrency_key: str | None = None
     # The rate limit (db.rate_limits) each start of this job counts against.
     rate_limit: str | None = None
+    # The names of the API keys that created it and that cancelled it (or asked
+    # for its cancel); None with authentication off, or when no key did.
+    created_by_key: str | None = None
+    cancelled_by_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -111,6 +117,8 @@ class Job:
             cancelled_by=row["cancelled_by"],
             concurrency_key=row["concurrency_key"],
             rate_limit=row["rate_limit"],
+            created_by_key=row["created_by_key"],
+            cancelled_by_key=row["cancelled_by_key"],
         )
         return job
 
@@ -149,6 +157,8 @@ class Job:
             "cancelled_by": self.cancelled_by,
             "concurrency_key": self.concurrency_key,
             "rate_limit": self.rate_limit,
+            "created_by_key": self.created_by_key,
+            "cancelled_by_key": self.cancelled_by_key,
         }
 
 

@@ -11,6 +11,7 @@ Durations accept plain seconds (``1.5``) or a unit suffix (``500ms``, ``2s``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,19 @@ from urllib.parse import quote, urlsplit
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+_TRUE = ("true", "on", "yes", "1")
+_FALSE = ("false", "off", "no", "0")
+
+
+def duration_seconds(text: str) -> float | None:
+    """``text`` as seconds (``1.5``, ``500ms``, ``2s``, ``5m``, ``1h``, ``7d``); None if
+    it is not a duration."""
+    match = _DURATION.match(text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 class SettingsError(ValueError):
@@ -70,17 +84,38 @@ class _Reader:
         value = self.raw(name)
         if value is None:
             return default
-        match = _DURATION.match(value)
-        if match is None:
+        number = duration_seconds(value)
+        if number is None:
             raise SettingsError(
                 name, f"must be a duration such as 1.5, 500ms, 2s, 5m, 1h or 7d, got {value!r}"
             )
-        number = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         if not low <= number <= high:
             raise SettingsError(
                 name, f"must be between {_span(low)} and {_span(high)}, got {value!r}"
             )
         return number
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise SettingsError(name, f"must be a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise SettingsError(name, f"must be between {low:g} and {high:g}, got {value!r}")
+        return number
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise SettingsError(name, f"must be true or false (or on / off), got {value!r}")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()
@@ -399,6 +434,83 @@ class ApiSettings:
         )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` serves this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the API: API keys (``orchestrix keys``), their cache, the limits.
+
+    ``enabled`` False serves every route to anyone; ``allow_remote_unauthenticated``
+    must then say so before the API listens on anything but a loopback address.
+    ``open_ready`` / ``open_metrics``: /ready and /metrics need no key (the default:
+    probes and Prometheus reach them); off, they need a key with ``metrics:read``.
+    A key's requests and jobs per second are token buckets of each API process;
+    a key's own values (``keys create``) win over these; 0 means unlimited.
+    """
+
+    enabled: bool = True
+    allow_remote_unauthenticated: bool = False
+    # A verified key is trusted this long in each process: the revocation delay.
+    cache_ttl_s: float = 2.0
+    open_ready: bool = True
+    open_metrics: bool = True
+    # Failed authentications one client address may make per window before its
+    # failures answer 429 and its unknown keys are no longer looked up.
+    failures_max: int = 20
+    failure_window_s: float = 60.0
+    requests_per_s: float = 1000.0
+    requests_burst: int = 2000
+    jobs_per_s: float = 5000.0
+    jobs_burst: int = 10000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
+        read = _Reader(env)
+        return cls(
+            enabled=read.flag("API_AUTH", cls.enabled),
+            allow_remote_unauthenticated=read.flag(
+                "API_ALLOW_UNAUTHENTICATED_REMOTE", cls.allow_remote_unauthenticated
+            ),
+            # At most 5 s: the issue's bound on how long a revoked key keeps working.
+            cache_ttl_s=read.seconds("API_KEY_CACHE_TTL", cls.cache_ttl_s, low=0, high=5),
+            open_ready=not read.flag("API_READY_AUTH", not cls.open_ready),
+            open_metrics=not read.flag("API_METRICS_AUTH", not cls.open_metrics),
+            failures_max=read.integer("API_AUTH_FAILURES", cls.failures_max, low=1, high=1_000_000),
+            failure_window_s=read.seconds(
+                "API_AUTH_FAILURE_WINDOW", cls.failure_window_s, low=1, high=86400
+            ),
+            requests_per_s=read.number(
+                "API_KEY_REQUESTS_PER_S", cls.requests_per_s, low=0, high=1e9
+            ),
+            requests_burst=read.integer(
+                "API_KEY_REQUESTS_BURST", cls.requests_burst, low=1, high=1_000_000_000
+            ),
+            jobs_per_s=read.number("API_KEY_JOBS_PER_S", cls.jobs_per_s, low=0, high=1e9),
+            jobs_burst=read.integer(
+                "API_KEY_JOBS_BURST", cls.jobs_burst, low=1, high=1_000_000_000
+            ),
+        )
+
+    def check_listener(self, host: str) -> None:
+        """Refuse to serve without keys beyond this machine unless told to."""
+        if self.enabled or self.allow_remote_unauthenticated or is_loopback(host):
+            return
+        raise SettingsError(
+            "API_AUTH",
+            f"is off, and API_HOST {host!r} is not a loopback address: anyone who reaches "
+            "it could read and cancel every job. Turn API_AUTH on, listen on 127.0.0.1, or "
+            "set API_ALLOW_UNAUTHENTICATED_REMOTE=true to serve it without keys anyway",
+        )
+
+
 LogFormat = Literal["text", "json"]
 
 
@@ -440,6 +552,7 @@ class Settings:
     database: DatabaseSettings
     nats: NatsSettings
     api: ApiSettings
+    auth: AuthSettings
     log: LogSettings
     worker: WorkerSettings
     retry: RetrySettings
@@ -455,6 +568,7 @@ class Settings:
             database=DatabaseSettings.from_env(env),
             nats=NatsSettings.from_env(env),
             api=ApiSettings.from_env(env),
+            auth=AuthSettings.from_env(env),
             log=LogSettings.from_env(env),
             worker=WorkerSettings.from_env(env),
             retry=RetrySettings.from_env(env),
@@ -502,6 +616,37 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
         "how often the API reads new job events while anyone follows GET /api/v1/events",
     ),
     ("API_EVENTS_HEARTBEAT", "15s", "a quiet event stream sends a heartbeat this often"),
+    ("API_AUTH", "on", "on: every route but /health and /openapi.json needs an API key"),
+    (
+        "API_ALLOW_UNAUTHENTICATED_REMOTE",
+        "false",
+        "true lets an API with API_AUTH=off listen on a non-loopback API_HOST",
+    ),
+    (
+        "API_KEY_CACHE_TTL",
+        "2s",
+        "how long each API process trusts a verified key (at most 5s): the revocation delay",
+    ),
+    ("API_READY_AUTH", "off", "on: /ready needs a key with metrics:read"),
+    ("API_METRICS_AUTH", "off", "on: /metrics needs a key with metrics:read (a bearer token)"),
+    (
+        "API_AUTH_FAILURES",
+        "20",
+        "failed authentications one client address may make per window; then 429",
+    ),
+    ("API_AUTH_FAILURE_WINDOW", "60s", "the window of API_AUTH_FAILURES"),
+    (
+        "API_KEY_REQUESTS_PER_S",
+        "1000",
+        "requests a key may make per second, per API process; 0: no limit",
+    ),
+    ("API_KEY_REQUESTS_BURST", "2000", "requests a key may make at once above its rate"),
+    (
+        "API_KEY_JOBS_PER_S",
+        "5000",
+        "jobs a key may create per second, per API process; 0: no limit",
+    ),
+    ("API_KEY_JOBS_BURST", "10000", "jobs a key may create at once above its rate"),
     ("METRICS_HOST", "0.0.0.0", "address of the scheduler's / worker's status port"),
     ("METRICS_PORT", "9100", "port of /metrics, /health, /ready for scheduler and worker"),
     (

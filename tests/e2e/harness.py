@@ -74,6 +74,11 @@ class System:
             "DB_POOL_MAX_SIZE": "12",
             "ORCHESTRIX_EXECUTORS": "tests.e2e.executors",
             "ORX_TEST_EXECUTIONS": str(self.executions),
+            # Without keys, and so on this machine only (an API with auth off
+            # refuses any other address).
+            "API_AUTH": "off",
+            "API_HOST": "127.0.0.1",
+            "METRICS_HOST": "127.0.0.1",
             **self.env,
         }
 

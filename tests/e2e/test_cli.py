@@ -176,6 +176,15 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
             await until(succeeded, 30, "the job to run")
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 5  # api, scheduler, worker, postgres, nats
+        # Auth is off, so nothing may listen beyond this machine.
+        listening = [
+            conn.laddr
+            for child in children
+            for conn in child.net_connections(kind="inet")
+            if conn.status == psutil.CONN_LISTEN
+        ]
+        assert {api_port, status_port} <= {addr.port for addr in listening}
+        assert {addr.ip for addr in listening} <= {"127.0.0.1", "::1"}, listening
         dev.send_signal(signal.SIGINT)
         assert dev.wait(60) == 0
         _gone, alive = psutil.wait_procs(children, timeout=10)
@@ -185,7 +194,8 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
             dev.kill()
         log.close()
     output = (tmp_path / "dev.log").read_text()
-    assert "Orchestrix is running. API: " in output
+    assert f"Orchestrix is running. API: http://127.0.0.1:{api_port} " in output
+    assert "no API keys needed (API_AUTH=off); listening on 127.0.0.1 only" in output
     assert re.search(rf"scheduler: +http://127.0.0.1:{status_port}/metrics", output)
     for prefix in ("api       | ", "scheduler | ", "worker    | "):
         assert prefix in output

@@ -10,6 +10,11 @@ to the document: a documented status code, the documented content type, a body
 that matches the schema. Valid requests must be accepted and invalid ones
 refused. The test prints how many cases it sent.
 
+It runs twice: against an API with auth off, and against one with auth on that
+every request reaches with an admin key (fewer generated cases: the point is
+that the answers, the 401s of requests without the key among them, match the
+document there too).
+
 Generation is derandomized with a fixed seed, so the same command sends the same
 requests. Hypothesis also draws from constants it finds in the modules loaded at
 the time, so this file run alone and the whole suite send different (each
@@ -33,6 +38,7 @@ import asyncpg
 import pytest
 import requests
 import schemathesis
+from orchestrix.db import api_keys
 from schemathesis import Case
 from schemathesis.config import ProjectConfig
 from schemathesis.core.result import Ok
@@ -44,7 +50,7 @@ from schemathesis.generation.hypothesis.builder import (
 )
 from schemathesis.schemas import APIOperation
 
-from tests.conftest import Servers
+from tests.conftest import RUN_ID, Servers
 from tests.e2e.harness import System
 
 # About 12,000 cases: 130 s here against local servers, more against embedded ones
@@ -53,6 +59,7 @@ pytestmark = pytest.mark.timeout(480)
 
 SEED = 20240601
 MAX_EXAMPLES = 500  # per operation, in the fuzzing phase; examples and coverage add their own
+MAX_EXAMPLES_AUTH = 100  # the same, in the run with auth on
 # Every answer: no 5xx, documented status, content type, headers and body; valid
 # requests accepted, invalid ones refused; undocumented methods answered 405.
 CHECKS = (
@@ -82,20 +89,52 @@ class Tally:
         self.cases[label] = self.cases.get(label, 0) + 1
 
 
-@pytest.fixture(scope="module")
-async def api_url(
+@dataclass(frozen=True)
+class Target:
+    url: str
+    headers: dict[str, str]
+    max_examples: int
+    checks: tuple[str, ...]
+    key_name: str | None = None  # the admin key's, with auth on
+
+
+@pytest.fixture(scope="module", params=["auth-off", "auth-on"])
+async def target(
+    request: pytest.FixtureRequest,
     database: str,
     servers: Servers,
     session_pool: asyncpg.Pool,
     tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[Target]:
     """A real API process, on an empty jobs table so that every run sees the same data."""
     await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies, workflows")
-    system = System(database, servers.nats_url, tmp_path_factory.mktemp("fuzz"))
+    auth_on = request.param == "auth-on"
+    env: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    key_name = f"fuzz-admin-{RUN_ID}"
+    if auth_on:
+        # Unlimited, and no failure budget to run out of: a 429 would fail the
+        # acceptance of valid requests.
+        env = {"API_AUTH": "on", "API_AUTH_FAILURES": "1000000"}
+        _, token = await api_keys.create(
+            session_pool,
+            key_name,
+            ["admin"],
+            limits=api_keys.KeyLimits(requests_per_s=0, jobs_per_s=0),
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+    system = System(database, servers.nats_url, tmp_path_factory.mktemp("fuzz"), env=env)
     api = system.start("api")
     try:
         await system.ready(api)
-        yield f"http://127.0.0.1:{api.port}"
+        yield Target(
+            f"http://127.0.0.1:{api.port}",
+            headers,
+            MAX_EXAMPLES_AUTH if auth_on else MAX_EXAMPLES,
+            # With auth on, also: a request without the key is refused.
+            (*CHECKS, "ignored_auth") if auth_on else CHECKS,
+            key_name if auth_on else None,
+        )
     finally:
         system.stop_all()
     log = api.log()
@@ -130,15 +169,19 @@ def fuzz(
 
 
 def test_api_answers_as_its_document_says(
-    api_url: str, capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None]
+    target: Target,
+    capsys: pytest.CaptureFixture[str],
+    record_property: Callable[[str, object], None],
 ) -> None:
+    api_url = target.url
     config = schemathesis.Config.from_dict(
         {
             "seed": SEED,
             "base-url": api_url,
+            "headers": target.headers,
             "generation": {
                 "mode": "all",  # valid requests and invalid ones
-                "max-examples": MAX_EXAMPLES,
+                "max-examples": target.max_examples,
                 "deterministic": True,
                 # The API refuses U+0000 anywhere in a payload (jsonb cannot hold it). The
                 # document says so in words, as OAS 3.0 has no way to say it of the keys and
@@ -147,7 +190,7 @@ def test_api_answers_as_its_document_says(
                 "allow-x00": False,
                 "database": "none",
             },
-            "checks": {name: {"enabled": True} for name in CHECKS},
+            "checks": {name: {"enabled": True} for name in target.checks},
             # A cron expression's meaning (ranges per field, an expression that never
             # fires) and the set of IANA zone names are more than a JSON schema says:
             # a schema-valid schedule may be refused. So is a workflow whose keys
@@ -194,7 +237,14 @@ def test_api_answers_as_its_document_says(
     with requests.Session() as session:
         for operation in operations:
             results.append(fuzz(operation, project, session))
-    elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - started
+        if target.key_name is not None:
+            # Schemathesis counts 401 as an acceptable answer to a valid request: that
+            # the key did get through shows in the jobs it created.
+            listed = session.get(f"{api_url}/api/v1/jobs?limit=1000", headers=target.headers)
+            assert listed.status_code == 200, listed.text
+            creators = {job["created_by_key"] for job in listed.json()["jobs"]}
+            assert creators == {target.key_name}
 
     cases = {label: n for result in results for label, n in result.cases.items()}
     total = sum(cases.values())
@@ -205,4 +255,5 @@ def test_api_answers_as_its_document_says(
         print(f"\nschemathesis: {total} cases in {elapsed:.1f} s ({per_operation})")
     failures = [failure for result in results for failure in result.failures]
     assert failures == [], "\n\n".join(failures)
-    assert total >= MAX_EXAMPLES * 4  # the four operations with inputs draw MAX_EXAMPLES each
+    # The four operations with inputs draw max_examples each.
+    assert total >= target.max_examples * 4

@@ -48,6 +48,7 @@ TABLES = {
     "queues",
     "schedules",
     "rate_limits",
+    "api_keys",
     "alembic_version",
 }
 

@@ -74,7 +74,7 @@ async def test_document_is_valid_openapi(api: Api, settings: Settings) -> None:
     document = await served_document(api)
     validate_spec(document)  # raises on an invalid document
     assert document == openapi.build_document(
-        settings.api.max_body_bytes, settings.api.list_max_bytes
+        settings.api.max_body_bytes, settings.api.list_max_bytes, settings.auth
     )
     assert document["openapi"].startswith("3.")
 
@@ -108,6 +108,8 @@ def test_job_schema_has_every_field_of_a_job() -> None:
         "cancelled_by",
         "concurrency_key",
         "rate_limit",
+        "created_by_key",
+        "cancelled_by_key",
     }
 
 

@@ -208,3 +208,71 @@ def test_metrics_queues_and_the_list_page_limit_are_read() -> None:
         Settings.from_env({"API_LIST_MAX_BYTES": "1000"})
     with pytest.raises(SettingsError, match="METRICS_QUEUES"):
         Settings.from_env({"METRICS_QUEUES": "q" * 65})
+
+
+def test_auth_is_on_by_default_and_read_from_its_variables() -> None:
+    from orchestrix.settings import AuthSettings
+
+    default = AuthSettings.from_env({})
+    assert default.enabled
+    assert (default.open_ready, default.open_metrics) == (True, True)
+    assert default.cache_ttl_s == 2.0
+    read = AuthSettings.from_env(
+        {
+            "API_AUTH": "off",
+            "API_ALLOW_UNAUTHENTICATED_REMOTE": "yes",
+            "API_KEY_CACHE_TTL": "500ms",
+            "API_METRICS_AUTH": "on",
+            "API_KEY_REQUESTS_PER_S": "0",
+            "API_KEY_JOBS_PER_S": "2.5",
+        }
+    )
+    assert not read.enabled
+    assert read.allow_remote_unauthenticated
+    assert read.cache_ttl_s == 0.5
+    assert (read.open_ready, read.open_metrics) == (True, False)
+    assert (read.requests_per_s, read.jobs_per_s) == (0.0, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"API_AUTH": "maybe"}, "API_AUTH: must be true or false"),
+        ({"API_KEY_CACHE_TTL": "10s"}, "API_KEY_CACHE_TTL: must be between 0s and 5s"),
+        ({"API_KEY_REQUESTS_PER_S": "-1"}, "API_KEY_REQUESTS_PER_S: must be between 0 and"),
+        ({"API_AUTH_FAILURES": "0"}, "API_AUTH_FAILURES: must be between 1 and"),
+    ],
+)
+def test_bad_auth_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    from orchestrix.settings import AuthSettings
+
+    with pytest.raises(SettingsError, match=message):
+        AuthSettings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("host", "refused"),
+    [
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),
+        ("::1", False),
+        ("localhost", False),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("10.0.0.5", True),
+        ("api.internal", True),
+    ],
+)
+def test_auth_off_listens_on_loopback_only_unless_told(host: str, refused: bool) -> None:
+    from orchestrix.settings import AuthSettings
+
+    off = AuthSettings.from_env({"API_AUTH": "off"})
+    if refused:
+        with pytest.raises(SettingsError, match="API_ALLOW_UNAUTHENTICATED_REMOTE=true"):
+            off.check_listener(host)
+    else:
+        off.check_listener(host)
+    AuthSettings.from_env(
+        {"API_AUTH": "off", "API_ALLOW_UNAUTHENTICATED_REMOTE": "true"}
+    ).check_listener(host)
+    AuthSettings.from_env({}).check_listener(host)  # auth on: anywhere

@@ -10,7 +10,8 @@ is left alone, never moved against the table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,6 +156,17 @@ async def retry(pool: Any, selection: Selection) -> int:
     return retried
 
 
+@contextlib.asynccontextmanager
+async def _connection(pool_or_conn: Any) -> AsyncIterator[Any]:
+    """A connection: one of the pool's, or the connection given (the API hands one
+    over that names the request's key)."""
+    if hasattr(pool_or_conn, "acquire"):
+        async with pool_or_conn.acquire() as conn:
+            yield conn
+    else:
+        yield pool_or_conn
+
+
 async def _retry_workflow_jobs(pool: Any, selection: Selection) -> int:
     """Retry the selected FAILED and CANCELLED jobs of workflows, one by one; how many."""
     retried = 0
@@ -164,7 +176,7 @@ async def _retry_workflow_jobs(pool: Any, selection: Selection) -> int:
         if not rows:
             return retried
         for row in rows:
-            async with pool.acquire() as conn:
+            async with _connection(pool) as conn:
                 if await workflows.retry(conn, row["id"]) is not None:
                     retried += 1
         cursor = rows[-1]["id"]

@@ -23,9 +23,16 @@ from orchestrix.states import JobState
 
 Conn = Any
 
-# Who moved a job when the statement names no one: the session's
-# application_name, which each service sets for its pool (``api:host:pid``, ...).
-SESSION_ACTOR = "NULLIF(current_setting('application_name'), '')"
+# The name of the API key a request came with, on the connection that serves it
+# (services/api/auth.py sets ``orchestrix.key`` for the session it holds; the
+# pool's RESET ALL clears it when the connection goes back). NULL elsewhere.
+REQUEST_KEY = "NULLIF(current_setting('orchestrix.key', true), '')"
+# Who moved a job when the statement names no one: the API key of the request
+# (``key:<name>``), else the session's application_name, which each service sets
+# for its pool (``api:host:pid``, ...).
+SESSION_ACTOR = (
+    f"COALESCE('key:' || {REQUEST_KEY}, NULLIF(current_setting('application_name'), ''))"
+)
 # A worker's moves: the worker the row names, which its guard checked.
 WORKER_ACTOR = f"COALESCE('worker:' || worker_id, {SESSION_ACTOR})"
 

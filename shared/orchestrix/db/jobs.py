@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrix import ids
 from orchestrix.db.dependencies import RELEASED, WAKE
-from orchestrix.db.events import SESSION_ACTOR, WORKER_ACTOR, recorded
+from orchestrix.db.events import REQUEST_KEY, SESSION_ACTOR, WORKER_ACTOR, recorded
 from orchestrix.db.pool import encode_json
 from orchestrix.models import Job, NewJob
 from orchestrix.states import CANCELLABLE_AT_ONCE, JobState
@@ -32,13 +32,18 @@ Conn = Any
 
 # Every statement that moves a job writes the move's event with it (db.events):
 # a CTE `moved` (or `created`) returns the rows, `recorded` writes their events.
-_CREATED = recorded("created", from_state="NULL::text", actor=SESSION_ACTOR)
+# A job created for an API key names it (the creates of several requests, and
+# so of several keys, share one statement: the key travels with each row).
+_CREATED = recorded(
+    "created", from_state="NULL::text", actor=f"COALESCE('key:' || created_by_key, {SESSION_ACTOR})"
+)
 
 _INSERT = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key, concurrency_key, rate_limit)
-    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9, $10, $11)
+                      timeout_seconds, idempotency_key, concurrency_key, rate_limit,
+                      created_by_key)
+    VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8, $9, $10, $11, $12)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -50,9 +55,15 @@ _BY_ID = "SELECT * FROM jobs WHERE id = $1"
 _BY_IDEMPOTENCY_KEY = "SELECT * FROM jobs WHERE idempotency_key = $1"
 
 # What three moves write, shared with the bulk actions (db.bulk).
-CANCEL_SET = "state = 'CANCELLED', completed_at = now(), waiting_for = 0, updated_at = now()"
+# Both name the request's API key (the first cancel request's, for a running job).
+CANCEL_SET = (
+    "state = 'CANCELLED', completed_at = now(), waiting_for = 0, updated_at = now(),"
+    f" cancelled_by_key = {REQUEST_KEY}"
+)
 REQUEST_CANCEL_SET = (
-    "cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now()"
+    "cancel_requested_at = COALESCE(cancel_requested_at, now()), updated_at = now(),"
+    " cancelled_by_key = CASE WHEN cancel_requested_at IS NULL"
+    f" THEN {REQUEST_KEY} ELSE cancelled_by_key END"
 )
 # An operator's retry of a finished job: PENDING and due now, with a new budget of
 # attempts; its errors stay.
@@ -100,6 +111,7 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
             new.idempotency_key,
             new.concurrency_key,
             new.rate_limit,
+            new.created_by_key,
         )
         if row is not None:
             return Job.from_row(row), True
@@ -112,13 +124,15 @@ async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
 _INSERT_MANY = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
-                      timeout_seconds, idempotency_key, concurrency_key, rate_limit)
+                      timeout_seconds, idempotency_key, concurrency_key, rate_limit,
+                      created_by_key)
     SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
-           timeout_seconds, idempotency_key, concurrency_key, rate_limit
+           timeout_seconds, idempotency_key, concurrency_key, rate_limit, created_by_key
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::timestamptz[], $8::int[], $9::text[], $10::text[], $11::text[])
+                $7::timestamptz[], $8::int[], $9::text[], $10::text[], $11::text[],
+                $12::text[])
          AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
-                idempotency_key, concurrency_key, rate_limit)
+                idempotency_key, concurrency_key, rate_limit, created_by_key)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING *
 ), {_CREATED}
@@ -173,6 +187,7 @@ async def _insert_unique(conn: Conn, batch: Sequence[NewJob]) -> list[tuple[Job,
         [new.idempotency_key for new in batch],
         [new.concurrency_key for new in batch],
         [new.rate_limit for new in batch],
+        [new.created_by_key for new in batch],
     )
     created = {row["id"]: Job.from_row(row) for row in await conn.fetch(_INSERT_MANY, *columns)}
     earlier: dict[str, Job] = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 from orchestrix import ids
 from orchestrix.db import jobs as db_jobs
-from orchestrix.db.events import SESSION_ACTOR, recorded
+from orchestrix.db.events import REQUEST_KEY, SESSION_ACTOR, recorded
 from orchestrix.db.pool import encode_json
 from orchestrix.models import Job, NewJob, rfc3339
 from orchestrix.states import RETRYABLE_BY_HAND, TERMINAL
@@ -72,11 +72,11 @@ _INSERT_JOBS = f"""
 WITH created AS (
     INSERT INTO jobs (id, type, queue, payload, priority, max_attempts, run_at,
                       timeout_seconds, workflow_id, workflow_key, waiting_for, state,
-                      concurrency_key, rate_limit)
+                      concurrency_key, rate_limit, created_by_key)
     SELECT id, type, queue, payload::jsonb, priority, max_attempts, COALESCE(run_at, now()),
            timeout_seconds, $10, key, waiting_for,
            CASE WHEN waiting_for > 0 THEN 'WAITING' ELSE 'PENDING' END, concurrency_key,
-           rate_limit
+           rate_limit, {REQUEST_KEY}
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
                 $7::timestamptz[], $8::int[], $9::text[], $11::int[], $12::text[], $13::text[])
          AS new(id, type, queue, payload, priority, max_attempts, run_at, timeout_seconds,
