@@ -353,6 +353,8 @@ class Stack:
             "API_HOST": "127.0.0.1",
             "METRICS_HOST": "127.0.0.1",
             "SHUTDOWN_TIMEOUT": "5s",
+            # noop and demo_job are what the benchmark runs.
+            "WORKER_DEMO_EXECUTORS": "true",
             **env,
         }
         self.services: list[Service] = []

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from orchestrix import migrate
-from orchestrix.settings import Settings
+from orchestrix.settings import Settings, redact
 
 DEV_DATABASE = "orchestrix"
 _PR_SET_PDEATHSIG = 1
@@ -158,6 +158,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "text")
+    # demo_job and noop, for the README's examples; off by default everywhere else.
+    env.setdefault("WORKER_DEMO_EXECUTORS", "true")
     with embedded_servers(data_dir, env):
         migrate.up(env["DATABASE_URL"])
         api = f"http://127.0.0.1:{settings.api.port}"
@@ -173,8 +175,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 "",
                 f"Orchestrix is running. API: {api}  (try: curl {api}/health)",
                 *ports,
-                f"  PostgreSQL: {env['DATABASE_URL']}",
-                f"  NATS:       {env['NATS_URL']}",
+                f"  PostgreSQL: {redact(env['DATABASE_URL'])}",
+                f"  NATS:       {redact(env['NATS_URL'])}",
                 f"  data:       {data_dir}",
                 "Ctrl-C stops everything.",
                 "",
