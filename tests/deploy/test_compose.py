@@ -126,7 +126,8 @@ def test_compose_holds_no_password_and_publishes_on_loopback() -> None:
         for key, value in env.items():
             if "PASSWORD" in key:
                 # Only a reference to .env, never the value itself.
-                assert value.startswith("${") and value.endswith("}"), (name, key)
+                assert value.startswith("${"), (name, key)
+                assert value.endswith("}"), (name, key)
         if "DATABASE_URL" in env:
             # The URL names the user only; the password comes from DB_PASSWORD.
             assert ":" not in env["DATABASE_URL"].split("//", 1)[1].split("@")[0]
