@@ -66,9 +66,14 @@ async def connect(settings: NatsSettings, name: str, **callbacks: Any) -> Client
     # the connect call: the first refusal ends the attempt from here.
     refusal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
+    theirs = callbacks.pop("error_cb", None)
+
     async def on_error(exc: Exception) -> None:
         if not refusal.done() and not client.is_connected and transport.refused(exc):
             refusal.set_result(exc)
+            return
+        if theirs is not None:
+            await theirs(exc)
             return
         # One line instead of nats-py's traceback; nats-py's errors name no credentials.
         log.warning("nats connection error", extra={"error": repr(exc)})
