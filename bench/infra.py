@@ -355,6 +355,8 @@ class Stack:
             # The API phase turns it on with --api-auth (bench/api.py).
             "API_AUTH": "off",
             "SHUTDOWN_TIMEOUT": "5s",
+            # noop and demo_job are what the benchmark runs.
+            "WORKER_DEMO_EXECUTORS": "true",
             **env,
         }
         self.services: list[Service] = []

@@ -176,3 +176,61 @@ async def api(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Api]:
     async with served(app) as url, aiohttp.ClientSession() as http:
         yield Api(url=url, http=http, app=app)
     await nc.close()
+
+
+@dataclass(frozen=True)
+class Secure:
+    """PostgreSQL and two NATS servers that demand TLS and credentials
+    (tests/secure_servers.py), with sentinel secrets no output may contain."""
+
+    pki: Any
+    postgres: Any
+    nats: Any  # accounts: a user with a password, a user with an NKey
+    nats_token: Any  # a token
+    nkey: Any
+    db_password: str
+    nats_password: str
+    nats_token_value: str
+    secrets_dir: Path
+
+    @property
+    def sentinels(self) -> tuple[str, ...]:
+        return (self.db_password, self.nats_password, self.nats_token_value)
+
+
+@pytest.fixture(scope="session")
+def secure() -> Iterator[Secure]:
+    from tests import secure_servers as ss
+
+    if ss.tls_postgres_binaries() is None:
+        pytest.skip("no PostgreSQL binaries built with TLS (Debian's postgresql package)")
+    root = Path(tempfile.mkdtemp(prefix="orx-test-secure-"))
+    pki = ss.Pki.make(root / "pki")
+    nkey = ss.NkeyUser.make(root)
+    db_password = f"SENTINEL-db-{secrets.token_hex(6)}"
+    nats_password = f"SENTINEL-nats-{secrets.token_hex(6)}"
+    token = f"SENTINEL-tok-{secrets.token_hex(6)}"
+    # As Docker and Kubernetes mount them: one file per secret.
+    secrets_dir = root / "secrets"
+    secrets_dir.mkdir()
+    for name, value in (("db", db_password), ("nats", nats_password), ("token", token)):
+        (secrets_dir / name).write_text(value + "\n")
+    try:
+        with (
+            ss.secure_postgres(root / "postgres", pki, db_password) as postgres,
+            ss.secure_nats(root / "nats", pki, ss.accounts_block(nats_password, nkey)) as nats,
+            ss.secure_nats(root / "nats-token", pki, ss.token_block(token)) as nats_token,
+        ):
+            yield Secure(
+                pki,
+                postgres,
+                nats,
+                nats_token,
+                nkey,
+                db_password,
+                nats_password,
+                token,
+                secrets_dir,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

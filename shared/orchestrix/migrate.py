@@ -7,9 +7,12 @@ The revisions live in the ``orchestrix.migrations`` package (the repository's
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -27,12 +30,31 @@ def _config(database_url: str | None = None, directory: Path = MIGRATIONS_DIR) -
     return config
 
 
+class ConnectError(Exception):
+    """PostgreSQL could not be reached or refused us: libpq's own message."""
+
+
+@contextmanager
+def _connection_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as exc:
+        # SQLAlchemy wraps libpq's message in its own lines (the statement, a
+        # link); the first line of the original is the one that says what failed.
+        original = str(exc.orig).strip().splitlines() if exc.orig is not None else [str(exc)]
+        raise ConnectError(" ".join(line.strip() for line in original)) from None
+
+
 def up(database_url: str, revision: str = "head") -> None:
-    command.upgrade(_config(database_url), revision)
+    """``database_url`` is a libpq URI: sslmode, sslrootcert, sslcert, sslkey and
+    the password in it apply, as in the services (DatabaseSettings.url)."""
+    with _connection_errors():
+        command.upgrade(_config(database_url), revision)
 
 
 def down(database_url: str, revision: str = "-1") -> None:
-    command.downgrade(_config(database_url), revision)
+    with _connection_errors():
+        command.downgrade(_config(database_url), revision)
 
 
 def heads(directory: Path = MIGRATIONS_DIR) -> list[str]:

@@ -7,6 +7,11 @@ dies at once instead of misbehaving later.
 
 Durations accept plain seconds (``1.5``) or a unit suffix (``500ms``, ``2s``,
 ``5m``, ``1h``, ``7d``).
+
+Every secret (``DATABASE_URL``, ``DB_PASSWORD``, ``NATS_URL``, ``NATS_PASSWORD``,
+``NATS_TOKEN``) may instead be read from a file named by the same variable with
+``_FILE`` appended (Docker and Kubernetes secrets); giving both is an error. No
+error message here shows a secret's value.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -123,26 +129,77 @@ class _Reader:
             raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
-    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
-        value = self.text(name, default)
-        if not value.startswith(tuple(f"{scheme}://" for scheme in schemes)):
-            wanted = " or ".join(f"{scheme}://" for scheme in schemes)
-            raise SettingsError(name, f"must start with {wanted}, got {redact(value)!r}")
-        return value
+    def secret(self, name: str) -> str | None:
+        """``name``, or the contents of the file ``name``_FILE names; never both.
+
+        A file's trailing line break is dropped (``echo pw > file`` writes one).
+        No message here shows the value: only which variable and which file.
+        """
+        value = self.raw(name)
+        path = self.raw(f"{name}_FILE")
+        if path is None:
+            return value
+        if value is not None:
+            raise SettingsError(f"{name}_FILE", f"{name} is set too; set only one of them")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE", f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise SettingsError(f"{name}_FILE", f"{path} is not UTF-8 text") from None
+        text = text.rstrip("\r\n")
+        if not text:
+            raise SettingsError(f"{name}_FILE", f"{path} is empty")
+        return text
+
+    def file(self, name: str) -> str | None:
+        """A path that must name a readable file (a certificate, a key, a seed)."""
+        path = self.raw(name)
+        if path is not None:
+            readable_file(name, path)
+        return path
+
+
+def readable_file(variable: str, path: str) -> None:
+    """Raise SettingsError naming ``variable`` unless ``path`` is a file we can read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except IsADirectoryError:
+        raise SettingsError(variable, f"{path} is a directory, not a file") from None
+    except OSError as exc:
+        raise SettingsError(variable, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _scheme_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """Why ``value`` is not a URL of one of ``schemes``, showing only its scheme.
+
+    The rest may hold a password, and a value with no scheme may be anything (a
+    password pasted in the wrong place): neither is echoed.
+    """
+    if value.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+        return None
+    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    scheme, sep, _ = value.partition("://")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", scheme):
+        return f"must start with {wanted}, got a {scheme}:// URL"
+    return f"must start with {wanted} (the value is not shown: it may hold a password)"
 
 
 def redact(url: str) -> str:
     """``url`` with its password (or a NATS token: a user part alone) shown as ``***``.
 
     For error messages, which end up in logs: works on text that does not parse
-    as a URL too, taking everything before the last ``@`` as the credentials.
+    as a URL too, taking everything before the last ``@`` as the credentials. A
+    ``password=`` (or ``sslpassword=``) query parameter is hidden too.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    rest = re.sub(r"((?:^|[?&])(?:ssl)?password=)[^&]*", r"\1***", rest)
     userinfo, at, host = rest.rpartition("@")
     if not at:
-        return url
+        return f"{scheme}{sep}{rest}"
     user, colon, _ = userinfo.partition(":")
     return f"{scheme}{sep}{user + ':***' if colon else '***'}@{host}"
 
@@ -160,7 +217,10 @@ def nats_servers(value: str) -> tuple[str, ...]:
         where = f"entry {number} of {len(entries)}" if len(entries) > 1 else "the URL"
         problem = _nats_url_problem(entry)
         if problem is not None:
-            raise SettingsError("NATS_URL", f"{where} {problem}, got {redact(entry)!r}")
+            # Without a scheme the entry may be anything (a password pasted in
+            # the wrong place): only a URL is shown, with its credentials hidden.
+            shown = f"got {redact(entry)!r}" if "://" in entry else "(not shown: no scheme)"
+            raise SettingsError("NATS_URL", f"{where} {problem}, {shown}")
         servers.append(entry)
     return tuple(servers)
 
@@ -186,40 +246,190 @@ def _nats_url_problem(entry: str) -> str | None:
     return None
 
 
+# libpq's TLS parameters, as a URL's query or the variable of each.
+_DB_TLS = (
+    ("sslmode", "DB_SSLMODE"),
+    ("sslrootcert", "DB_SSLROOTCERT"),
+    ("sslcert", "DB_SSLCERT"),
+    ("sslkey", "DB_SSLKEY"),
+)
+_VERIFYING = ("require", "verify-ca", "verify-full")
+
+
 @dataclass(frozen=True)
 class DatabaseSettings:
-    """Where PostgreSQL is. ``DATABASE_URL`` wins over the ``DB_*`` parts."""
+    """Where PostgreSQL is, who we are there, and how the connection is secured.
 
-    url: str
+    ``url`` is one libpq connection URI holding it all (password and the TLS
+    parameters included), which asyncpg (the services) and libpq through psycopg
+    (the migrations) both read the same way: ``sslmode`` means what libpq's
+    does. ``verify-full`` checks the server's certificate against
+    ``DB_SSLROOTCERT`` and its name against the host; ``verify-ca`` the
+    certificate only; ``require`` encrypts and, like libpq, checks the
+    certificate only when a root certificate is given. ``DATABASE_URL`` wins over
+    the ``DB_HOST``..``DB_NAME`` parts; the password (``DB_PASSWORD`` or
+    ``DB_PASSWORD_FILE``) and the ``DB_SSL*`` variables apply to it too, unless
+    the URL has its own (then giving both is an error). ``url`` is kept out of
+    ``repr``: use ``shown_url`` in anything a person reads.
+    """
+
+    url: str = field(repr=False)
     pool_min_size: int = 1
     pool_max_size: int = 10
+    sslmode: str | None = None
+
+    @property
+    def shown_url(self) -> str:
+        """``url`` with the password hidden."""
+        return redact(self.url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
         read = _Reader(env)
-        url = read.raw("DATABASE_URL")
-        if url is not None:
-            url = read.url("DATABASE_URL", "", ("postgresql", "postgres"))
+        given = read.secret("DATABASE_URL")
+        if given is not None:
+            parts = _database_url(given)
         else:
             host = read.text("DB_HOST", "localhost")
             port = read.integer("DB_PORT", 5432, low=1, high=65535)
             user = read.text("DB_USER", "orchestrix")
-            password = read.raw("DB_PASSWORD")
             name = read.text("DB_NAME", "orchestrix")
-            sslmode = read.choice("DB_SSLMODE", "disable", SSL_MODES)
-            auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-            url = f"postgresql://{auth}@{host}:{port}/{quote(name, safe='')}?sslmode={sslmode}"
+            netloc = f"{quote(user, safe='')}@{_url_host(host)}:{port}"
+            parts = SplitResult("postgresql", netloc, f"/{quote(name, safe='')}", "", "")
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        password = read.secret("DB_PASSWORD")
+        if password is not None and (parts.password is not None or "password" in query):
+            raise SettingsError("DB_PASSWORD", "DATABASE_URL holds a password too; give it once")
+        for key, variable in _DB_TLS:
+            value = read.file(variable) if key != "sslmode" else None
+            if key == "sslmode" and read.raw(variable) is not None:
+                value = read.choice(variable, "disable", SSL_MODES)
+            if value is None:
+                continue
+            if key in query and query[key] != value:
+                raise SettingsError(variable, f"DATABASE_URL sets {key} too; give it once")
+            query[key] = value
+        if given is None:
+            query.setdefault("sslmode", "disable")
+        sslmode = _check_db_tls(query, from_url=given is not None)
+        if password is not None:
+            user = parts.username or ""
+            netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{_url_host_port(parts)}"
+            parts = parts._replace(netloc=netloc)
+        url = urlunsplit(parts._replace(query=urlencode(query, safe="/")))
         pool_max = read.integer("DB_POOL_MAX_SIZE", 10, low=1, high=1000)
         pool_min = read.integer("DB_POOL_MIN_SIZE", min(1, pool_max), low=0, high=pool_max)
-        return cls(url=url, pool_min_size=pool_min, pool_max_size=pool_max)
+        return cls(url=url, pool_min_size=pool_min, pool_max_size=pool_max, sslmode=sslmode)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _url_host_port(parts: SplitResult) -> str:
+    return parts.netloc.rpartition("@")[2]
+
+
+def _database_url(value: str) -> SplitResult:
+    """A DATABASE_URL checked far enough that neither driver echoes it back in an error."""
+    problem = _scheme_problem(value, ("postgresql", "postgres"))
+    if problem is not None:
+        raise SettingsError("DATABASE_URL", problem)
+    if any(char.isspace() for char in value):
+        raise SettingsError("DATABASE_URL", "holds a space")
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise SettingsError(
+            "DATABASE_URL", "has a port that is not a number from 0 to 65535"
+        ) from None
+    if parts.fragment:
+        raise SettingsError("DATABASE_URL", "has a #fragment")
+    if "," in parts.netloc.rpartition("@")[2]:
+        # libpq takes several hosts; asyncpg does too, but the two pick differently.
+        raise SettingsError("DATABASE_URL", "names several hosts; give one")
+    return parts
+
+
+def _check_db_tls(query: dict[str, str], *, from_url: bool) -> str | None:
+    """The effective sslmode, once the TLS parameters make sense together."""
+
+    def name(key: str) -> str:
+        variable = dict(_DB_TLS)[key]
+        return f"{variable} (or {key} in DATABASE_URL)" if from_url else variable
+
+    sslmode = query.get("sslmode")
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise SettingsError("DATABASE_URL", f"sslmode must be one of {', '.join(SSL_MODES)}")
+    if from_url:
+        for key in ("sslrootcert", "sslcert", "sslkey"):
+            if key in query:
+                readable_file("DATABASE_URL", query[key])
+    if "sslrootcert" in query and sslmode not in _VERIFYING:
+        raise SettingsError(
+            name("sslrootcert"),
+            f"is used only with sslmode {', '.join(_VERIFYING)}, not {sslmode or 'prefer'}",
+        )
+    if sslmode in ("verify-ca", "verify-full") and "sslrootcert" not in query:
+        raise SettingsError(
+            name("sslrootcert"),
+            f"is needed with sslmode {sslmode}: the CA certificate that signed the server's",
+        )
+    if ("sslcert" in query) != ("sslkey" in query):
+        missing = "sslkey" if "sslcert" in query else "sslcert"
+        raise SettingsError(
+            name(missing), "a client certificate needs both DB_SSLCERT and DB_SSLKEY"
+        )
+    if "sslcert" in query and sslmode == "disable":
+        raise SettingsError(
+            name("sslcert"), "a client certificate needs TLS (sslmode require or stricter)"
+        )
+    return sslmode
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True)
+class NatsAuth:
+    """Who a process is to NATS: at most one of user and password, a token, an
+    NKey seed file, or a creds file (a user JWT with its seed). All None: no
+    authentication, or the credentials inside ``NATS_URL``."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey_seed_file: str | None = None
+    creds_file: str | None = None
+
+    @property
+    def method(self) -> str:
+        """How the process authenticates, for a log line: never the secret itself."""
+        if self.user is not None:
+            return "user and password"
+        if self.token is not None:
+            return "token"
+        if self.nkey_seed_file is not None:
+            return "nkey"
+        if self.creds_file is not None:
+            return "creds"
+        return "no credentials"
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """TLS towards NATS: the CA that signed the servers' certificates (None: the
+    system's), and a client certificate and key when the servers ask for one."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class NatsSettings:
-    """Where NATS is, and the subjects Orchestrix uses on it.
+    """Where NATS is, how a process proves who it is there, and the subjects Orchestrix uses.
 
     NATS carries signals, never the record: wake-ups for workers with free
     slots, cancel requests, and the lifeline's question to a worker that seems
@@ -227,12 +437,21 @@ class NatsSettings:
     one server, or the nodes of a cluster, any of which a process connects and
     reconnects to. One JetStream stream holds the hand-back ledger
     (``orchestrix.handbacks``), in ``stream_replicas`` copies: 3 on a three-node
-    cluster, so that it outlives a node.
+    cluster, so that it outlives a node. ``tls`` is None for plain connections:
+    it is set by ``tls://`` URLs or any ``NATS_TLS_*`` variable, and then every
+    server must speak TLS.
     """
 
-    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    servers: tuple[str, ...] = field(default=("nats://127.0.0.1:4222",), repr=False)
     subject_prefix: str = "orchestrix.jobs"
     stream_replicas: int = 1
+    auth: NatsAuth = NatsAuth()
+    tls: NatsTls | None = None
+
+    @property
+    def shown_servers(self) -> str:
+        """The servers with any credentials in them hidden, for people to read."""
+        return ",".join(redact(server) for server in self.servers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NatsSettings:
@@ -242,14 +461,57 @@ class NatsSettings:
             raise SettingsError(
                 "NATS_SUBJECT_PREFIX", "must be dot-separated tokens of letters, digits, '_', '-'"
             )
+        servers = nats_servers(read.secret("NATS_URL") or "nats://127.0.0.1:4222")
+        auth = _nats_auth(read, servers)
+        tls = NatsTls(
+            ca_file=read.file("NATS_TLS_CA"),
+            cert_file=read.file("NATS_TLS_CERT"),
+            key_file=read.file("NATS_TLS_KEY"),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            missing = "NATS_TLS_KEY" if tls.key_file is None else "NATS_TLS_CERT"
+            raise SettingsError(
+                missing, "a client certificate needs both NATS_TLS_CERT and NATS_TLS_KEY"
+            )
+        wants_tls = tls != NatsTls() or any(s.startswith("tls://") for s in servers)
         return cls(
-            servers=nats_servers(read.text("NATS_URL", ",".join(cls.servers))),
+            servers=servers,
             subject_prefix=prefix,
             # JetStream allows at most 5.
             stream_replicas=read.integer(
                 "NATS_STREAM_REPLICAS", cls.stream_replicas, low=1, high=5
             ),
+            auth=auth,
+            tls=tls if wants_tls else None,
         )
+
+
+def _nats_auth(read: _Reader, servers: tuple[str, ...]) -> NatsAuth:
+    auth = NatsAuth(
+        user=read.raw("NATS_USER"),
+        password=read.secret("NATS_PASSWORD"),
+        token=read.secret("NATS_TOKEN"),
+        nkey_seed_file=read.file("NATS_NKEY_SEED"),
+        creds_file=read.file("NATS_CREDS"),
+    )
+    if (auth.user is None) != (auth.password is None):
+        missing = "NATS_PASSWORD" if auth.password is None else "NATS_USER"
+        raise SettingsError(missing, "NATS_USER and NATS_PASSWORD go together")
+    given = [
+        variable
+        for variable, value in (
+            ("NATS_USER", auth.user),
+            ("NATS_TOKEN", auth.token),
+            ("NATS_NKEY_SEED", auth.nkey_seed_file),
+            ("NATS_CREDS", auth.creds_file),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise SettingsError(given[1], f"{given[0]} is set too; choose one way to authenticate")
+    if given and any("@" in server for server in servers):
+        raise SettingsError(given[0], "NATS_URL holds credentials too; give them once")
+    return auth
 
 
 @dataclass(frozen=True)
@@ -264,6 +526,9 @@ class WorkerSettings:
     executors: tuple[str, ...] = ()
     queues: tuple[str, ...] | None = None
     poll_interval_s: float = 1.0
+    # demo_job and noop (orchestrix.builtin): for `orchestrix dev` and tests, not
+    # production, where a batch of hour-long demo_job sleeps would hold the slots.
+    demo_executors: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -293,6 +558,7 @@ class WorkerSettings:
             poll_interval_s=read.seconds(
                 "WORKER_POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600
             ),
+            demo_executors=read.flag("WORKER_DEMO_EXECUTORS", cls.demo_executors),
         )
 
 
@@ -581,20 +847,40 @@ class Settings:
 
 # (variable, default, meaning): the table that `--help` texts and the README show.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("DATABASE_URL", "", "PostgreSQL URL; overrides the DB_* parts when set"),
+    (
+        "DATABASE_URL",
+        "",
+        "PostgreSQL URL; overrides DB_HOST..DB_NAME when set (or DATABASE_URL_FILE)",
+    ),
     ("DB_HOST", "localhost", "PostgreSQL host"),
     ("DB_PORT", "5432", "PostgreSQL port"),
     ("DB_USER", "orchestrix", "PostgreSQL user"),
-    ("DB_PASSWORD", "", "PostgreSQL password"),
+    ("DB_PASSWORD", "", "PostgreSQL password (or DB_PASSWORD_FILE: a file holding it)"),
     ("DB_NAME", "orchestrix", "PostgreSQL database"),
-    ("DB_SSLMODE", "disable", "libpq sslmode: " + ", ".join(SSL_MODES)),
+    (
+        "DB_SSLMODE",
+        "disable",
+        "libpq sslmode: " + ", ".join(SSL_MODES) + "; verify-full checks the server's "
+        "certificate and name",
+    ),
+    ("DB_SSLROOTCERT", "", "CA certificate file the server's certificate must chain to"),
+    ("DB_SSLCERT", "", "client certificate file, for servers that ask for one"),
+    ("DB_SSLKEY", "", "the client certificate's private key file"),
     ("DB_POOL_MIN_SIZE", "1", "connections each process keeps open"),
     ("DB_POOL_MAX_SIZE", "10", "most connections each process opens"),
     (
         "NATS_URL",
         "nats://127.0.0.1:4222",
-        "NATS server; for a cluster, several comma-separated URLs",
+        "NATS server; for a cluster, several comma-separated URLs (or NATS_URL_FILE)",
     ),
+    ("NATS_USER", "", "NATS user name; with NATS_PASSWORD"),
+    ("NATS_PASSWORD", "", "NATS password (or NATS_PASSWORD_FILE)"),
+    ("NATS_TOKEN", "", "NATS authentication token (or NATS_TOKEN_FILE)"),
+    ("NATS_NKEY_SEED", "", "file holding the NKey seed to authenticate with"),
+    ("NATS_CREDS", "", "NATS creds file (user JWT and seed) to authenticate with"),
+    ("NATS_TLS_CA", "", "CA certificate file for NATS TLS; any NATS_TLS_* or tls:// turns TLS on"),
+    ("NATS_TLS_CERT", "", "client certificate file, for NATS servers that verify clients"),
+    ("NATS_TLS_KEY", "", "the client certificate's private key file"),
     ("NATS_SUBJECT_PREFIX", "orchestrix.jobs", "prefix of the NATS subjects Orchestrix uses"),
     (
         "NATS_STREAM_REPLICAS",
@@ -656,6 +942,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
         "WORKER_QUEUES of live workers; the rest are counted as other",
     ),
     ("WORKER_CONCURRENCY", "100", "jobs one worker process runs at once"),
+    (
+        "WORKER_DEMO_EXECUTORS",
+        "false",
+        "true: also run the demo executors demo_job and noop (`orchestrix dev` sets it)",
+    ),
     ("WORKER_QUEUES", "*", "comma-separated queues this worker takes jobs from; * for all"),
     (
         "WORKER_POLL_INTERVAL",

@@ -64,6 +64,7 @@ NAMESPACED = frozenset(
         "Job",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ScaledObject",
         "TriggerAuthentication",
     }

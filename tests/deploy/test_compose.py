@@ -10,6 +10,7 @@ builds or the stack starts, which needs a Docker engine.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,41 @@ def test_hadolint_does_report_problems(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "DL3006" in done.stdout  # an untagged base image
+
+
+def test_compose_holds_no_password_and_publishes_on_loopback() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    services = _services()
+    for name, service in services.items():
+        env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+        for key, value in env.items():
+            if "PASSWORD" in key:
+                # Only a reference to .env, never the value itself.
+                assert value.startswith("${"), (name, key)
+                assert value.endswith("}"), (name, key)
+        if "DATABASE_URL" in env:
+            # The URL names the user only; the password comes from DB_PASSWORD.
+            assert ":" not in env["DATABASE_URL"].split("//", 1)[1].split("@")[0]
+    assert "orchestrix:orchestrix@" not in text
+    assert services["api"]["ports"] == ["${API_PUBLISH:-127.0.0.1}:8080:8080"]
+    for name, service in services.items():
+        if name != "api":
+            assert "ports" not in service, f"{name} publishes a port"
+    example = (ROOT / ".env.example").read_text()
+    referenced = set(re.findall(r"\$\{([A-Z_]+)[:?}-]", text))
+    for variable in referenced:
+        assert re.search(rf"^{variable}=", example, re.MULTILINE), f".env.example lacks {variable}"
+    # The example ships no password, and the real file stays out of git.
+    assert re.findall(r"^ORCHESTRIX_\w*PASSWORD=(.*)$", example, re.MULTILINE) == ["", ""]
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_nats_asks_every_client_for_credentials() -> None:
+    nats = _services()["nats"]
+    assert "ORCHESTRIX_NATS_PASSWORD" in nats["environment"]
+    for path in (DEPLOY / "nats").rglob("*.conf"):
+        text = path.read_text()
+        assert "password: $ORCHESTRIX_NATS_PASSWORD" in text, path
+        assert "accounts {" in text, path
+    env = {k: str(v) for k, v in _services()["worker"]["environment"].items()}
+    assert Settings.from_env(env).nats.auth.method == "user and password"

@@ -13,9 +13,12 @@ and its query, run on a migrated database, counts the jobs that need a worker.
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import functools
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -60,7 +63,7 @@ from tests.deploy.manifests import (
 # unhealthyPodEvictionPolicy is on by default from 1.27), and the newest the
 # schemas of kubernetes-validate cover.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-SECRET_VARIABLES = frozenset({"DATABASE_URL", "DB_PASSWORD"})
+SECRET_VARIABLES = frozenset({"DATABASE_URL", "DB_PASSWORD", "NATS_PASSWORD"})
 # KEDA's custom resources: no Kubernetes schema covers them (test_keda_*).
 KEDA_KINDS = frozenset({"ScaledObject", "TriggerAuthentication"})
 # The trigger metadata of KEDA's postgresql scaler. The password and a whole
@@ -389,7 +392,7 @@ def _keda_parameters(resources: list[Resource], trigger: dict[str, Any]) -> dict
     return parameters
 
 
-def test_keda_connects_as_the_workers_do() -> None:
+def test_keda_connects_as_the_workers_do_but_as_the_read_only_role() -> None:
     resources = render("production")
     parameters = _keda_parameters(resources, _keda_trigger(resources))
     worker = component(resources, "worker")
@@ -398,19 +401,123 @@ def test_keda_connects_as_the_workers_do() -> None:
     # would be KEDA's `connection` parameter instead).
     assert "DATABASE_URL" not in env
     assert "connection" not in parameters
-    # The password is the processes' own: the key of the Secret they get by envFrom.
-    assert parameters["password"] == env["DB_PASSWORD"]
+    # KEDA's own role and Secret, never the processes' read-write credentials.
+    assert parameters["userName"] == KEDA_ROLE
+    assert (
+        parameters["password"]
+        == data_of(generated(resources, "Secret", "orchestrix-keda"))["KEDA_DB_PASSWORD"]
+    )
+    trigger_auth = named(resources, "TriggerAuthentication", "orchestrix-postgres")
+    for target in trigger_auth["spec"]["secretTargetRef"]:
+        assert not target["name"].startswith("orchestrix-db"), "KEDA uses the processes' Secret"
 
     url = urlsplit(settings_of(resources, worker).database.url)
+    assert parameters["userName"] != unquote(url.username or "")
     # The `postgres` Service by its full name: KEDA's operator runs in its own namespace.
     assert parameters["host"] == f"{url.hostname}.{namespace(resources)}.svc.cluster.local"
     postgres = named(resources, "Service", str(url.hostname))
     assert [p["port"] for p in postgres["spec"]["ports"]] == [url.port]
     assert int(parameters["port"]) == url.port
-    assert parameters["userName"] == unquote(url.username or "")
-    assert parameters["password"] == unquote(url.password or "")
     assert parameters["dbName"] == unquote(url.path.lstrip("/"))
     assert [parameters["sslmode"]] == parse_qs(url.query)["sslmode"]
+
+
+KEDA_ROLE = "orchestrix_keda"
+KEDA_ROLE_SQL = DEPLOY / "postgres" / "keda-role.sql"
+
+
+async def test_the_keda_role_reads_only_what_the_query_needs(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    """deploy/postgres/keda-role.sql, run with psql as documented: the role runs
+    KEDA's query and nothing else (no payloads, no writes)."""
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("psql not found (Debian's postgresql-client)")
+    for _ in range(2):  # idempotent: a second run changes nothing and fails on nothing
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [psql, database, "-X", "-q", "-v", "keda_password=k3da-pw", "-f", str(KEDA_ROLE_SQL)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    await _insert(pool, JobState.PENDING, -60, 3)
+    query = _keda_trigger(render("production"))["metadata"]["query"]
+    keda = await asyncpg.connect(database, user=KEDA_ROLE, password="k3da-pw")
+    try:
+        assert await keda.fetchval(query) == 3
+        for statement in (
+            "SELECT payload FROM jobs",
+            "SELECT * FROM jobs",
+            "SELECT count(*) FROM job_events",
+            "UPDATE jobs SET priority = 1",
+            "DELETE FROM jobs",
+        ):
+            with pytest.raises(
+                (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError)
+            ):
+                await keda.execute(statement)
+    finally:
+        await keda.close()
+
+
+def test_only_the_services_reach_postgres_and_nats() -> None:
+    """Where PostgreSQL or NATS run in the cluster, a NetworkPolicy admits only the
+    Orchestrix pods to their client ports (and a cluster's own nodes to its routes)."""
+    orchestrix = {"app.kubernetes.io/name": "orchestrix"}
+    for target, servers in (
+        ("local", {"postgres-local": 5432, "nats-local": 4222}),
+        ("production-nats-cluster", {"nats-cluster": 4222}),
+    ):
+        resources = render(target)
+        policies = of_kind(resources, "NetworkPolicy")
+        for name, port in servers.items():
+            server = named(resources, "StatefulSet", name)
+            labels = server["spec"]["template"]["metadata"]["labels"]
+            mine = [
+                p
+                for p in policies
+                if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+            ]
+            assert mine, f"{target}: no NetworkPolicy selects {name}"
+            (policy,) = mine
+            assert policy["spec"]["policyTypes"] == ["Ingress"]
+            rules = policy["spec"]["ingress"]
+            client = [r for r in rules if {"port": port, "protocol": "TCP"} in r["ports"]]
+            assert len(client) == 1, (target, name)
+            assert client[0]["from"] == [{"podSelector": {"matchLabels": orchestrix}}]
+            for rule in rules:
+                for peer in rule["from"]:
+                    assert set(peer) == {"podSelector"}, "no namespace or IP blocks"
+                    selected = peer["podSelector"]["matchLabels"]
+                    assert selected in (orchestrix, {**labels})
+            # Every Orchestrix pod carries the label the policy admits.
+            for workload in ("api", "scheduler", "worker", "migrate"):
+                pod_labels = component(resources, workload)["spec"]["template"]["metadata"]
+                assert orchestrix.items() <= pod_labels["labels"].items()
+
+
+def test_nats_runs_with_authentication_in_kubernetes() -> None:
+    for target in ("local", "production-nats-cluster"):
+        resources = render(target)
+        secret = data_of(generated(resources, "Secret", "orchestrix-nats"))
+        for workload in ("api", "scheduler", "worker"):
+            env = environment(resources, only_container(component(resources, workload)))
+            assert env["NATS_USER"] == "orchestrix"
+            assert env["NATS_PASSWORD"] == secret["NATS_PASSWORD"]
+        servers = [s for s in of_kind(resources, "StatefulSet") if "nats" in s["metadata"]["name"]]
+        assert servers
+        for server in servers:
+            (env,) = [
+                e for e in only_container(server)["env"] if e["name"] == "ORCHESTRIX_NATS_PASSWORD"
+            ]
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == "NATS_PASSWORD"
+            assert (
+                ref["name"] == generated(resources, "Secret", "orchestrix-nats")["metadata"]["name"]
+            )
 
 
 # (state, run_at in seconds from now, whether the job needs a worker slot now)

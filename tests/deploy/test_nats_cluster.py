@@ -59,7 +59,7 @@ NODES = 3
 
 def _check(path: Path) -> subprocess.CompletedProcess[str]:
     # The Kubernetes configuration takes its server name from the pod's name.
-    env = {**os.environ, "SERVER_NAME": "nats-cluster-0"}
+    env = {**os.environ, "SERVER_NAME": "nats-cluster-0", "ORCHESTRIX_NATS_PASSWORD": "x"}
     return subprocess.run(
         [str(EmbeddedNats.binary()), "-c", str(path), "-t"],
         capture_output=True,

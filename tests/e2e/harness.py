@@ -73,6 +73,7 @@ class System:
             "WORKER_POLL_INTERVAL": "200ms",
             "DB_POOL_MAX_SIZE": "12",
             "ORCHESTRIX_EXECUTORS": "tests.e2e.executors",
+            "WORKER_DEMO_EXECUTORS": "true",
             "ORX_TEST_EXECUTIONS": str(self.executions),
             # Without keys, and so on this machine only (an API with auth off
             # refuses any other address).

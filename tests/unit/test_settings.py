@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from orchestrix.settings import (
     ApiSettings,
     DatabaseSettings,
     LogSettings,
     NatsSettings,
+    NatsTls,
     RetentionSettings,
     RetrySettings,
     Settings,
@@ -143,7 +146,7 @@ def test_nats_url_takes_the_nodes_of_a_cluster() -> None:
     [
         ("nats://a:4222,,nats://c:4222", "entry 2 of 3 is empty"),
         ("nats://a:4222,", "entry 2 of 2 is empty"),
-        ("nats://a:4222,b:4222", "entry 2 of 2 must start with nats:// or tls://, got 'b:4222'"),
+        ("nats://a:4222,b:4222", "entry 2 of 2 must start with nats:// or tls://, (not shown"),
         ("nats://a:4222,http://b", "entry 2 of 2 must start with nats:// or tls://"),
         ("nats://a:4222 nats://b:4222", "the URL holds a space"),
         ("nats://a:42x2", "the URL has a port that is not a number"),
@@ -167,11 +170,9 @@ def test_a_bad_nats_url_entry_is_named(value: str, message: str) -> None:
     [
         ({"NATS_URL": "nats://a:4222,nats://bob:hunter2@b:x"}, "hunter2", "nats://bob:***@b:x"),
         ({"NATS_URL": "nats://a:4222,http://bob:hunter2@b"}, "hunter2", "http://bob:***@b"),
-        ({"NATS_URL": "bob:hunter2@b:4222"}, "hunter2", "bob:***@b:4222"),
         ({"NATS_URL": "nats://bob:p@ss/w0rd@b:x"}, "w0rd", "nats://bob:***@b:x"),
         # A user part alone is a NATS token.
         ({"NATS_URL": "nats://s3cr3t-token@b:x"}, "s3cr3t-token", "nats://***@b:x"),
-        ({"DATABASE_URL": "mysql://root:hunter2@db/x"}, "hunter2", "mysql://root:***@db/x"),
     ],
 )
 def test_a_bad_url_does_not_show_its_credentials(
@@ -181,6 +182,149 @@ def test_a_bad_url_does_not_show_its_credentials(
         Settings.from_env(env)
     assert secret not in str(caught.value)
     assert repr(shown) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        ({"DATABASE_URL": "mysql://root:hunter2@db/x"}, "got a mysql:// URL"),
+        # A secret pasted into the wrong variable: nothing of it is shown.
+        ({"DATABASE_URL": "hunter2"}, "the value is not shown"),
+        ({"DATABASE_URL": "postgresql://root:hunter2@db:port/x"}, "port that is not a number"),
+        ({"DATABASE_URL": "postgresql://root:hunter2@db/x?sslmode=yes"}, "sslmode must be"),
+        ({"NATS_URL": "hunter2"}, "(not shown: no scheme)"),
+        ({"NATS_URL": "bob:hunter2@b:4222"}, "(not shown: no scheme)"),
+        ({"DATABASE_URL": "postgresql://u:hunter2@db/x", "DB_PASSWORD": "hunter2"}, "once"),
+    ],
+)
+def test_a_bad_database_url_shows_nothing_of_its_secrets(env: dict[str, str], shown: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    assert "hunter2" not in str(caught.value)
+    assert shown in str(caught.value)
+
+
+def test_secrets_come_from_files_and_never_from_both(tmp_path: Path) -> None:
+    (tmp_path / "db").write_text("s3cret pw\n")
+    (tmp_path / "nats").write_text("n-pw")
+    (tmp_path / "token").write_text("tok\r\n")
+    settings = Settings.from_env(
+        {
+            "DB_PASSWORD_FILE": str(tmp_path / "db"),
+            "NATS_USER": "orx",
+            "NATS_PASSWORD_FILE": str(tmp_path / "nats"),
+        }
+    )
+    assert settings.database.url.startswith("postgresql://orchestrix:s3cret%20pw@localhost")
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in settings.database.shown_url
+    assert settings.nats.auth.password == "n-pw"
+    assert "n-pw" not in repr(settings)
+    assert NatsSettings.from_env({"NATS_TOKEN_FILE": str(tmp_path / "token")}).auth.token == "tok"
+    url_file = tmp_path / "url"
+    url_file.write_text("postgresql://u:pw@h:1/d\n")
+    assert DatabaseSettings.from_env({"DATABASE_URL_FILE": str(url_file)}).url == (
+        "postgresql://u:pw@h:1/d"
+    )
+    for variable, value in (
+        ("DB_PASSWORD", "x"),
+        ("NATS_PASSWORD", "x"),
+        ("NATS_TOKEN", "x"),
+        ("DATABASE_URL", "postgresql://h/d"),
+    ):
+        with pytest.raises(SettingsError, match=rf"^{variable}_FILE: {variable} is set too"):
+            Settings.from_env(
+                {variable: value, f"{variable}_FILE": str(tmp_path / "db"), "NATS_USER": "u"}
+            )
+    with pytest.raises(SettingsError, match=r"^DB_PASSWORD_FILE: cannot read .*missing"):
+        Settings.from_env({"DB_PASSWORD_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match=r"^NATS_TOKEN_FILE: .* is empty"):
+        Settings.from_env({"NATS_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def test_database_tls_parameters(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    db = DatabaseSettings.from_env(
+        {"DB_HOST": "db.internal", "DB_SSLMODE": "verify-full", "DB_SSLROOTCERT": str(ca)}
+    )
+    assert db.url == (
+        f"postgresql://orchestrix@db.internal:5432/orchestrix?sslmode=verify-full&sslrootcert={ca}"
+    )
+    assert db.sslmode == "verify-full"
+    # With a URL, the variables add to its query; one given in both places is an error.
+    db = DatabaseSettings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u@h/d?sslmode=verify-ca",
+            "DB_SSLROOTCERT": str(ca),
+            "DB_PASSWORD": "pw",
+        }
+    )
+    assert db.url == f"postgresql://u:pw@h/d?sslmode=verify-ca&sslrootcert={ca}"
+    problems = [
+        ({"DB_SSLMODE": "verify-full"}, "DB_SSLROOTCERT: is needed with sslmode verify-full"),
+        ({"DB_SSLMODE": "verify-ca"}, "DB_SSLROOTCERT: is needed"),
+        ({"DB_SSLROOTCERT": str(ca)}, "DB_SSLROOTCERT: is used only with sslmode require"),
+        (
+            {"DB_SSLMODE": "verify-full", "DB_SSLROOTCERT": str(tmp_path / "nope")},
+            "DB_SSLROOTCERT: cannot read",
+        ),
+        ({"DB_SSLMODE": "require", "DB_SSLCERT": str(ca)}, "DB_SSLKEY: a client certificate"),
+        ({"DB_SSLMODE": "require", "DB_SSLKEY": str(ca)}, "DB_SSLCERT: a client certificate"),
+        ({"DB_SSLCERT": str(ca), "DB_SSLKEY": str(ca)}, "DB_SSLCERT: a client certificate needs"),
+        (
+            {"DATABASE_URL": "postgresql://h/d?sslmode=require", "DB_SSLMODE": "verify-full"},
+            "DB_SSLMODE: DATABASE_URL sets sslmode too",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://u:pw@h/d", "DB_PASSWORD": "pw2"},
+            "DB_PASSWORD: DATABASE_URL holds a password too",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://h/d?sslmode=verify-full"},
+            "DB_SSLROOTCERT (or sslrootcert in DATABASE_URL): is needed",
+        ),
+    ]
+    for env, message in problems:
+        with pytest.raises(SettingsError) as caught:
+            DatabaseSettings.from_env(env)
+        assert str(caught.value).startswith(message), (env, str(caught.value))
+
+
+def test_nats_authentication_and_tls(tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    seed.write_text("SU...")
+    assert NatsSettings.from_env({}).tls is None
+    assert NatsSettings.from_env({"NATS_URL": "tls://h:4222"}).tls == NatsTls()
+    nats = NatsSettings.from_env(
+        {"NATS_NKEY_SEED": str(seed), "NATS_TLS_CA": str(seed), "NATS_URL": "nats://h:1"}
+    )
+    assert nats.auth.method == "nkey"
+    assert nats.tls == NatsTls(ca_file=str(seed))
+    problems = [
+        ({"NATS_USER": "u"}, "NATS_PASSWORD: NATS_USER and NATS_PASSWORD go together"),
+        ({"NATS_PASSWORD": "p"}, "NATS_USER: NATS_USER and NATS_PASSWORD go together"),
+        ({"NATS_TOKEN": "t", "NATS_CREDS": str(seed)}, "NATS_CREDS: NATS_TOKEN is set too"),
+        ({"NATS_CREDS": str(tmp_path / "none")}, "NATS_CREDS: cannot read"),
+        ({"NATS_TLS_CERT": str(seed)}, "NATS_TLS_KEY: a client certificate needs"),
+        (
+            {"NATS_TOKEN": "t", "NATS_URL": "nats://u:p@h:1"},
+            "NATS_TOKEN: NATS_URL holds credentials too",
+        ),
+    ]
+    for env, message in problems:
+        with pytest.raises(SettingsError) as caught:
+            NatsSettings.from_env(env)
+        assert str(caught.value).startswith(message), (env, str(caught.value))
+        assert "SU..." not in str(caught.value)
+
+
+def test_demo_executors_are_off_unless_switched_on() -> None:
+    assert WorkerSettings.from_env({}).demo_executors is False
+    assert WorkerSettings.from_env({"WORKER_DEMO_EXECUTORS": "true"}).demo_executors is True
+    with pytest.raises(SettingsError, match=r"^WORKER_DEMO_EXECUTORS: must be true or false"):
+        WorkerSettings.from_env({"WORKER_DEMO_EXECUTORS": "sometimes"})
 
 
 def test_retention_is_read_per_state_and_zero_keeps_forever() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 from typing import Any
 
 import asyncpg
@@ -10,6 +12,9 @@ import orjson
 
 from orchestrix.backoff import until_connected
 from orchestrix.settings import DatabaseSettings
+from orchestrix.transport import Refused
+
+log = logging.getLogger("database")
 
 # The server is away or busy: worth waiting out, and answered with 503 meanwhile.
 # Anything else (a wrong password, a missing database) is not.
@@ -61,14 +66,35 @@ async def create_pool(settings: DatabaseSettings, **overrides: Any) -> asyncpg.P
         "command_timeout": 30,
     }
     options.update(overrides)
-    pool: asyncpg.Pool = await asyncpg.create_pool(settings.url, **options)
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(settings.url, **options)
+    except REFUSED as exc:
+        raise refusal(exc) from None
     return pool
+
+
+# The server and we do not accept each other: waiting cannot fix it. (An
+# SSLCertVerificationError is an OSError, which RETRYABLE would wait out.)
+REFUSED = (ssl.SSLCertVerificationError, asyncpg.InvalidAuthorizationSpecificationError)
+
+
+def refusal(exc: BaseException) -> Refused:
+    """``exc`` as the one-line Refused a process stops with (asyncpg's messages
+    name the user and host, never the password)."""
+    return Refused(f"PostgreSQL refused the connection: {type(exc).__name__}: {exc}")
 
 
 async def connect_with_backoff(
     settings: DatabaseSettings, stop: asyncio.Event, **overrides: Any
 ) -> asyncpg.Pool | None:
     """Open the pool once PostgreSQL answers; None if stopped first."""
-    return await until_connected(
-        lambda: create_pool(settings, **overrides), what="database", stop=stop, retry_on=RETRYABLE
-    )
+    try:
+        return await until_connected(
+            lambda: create_pool(settings, **overrides),
+            what="database",
+            stop=stop,
+            retry_on=RETRYABLE,
+        )
+    except Refused as exc:
+        log.error("database refused; not retrying", extra={"error": str(exc)})
+        raise
