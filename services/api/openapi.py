@@ -56,7 +56,7 @@ from orchestrix.services.api.parsing import (
     WAIT_PATTERN,
 )
 from orchestrix.services.api.queues import KEY_LIMIT_RANGE, RUNNING_LIMIT_RANGE
-from orchestrix.services.api.rate_limits import BURST_RANGE, PER_SECOND_MAX
+from orchestrix.services.api.rate_limits import BURST_RANGE, PER_SECOND_MAX, PER_SECOND_MIN
 from orchestrix.services.api.schedules import (
     CATCH_UP_RANGE,
     MISSED,
@@ -526,8 +526,7 @@ def _schemas() -> dict[str, Schema]:
                 "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
                 "per_second": {
                     "type": "number",
-                    "exclusiveMinimum": True,
-                    "minimum": 0,
+                    "minimum": PER_SECOND_MIN,
                     "maximum": PER_SECOND_MAX,
                     "description": "tokens the bucket gains a second",
                 },
@@ -555,8 +554,7 @@ def _schemas() -> dict[str, Schema]:
                 "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
                 "per_second": {
                     "type": "number",
-                    "exclusiveMinimum": True,
-                    "minimum": 0,
+                    "minimum": PER_SECOND_MIN,
                     "maximum": PER_SECOND_MAX,
                 },
                 "burst": {
@@ -576,8 +574,7 @@ def _schemas() -> dict[str, Schema]:
                 "per_second": {
                     "type": "number",
                     "nullable": True,
-                    "exclusiveMinimum": True,
-                    "minimum": 0,
+                    "minimum": PER_SECOND_MIN,
                     "maximum": PER_SECOND_MAX,
                 },
                 "burst": {

@@ -30,6 +30,8 @@ log = logging.getLogger("api")
 routes = web.RouteTableDef()
 
 RATE_LIMIT_PATH = "/api/v1/rate-limits/{name}"
+# One start in 1,000 s at the least (PostgreSQL's float8 refuses a denormal such as 5e-324).
+PER_SECOND_MIN = 0.001
 PER_SECOND_MAX = 1_000_000.0
 BURST_RANGE = (1, 1_000_000)
 FIELDS = frozenset({"name", "per_second", "burst"})
@@ -115,9 +117,11 @@ def _per_second(value: Any) -> float:
         not isinstance(value, int | float)
         or isinstance(value, bool)
         or not math.isfinite(value)
-        or not 0 < value <= PER_SECOND_MAX
+        or not PER_SECOND_MIN <= value <= PER_SECOND_MAX
     ):
-        raise ApiError(400, f"per_second must be a number above 0, at most {PER_SECOND_MAX:g}")
+        raise ApiError(
+            400, f"per_second must be a number from {PER_SECOND_MIN:g} to {PER_SECOND_MAX:g}"
+        )
     return float(value)
 
 
