@@ -375,7 +375,7 @@ class EmbeddedPostgres:
             f"-clisten_addresses={_HOST}",
             "-cmax_connections=200",
             # The jobs table turns over every retention window: look for tables to
-            # vacuum every 10 s, not every minute (migration 0014).
+            # vacuum every 10 s, not every minute (README, Retention).
             "-cautovacuum_naptime=10s",
             # fsync and synchronous_commit keep their (durable) defaults on purpose.
             *(f"-c{name}={value}" for name, value in self.options.items()),

@@ -1,4 +1,4 @@
-"""Every query on the ``api_keys`` table (migration 0015).
+"""Every query on the ``api_keys`` table (migration 0014).
 
 Keys are made, listed and revoked by ``orchestrix keys`` on the database
 directly: whoever may write this table is the root of trust. The API only reads

@@ -12,13 +12,13 @@
   authentication off or for jobs the scheduler made. Nullable without a default,
   so adding them rewrites no row.
 
-Revision 0015, after 0014.
+Revision 0014, after 0013.
 """
 
 from alembic import op
 
-revision = "0015"
-down_revision = "0014"
+revision = "0014"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
