@@ -523,17 +523,10 @@ def _schemas() -> dict[str, Schema]:
         "RateLimit": {
             "type": "object",
             "properties": {
-                "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
-                "per_second": {
-                    "type": "number",
-                    "minimum": PER_SECOND_MIN,
-                    "maximum": PER_SECOND_MAX,
-                    "description": "tokens the bucket gains a second",
-                },
+                "name": _RATE_LIMIT_NAME,
+                "per_second": {**_PER_SECOND, "description": "tokens the bucket gains a second"},
                 "burst": {
-                    "type": "integer",
-                    "minimum": BURST_RANGE[0],
-                    "maximum": BURST_RANGE[1],
+                    **_BURST,
                     "description": "the most tokens the bucket holds: the starts in any "
                     "span of t seconds are at most burst + per_second * t",
                 },
@@ -551,17 +544,11 @@ def _schemas() -> dict[str, Schema]:
         "NewRateLimit": {
             "type": "object",
             "properties": {
-                "name": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
-                "per_second": {
-                    "type": "number",
-                    "minimum": PER_SECOND_MIN,
-                    "maximum": PER_SECOND_MAX,
-                },
+                "name": _RATE_LIMIT_NAME,
+                "per_second": dict(_PER_SECOND),
                 "burst": {
-                    "type": "integer",
+                    **_BURST,
                     "nullable": True,
-                    "minimum": BURST_RANGE[0],
-                    "maximum": BURST_RANGE[1],
                     "description": "default: per_second rounded up (at least 1)",
                 },
             },
@@ -571,18 +558,8 @@ def _schemas() -> dict[str, Schema]:
         "RateLimitChange": {
             "type": "object",
             "properties": {
-                "per_second": {
-                    "type": "number",
-                    "nullable": True,
-                    "minimum": PER_SECOND_MIN,
-                    "maximum": PER_SECOND_MAX,
-                },
-                "burst": {
-                    "type": "integer",
-                    "nullable": True,
-                    "minimum": BURST_RANGE[0],
-                    "maximum": BURST_RANGE[1],
-                },
+                "per_second": {**_PER_SECOND, "nullable": True},
+                "burst": {**_BURST, "nullable": True},
             },
             "minProperties": 1,
             "additionalProperties": False,
@@ -875,6 +852,10 @@ _BODY_ERRORS = {
     "413": _error("the body is larger than API_MAX_BODY_BYTES"),
     "415": _error("Content-Type is not application/json"),
 }
+# A rate limit's fields, as every schema of one writes them.
+_RATE_LIMIT_NAME = {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern}
+_PER_SECOND = {"type": "number", "minimum": PER_SECOND_MIN, "maximum": PER_SECOND_MAX}
+_BURST = {"type": "integer", "minimum": BURST_RANGE[0], "maximum": BURST_RANGE[1]}
 _UNKNOWN_RATE_LIMIT = _error("a job names a rate limit that does not exist; nothing was created")
 _UNAVAILABLE = _error("the database is unavailable and nothing was written; retry (Retry-After: 1)")
 
@@ -962,7 +943,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
         "name": "name",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": RATE_LIMIT_PATTERN.pattern},
+        "schema": dict(_RATE_LIMIT_NAME),
         "description": "the rate limit's name; any other value is 400",
     }
     low, high = LIMIT_RANGE

@@ -69,6 +69,27 @@ async def running(
         system.stop_all()
 
 
+async def most_running(database: str, which: str, *, queue: str) -> int:
+    """The most jobs matching ``which`` RUNNING at once, sampled every 10 ms until
+    every job of ``queue`` has SUCCEEDED (30 s at most)."""
+    conn = await asyncpg.connect(database)
+    try:
+        most = 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            count = f"SELECT count(*) FROM jobs WHERE {which} AND state = 'RUNNING'"
+            most = max(most, await conn.fetchval(count))
+            left = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE queue = $1 AND state <> 'SUCCEEDED'", queue
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    return most
+
+
 def executions_of(running: Running, job_id: str) -> list[int]:
     return [
         int(row["attempt"])
@@ -282,23 +303,7 @@ async def test_a_concurrency_keys_limit_holds_on_real_workers(
     other = await running.create(
         type="record", queue="keyed", concurrency_key="other", payload={"sleep_ms": 10}
     )
-    conn = await asyncpg.connect(database)
-    try:
-        most = 0
-        deadline = asyncio.get_running_loop().time() + 30
-        while asyncio.get_running_loop().time() < deadline:
-            now_running = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE concurrency_key = 'busy' AND state = 'RUNNING'"
-            )
-            most = max(most, now_running)
-            left = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE queue = 'keyed' AND state <> 'SUCCEEDED'"
-            )
-            if left == 0:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
+    most = await most_running(database, "concurrency_key = 'busy'", queue="keyed")
     assert most == 3
     finished = [await running.get(job["id"]) for job in busy]
     assert {job["state"] for job in finished} == {"SUCCEEDED"}
@@ -342,24 +347,5 @@ async def test_a_queues_running_limit_holds_on_real_workers(
         await running.create(type="record", queue="narrow", payload={"sleep_ms": 100})
         for _ in range(12)
     ]
-    conn = await asyncpg.connect(database)
-    try:
-        most = 0
-        deadline = asyncio.get_running_loop().time() + 30
-        while asyncio.get_running_loop().time() < deadline:
-            most = max(
-                most,
-                await conn.fetchval(
-                    "SELECT count(*) FROM jobs WHERE queue = 'narrow' AND state = 'RUNNING'"
-                ),
-            )
-            left = await conn.fetchval(
-                "SELECT count(*) FROM jobs WHERE queue = 'narrow' AND state <> 'SUCCEEDED'"
-            )
-            if left == 0:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
-    assert most == 2
+    assert await most_running(database, "queue = 'narrow'", queue="narrow") == 2
     assert {(await running.get(job["id"]))["state"] for job in made} == {"SUCCEEDED"}
