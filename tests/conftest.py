@@ -41,6 +41,24 @@ def free_port() -> int:
         return port
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now, below the
+    kernel's ephemeral range (32768 and up), so no outgoing connection of another
+    test takes one of them before the process under test binds it."""
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
 @dataclass(frozen=True)
 class Servers:
     admin_url: str  # a database on the server we may create databases from

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from orchestrix.settings import VARIABLES
 
-from tests.conftest import free_port
+from tests.conftest import free_port_run
 from tests.e2e.harness import REPO, until
 
 pytestmark = pytest.mark.timeout(120)
@@ -141,7 +141,9 @@ def test_migrate_create_refuses_a_bad_name_in_one_line() -> None:
 
 
 async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: Path) -> None:
-    api_port, status_port = free_port(), free_port()
+    # The API, then the scheduler's and the worker's status ports (METRICS_PORT up).
+    api_port = free_port_run(3)
+    status_port = api_port + 1
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
     env |= {"API_PORT": str(api_port), "METRICS_PORT": str(status_port), "WORKERS": "1"}
     log = (tmp_path / "dev.log").open("wb")
@@ -169,11 +171,12 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
                 job_id = (await response.json())["id"]
 
             async def succeeded() -> bool:
+                assert dev.poll() is None, (tmp_path / "dev.log").read_text()
                 async with http.get(f"{url}/api/v1/jobs/{job_id}") as response:
                     state: str = (await response.json())["state"]
                     return state == "SUCCEEDED"
 
-            await until(succeeded, 30, "the job to run")
+            await until(succeeded, 30, "the job to run", lambda: (tmp_path / "dev.log").read_text())
         children = psutil.Process(dev.pid).children(recursive=True)
         assert len(children) >= 5  # api, scheduler, worker, postgres, nats
         # Auth is off, so nothing may listen beyond this machine.
@@ -191,7 +194,10 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
         assert alive == []
     finally:
         if dev.poll() is None:
+            for process in psutil.Process(dev.pid).children(recursive=True):
+                process.kill()
             dev.kill()
+        dev.wait()
         log.close()
     output = (tmp_path / "dev.log").read_text()
     assert f"Orchestrix is running. API: http://127.0.0.1:{api_port} " in output
