@@ -922,8 +922,10 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
         "name": "id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string"},
-        "description": f"the job's id (a ULID matching {ULID_PATTERN}); any other value is 404",
+        # The pattern keeps /api/v1/jobs/cancel and /retry (the bulk actions) out.
+        "schema": {"type": "string", "pattern": ULID_PATTERN},
+        "description": "the job's id (a ULID); any other value is 404, or 405 where it names "
+        "another route",
     }
     queue_name = {
         "name": "queue",
@@ -1452,9 +1454,8 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                     "name": "id",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string"},
-                    "description": f"the workflow's id (a ULID matching {ULID_PATTERN}); any "
-                    "other value is 404",
+                    "schema": {"type": "string", "pattern": ULID_PATTERN},
+                    "description": "the workflow's id (a ULID); any other value is 404",
                 }
             ],
             "get": {
