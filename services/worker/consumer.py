@@ -128,6 +128,7 @@ class Consumer:
         # When the last limited claim left jobs behind (a limit held them, or it
         # could not tell), the next look: LIMITED_LOOK_S after it, not at the poll.
         self._limited_look_at: float | None = None
+        self._round = concurrency.Round()  # where its limited claims are in the keys
         self._heartbeat = Heartbeat(
             settings.database.url,
             workers.Registration(
@@ -294,6 +295,7 @@ class Consumer:
                 types=self._types,
                 limit=limit,
                 lease_s=self._lease_s,
+                round_=self._round,
             )
         self._limited_active = len(jobs) > 0
         self._limited_look_at = now + LIMITED_LOOK_S if len(jobs) < limit else None

@@ -10,9 +10,10 @@ import asyncpg
 from orchestrix.db import concurrency
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import init_connection
-from orchestrix.models import NewJob
+from orchestrix.models import Job, NewJob
 
 from tests.conftest import Api
+from tests.integration.limited import holding
 
 TYPES = ["t"]
 
@@ -156,3 +157,78 @@ async def test_concurrency_key_over_the_api_and_the_queues_limit(api: Api) -> No
     for bad in ({"key_limit": 0}, {"key_limit": "5"}, {"limit": 5}, {}):
         status, body, _ = await api.request("PATCH", "/api/v1/queues/default", json=bad)
         assert status == 400, bad
+
+
+async def test_a_claim_passes_over_the_keys_another_claim_holds_without_waiting(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    await set_limit(pool, "default", 5)
+    held = await keyed(pool, "a", 3)
+    free = await keyed(pool, "b", 3)
+    holder = await asyncpg.connect(database, server_settings=db.CLAIM_SERVER_SETTINGS)
+    try:
+        # A claim that has taken its turns (key a's only: it asks for one job) and
+        # has not committed yet.
+        async with holder.transaction():
+            turns = await holder.fetchrow(concurrency._TAKE_TURNS, None, TYPES, 1, "", "")
+            assert list(turns["keys"]) == ["a"]
+            async with pool.acquire() as conn, asyncio.timeout(5):
+                claimed = await concurrency.claim(
+                    conn, worker_id="w", queues=None, types=TYPES, limit=10, lease_s=30
+                )
+            assert sorted(job.id for job in claimed) == sorted(free)
+        async with pool.acquire() as conn:
+            claimed = await concurrency.claim(
+                conn, worker_id="w", queues=None, types=TYPES, limit=10, lease_s=30
+            )
+        assert sorted(job.id for job in claimed) == sorted(held)
+    finally:
+        await holder.close()
+
+
+async def test_a_workers_claims_go_round_the_keys(pool: asyncpg.Pool) -> None:
+    await set_limit(pool, "default", 100)
+    for key in ("a", "b", "c"):
+        await keyed(pool, key, 3)
+
+    async def keys_of_claims(round_: concurrency.Round | None) -> list[str | None]:
+        got = []
+        async with pool.acquire() as conn:
+            for _ in range(4):
+                [job] = await concurrency.claim(
+                    conn,
+                    worker_id="w",
+                    queues=None,
+                    types=TYPES,
+                    limit=1,
+                    lease_s=30,
+                    round_=round_,
+                )
+                got.append(job.concurrency_key)
+        return got
+
+    assert await keys_of_claims(concurrency.Round()) == ["a", "b", "c", "a"]
+    # Without a round every claim begins at the first key: a's last job, then b's.
+    assert await keys_of_claims(None) == ["a", "b", "b", "c"]
+
+
+async def test_a_claim_for_other_types_waits_for_the_keys_turn(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    # Two workers serving different types of one key: the second must not count
+    # the key's running jobs before the first claim on it has committed.
+    await set_limit(pool, "default", 2)
+    for job_type in ("t1", "t2"):
+        await db.insert_many(pool, [NewJob(type=job_type, concurrency_key="k") for _ in range(2)])
+
+    async def other_types() -> list[Job]:
+        async with pool.acquire() as conn:
+            return await concurrency.claim(
+                conn, worker_id="w2", queues=None, types=["t2"], limit=2, lease_s=30
+            )
+
+    async with holding(database, ["t1"], 2) as first:
+        assert len(first) == 2
+        assert await other_types() == []
+    assert await other_types() == []
+    assert await running(pool, "k") == 2

@@ -11,9 +11,10 @@ import asyncpg
 from orchestrix.db import concurrency, rate_limits
 from orchestrix.db import jobs as db
 from orchestrix.db.pool import init_connection
-from orchestrix.models import NewJob
+from orchestrix.models import Job, NewJob
 
 from tests.conftest import Api
+from tests.integration.limited import holding
 
 TYPES = ["t"]
 BOTH = ["t", "u"]
@@ -114,6 +115,38 @@ async def test_a_rate_limit_holds_across_concurrent_claims(
     # Rate-limited jobs are not the plain claim's; the others are.
     taken = await db.claim(pool, worker_id="p", queues=None, types=TYPES, limit=50, lease_s=30)
     assert sorted(job.id for job in taken) == sorted(plain)
+
+
+async def other_types(pool: asyncpg.Pool) -> list[Job]:
+    async with pool.acquire() as conn:
+        return await concurrency.claim(
+            conn, worker_id="w2", queues=None, types=["u"], limit=10, lease_s=30
+        )
+
+
+async def test_a_claim_for_other_types_waits_for_the_queues_turn(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    await pool.execute("INSERT INTO queues (name, running_limit) VALUES ('narrow', 2)")
+    for job_type in BOTH:
+        await db.insert_many(pool, [NewJob(type=job_type, queue="narrow") for _ in range(2)])
+    async with holding(database, ["t"], 2) as first:
+        assert len(first) == 2
+        assert await other_types(pool) == []
+    assert await other_types(pool) == []
+    assert await running(pool, "narrow") == 2
+
+
+async def test_a_claim_for_other_types_waits_for_the_buckets_turn(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    assert await rate_limits.create(pool, "slow", 0.001, 2) is not None
+    for job_type in BOTH:
+        await db.insert_many(pool, [NewJob(type=job_type, rate_limit="slow") for _ in range(2)])
+    async with holding(database, ["t"], 2) as first:
+        assert len(first) == 2  # the bucket's two tokens, not yet committed as spent
+        assert await other_types(pool) == []
+    assert await other_types(pool) == []
 
 
 async def test_a_key_and_a_rate_limit_both_hold(pool: asyncpg.Pool) -> None:
