@@ -511,7 +511,40 @@ def _nats_auth(read: _Reader, servers: tuple[str, ...]) -> NatsAuth:
         raise SettingsError(given[1], f"{given[0]} is set too; choose one way to authenticate")
     if given and any("@" in server for server in servers):
         raise SettingsError(given[0], "NATS_URL holds credentials too; give them once")
+    if auth.creds_file is not None:
+        _check_creds(auth.creds_file)
     return auth
+
+
+_CREDS_PARTS = (
+    # (the line that opens the part, what the next line must look like, its name)
+    ("BEGIN NATS USER JWT", re.compile(r"^[\w-]+\.[\w-]+\.[\w-]+$"), "user JWT"),
+    ("BEGIN USER NKEY SEED", re.compile(r"^SU[A-Z2-7]+$"), "user NKey seed"),
+)
+
+
+def _check_creds(path: str) -> None:
+    """Refuse a ``NATS_CREDS`` file that is not a creds file, naming the file only.
+
+    nats-py reads the line after each BEGIN line as the JWT and the seed, when it
+    connects; a file without them fails there with a TypeError that says
+    nothing (or, without the JWT's line, never returns). The contents are never
+    shown: a file in the wrong place may hold any secret.
+    """
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise SettingsError("NATS_CREDS", f"{path} is not a creds file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise SettingsError("NATS_CREDS", f"cannot read {path}: {exc.strerror}") from None
+    for opening, shape, name in _CREDS_PARTS:
+        starts = [i for i, line in enumerate(lines) if opening in line]
+        if not starts or starts[0] + 1 >= len(lines) or not shape.match(lines[starts[0] + 1]):
+            raise SettingsError(
+                "NATS_CREDS",
+                f"{path} is not a creds file: no {name} on the line after "
+                f"'-----{opening}-----' (nsc writes them; the contents are not shown)",
+            )
 
 
 @dataclass(frozen=True)
