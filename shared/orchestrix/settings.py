@@ -30,6 +30,9 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+# The secrets: each may instead be read from the file that NAME_FILE names.
+FILE_VARIABLES = ("DATABASE_URL", "DB_PASSWORD", "NATS_URL", "NATS_PASSWORD", "NATS_TOKEN")
+
 _TRUE = ("true", "on", "yes", "1")
 _FALSE = ("false", "off", "no", "0")
 
@@ -135,6 +138,7 @@ class _Reader:
         A file's trailing line break is dropped (``echo pw > file`` writes one).
         No message here shows the value: only which variable and which file.
         """
+        assert name in FILE_VARIABLES, f"{name} is not listed in FILE_VARIABLES"
         value = self.raw(name)
         path = self.raw(f"{name}_FILE")
         if path is None:
