@@ -230,6 +230,28 @@ def settings_of(resources: list[Resource], workload: Resource) -> Settings:
     return Settings.from_env(process_environment(resources, workload))
 
 
+def compose_environment(service: dict[str, Any], secrets: dict[str, Any]) -> dict[str, str]:
+    """What the process of a compose service reads, as settings.py reads it: each
+    ``NAME_FILE`` naming one of the service's secrets (at /run/secrets/SECRET, or
+    its ``target``) becomes ``NAME``, holding ``<VARIABLE>`` for the variable of
+    .env the secret is made from. A ``NAME_FILE`` naming anything else, or a
+    secret made from anything but a variable, fails the test."""
+    env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+    mounted: dict[str, str] = {}
+    for entry in service.get("secrets", []):
+        name = entry if isinstance(entry, str) else entry["source"]
+        target = name if isinstance(entry, str) else entry.get("target", name)
+        path = target if target.startswith("/") else f"/run/secrets/{target}"
+        assert name in secrets, f"secret {name} is not declared"
+        assert set(secrets[name]) == {"environment"}, f"secret {name}: only from .env"
+        mounted[path] = f"<{secrets[name]['environment']}>"
+    for variable in [variable for variable in env if variable.endswith("_FILE")]:
+        path = env.pop(variable)
+        assert path in mounted, f"{variable}={path} is no secret the service mounts"
+        env[variable.removesuffix("_FILE")] = mounted[path]
+    return env
+
+
 def port_number(container: dict[str, Any], port: int | str) -> int:
     """A probe's or Service's port: a number, or the name of a container port."""
     if isinstance(port, int):
