@@ -30,6 +30,9 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
+# The secrets: each may instead be read from the file that NAME_FILE names.
+FILE_VARIABLES = ("DATABASE_URL", "DB_PASSWORD", "NATS_URL", "NATS_PASSWORD", "NATS_TOKEN")
+
 _TRUE = ("true", "on", "yes", "1")
 _FALSE = ("false", "off", "no", "0")
 
@@ -135,6 +138,7 @@ class _Reader:
         A file's trailing line break is dropped (``echo pw > file`` writes one).
         No message here shows the value: only which variable and which file.
         """
+        assert name in FILE_VARIABLES, f"{name} is not listed in FILE_VARIABLES"
         value = self.raw(name)
         path = self.raw(f"{name}_FILE")
         if path is None:
@@ -511,7 +515,40 @@ def _nats_auth(read: _Reader, servers: tuple[str, ...]) -> NatsAuth:
         raise SettingsError(given[1], f"{given[0]} is set too; choose one way to authenticate")
     if given and any("@" in server for server in servers):
         raise SettingsError(given[0], "NATS_URL holds credentials too; give them once")
+    if auth.creds_file is not None:
+        _check_creds(auth.creds_file)
     return auth
+
+
+_CREDS_PARTS = (
+    # (the line that opens the part, what the next line must look like, its name)
+    ("BEGIN NATS USER JWT", re.compile(r"^[\w-]+\.[\w-]+\.[\w-]+$"), "user JWT"),
+    ("BEGIN USER NKEY SEED", re.compile(r"^SU[A-Z2-7]+$"), "user NKey seed"),
+)
+
+
+def _check_creds(path: str) -> None:
+    """Refuse a ``NATS_CREDS`` file that is not a creds file, naming the file only.
+
+    nats-py reads the line after each BEGIN line as the JWT and the seed, when it
+    connects; a file without them fails there with a TypeError that says
+    nothing (or, without the JWT's line, never returns). The contents are never
+    shown: a file in the wrong place may hold any secret.
+    """
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise SettingsError("NATS_CREDS", f"{path} is not a creds file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise SettingsError("NATS_CREDS", f"cannot read {path}: {exc.strerror}") from None
+    for opening, shape, name in _CREDS_PARTS:
+        starts = [i for i, line in enumerate(lines) if opening in line]
+        if not starts or starts[0] + 1 >= len(lines) or not shape.match(lines[starts[0] + 1]):
+            raise SettingsError(
+                "NATS_CREDS",
+                f"{path} is not a creds file: no {name} on the line after "
+                f"'-----{opening}-----' (nsc writes them; the contents are not shown)",
+            )
 
 
 @dataclass(frozen=True)

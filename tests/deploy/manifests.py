@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml  # type: ignore[import-untyped, unused-ignore]
-from orchestrix.settings import VARIABLES, Settings
+from orchestrix.settings import FILE_VARIABLES, VARIABLES, Settings
 
 from tests.deploy import kustomize
 
@@ -36,7 +36,12 @@ OVERLAYS = ("local", "production", "production-nats-cluster")
 # The Orchestrix processes: the container of each, and the arguments it runs with.
 SERVICES = {"api": ["api"], "scheduler": ["scheduler"], "worker": ["worker"]}
 MIGRATE_ARGS = ["migrate", "up"]
-VARIABLE_NAMES = frozenset(name for name, _, _ in VARIABLES)
+# Every variable settings.py reads, the NAME_FILE forms of the secrets included.
+VARIABLE_NAMES = frozenset(name for name, _, _ in VARIABLES) | {
+    f"{name}_FILE" for name in FILE_VARIABLES
+}
+# Where the Orchestrix pods mount their Secrets' files.
+SECRETS_DIR = "/run/secrets"
 
 
 def kubectl() -> str | None:
@@ -171,8 +176,46 @@ def environment(resources: list[Resource], container: dict[str, Any]) -> dict[st
         elif "secretKeyRef" in reference:
             ref = reference["secretKeyRef"]
             env[variable["name"]] = data_of(named(resources, "Secret", ref["name"]))[ref["key"]]
+        elif "fieldRef" in reference:
+            # Known only in the running pod: its name, say.
+            env[variable["name"]] = f"<{reference['fieldRef']['fieldPath']}>"
         else:
             raise AssertionError(f"unsupported valueFrom {reference}")
+    return env
+
+
+def secret_files(resources: list[Resource], workload: Resource) -> dict[str, str]:
+    """The files that Secret volumes put in a workload's container: path -> contents."""
+    volumes = {volume["name"]: volume for volume in pod_spec(workload).get("volumes", [])}
+    files: dict[str, str] = {}
+    for mount in only_container(workload).get("volumeMounts", []):
+        # A mount not among the volumes is a StatefulSet's volumeClaimTemplate.
+        source = volumes.get(mount["name"], {}).get("secret")
+        if source is None:
+            continue
+        where = f"{workload['metadata']['name']}: {mount['mountPath']}"
+        # A subPath mount is never updated, and hides the other keys.
+        assert "subPath" not in mount, f"{where} mounts a Secret with subPath"
+        assert mount.get("readOnly") is True, f"{where} mounts a Secret writable"
+        values = data_of(named(resources, "Secret", source["secretName"]))
+        items = source.get("items") or [{"key": key, "path": key} for key in values]
+        for item in items:
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = values[item["key"]]
+    return files
+
+
+def process_environment(resources: list[Resource], workload: Resource) -> dict[str, str]:
+    """What the process of a workload reads, as settings.py reads it: each
+    ``NAME_FILE`` that names a file of a mounted Secret becomes ``NAME`` with the
+    file's contents. A ``NAME_FILE`` naming anything else fails the test."""
+    env = environment(resources, only_container(workload))
+    files = secret_files(resources, workload)
+    for name in [name for name in env if name.endswith("_FILE")]:
+        path = env.pop(name)
+        assert path in files, (
+            f"{workload['metadata']['name']}: {name}={path} is no file of a mounted Secret"
+        )
+        env[name.removesuffix("_FILE")] = files[path]
     return env
 
 
@@ -184,7 +227,29 @@ def passed_names(container: dict[str, Any], resources: list[Resource]) -> set[st
 
 def settings_of(resources: list[Resource], workload: Resource) -> Settings:
     """What the process of an Orchestrix workload would run with."""
-    return Settings.from_env(environment(resources, only_container(workload)))
+    return Settings.from_env(process_environment(resources, workload))
+
+
+def compose_environment(service: dict[str, Any], secrets: dict[str, Any]) -> dict[str, str]:
+    """What the process of a compose service reads, as settings.py reads it: each
+    ``NAME_FILE`` naming one of the service's secrets (at /run/secrets/SECRET, or
+    its ``target``) becomes ``NAME``, holding ``<VARIABLE>`` for the variable of
+    .env the secret is made from. A ``NAME_FILE`` naming anything else, or a
+    secret made from anything but a variable, fails the test."""
+    env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+    mounted: dict[str, str] = {}
+    for entry in service.get("secrets", []):
+        name = entry if isinstance(entry, str) else entry["source"]
+        target = name if isinstance(entry, str) else entry.get("target", name)
+        path = target if target.startswith("/") else f"/run/secrets/{target}"
+        assert name in secrets, f"secret {name} is not declared"
+        assert set(secrets[name]) == {"environment"}, f"secret {name}: only from .env"
+        mounted[path] = f"<{secrets[name]['environment']}>"
+    for variable in [variable for variable in env if variable.endswith("_FILE")]:
+        path = env.pop(variable)
+        assert path in mounted, f"{variable}={path} is no secret the service mounts"
+        env[variable.removesuffix("_FILE")] = mounted[path]
+    return env
 
 
 def port_number(container: dict[str, Any], port: int | str) -> int:

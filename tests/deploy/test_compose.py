@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 from orchestrix.settings import Settings
 
-from tests.deploy.manifests import DEPLOY, ROOT, VARIABLE_NAMES, load_yaml, parse_seconds, tool
+from tests.deploy.manifests import (
+    DEPLOY,
+    ROOT,
+    VARIABLE_NAMES,
+    compose_environment,
+    load_yaml,
+    parse_seconds,
+    tool,
+)
 
 # The root file, then the override files run together with it.
 OVERRIDES = (DEPLOY / "observability" / "compose.yaml", DEPLOY / "nats" / "cluster.compose.yaml")
@@ -57,22 +65,27 @@ def _services() -> dict[str, Any]:
     return services
 
 
+def _process_env(name: str) -> dict[str, str]:
+    """What service ``name``'s process reads, its secret files resolved."""
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    return compose_environment(compose["services"][name], compose["secrets"])
+
+
 def test_compose_passes_only_known_settings() -> None:
     services = _services()
     for name, args in ORCHESTRIX_SERVICES.items():
         service = services[name]
         assert service["command"] == args
-        env = {key: str(value) for key, value in service["environment"].items()}
-        unknown = set(env) - VARIABLE_NAMES
+        unknown = set(service["environment"]) - VARIABLE_NAMES
         assert not unknown, f"compose passes {sorted(unknown)} to {name}; settings.py lacks them"
-        Settings.from_env(env)
+        Settings.from_env(_process_env(name))
 
 
 def test_compose_waits_for_the_drain_and_checks_readiness() -> None:
     services = _services()
     for name in ("api", "scheduler", "worker"):
         service = services[name]
-        settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+        settings = Settings.from_env(_process_env(name))
         grace = parse_seconds(service["stop_grace_period"])
         drain = (settings.api if name == "api" else settings.worker).shutdown_timeout_s
         assert grace > drain, f"{name} is killed mid-drain"
@@ -124,7 +137,7 @@ def test_compose_holds_no_password_and_publishes_on_loopback() -> None:
     for name, service in services.items():
         env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
         for key, value in env.items():
-            if "PASSWORD" in key:
+            if "PASSWORD" in key and not key.endswith("_FILE"):
                 # Only a reference to .env, never the value itself.
                 assert value.startswith("${"), (name, key)
                 assert value.endswith("}"), (name, key)
@@ -152,5 +165,36 @@ def test_nats_asks_every_client_for_credentials() -> None:
         text = path.read_text()
         assert "password: $ORCHESTRIX_NATS_PASSWORD" in text, path
         assert "accounts {" in text, path
-    env = {k: str(v) for k, v in _services()["worker"]["environment"].items()}
-    assert Settings.from_env(env).nats.auth.method == "user and password"
+    assert Settings.from_env(_process_env("worker")).nats.auth.method == "user and password"
+
+
+def test_compose_gives_the_passwords_as_secret_files() -> None:
+    """The Orchestrix processes and PostgreSQL read their passwords from compose
+    secrets mounted as files, made from the .env variables; only nats-server,
+    which reads a password from its configuration or environment only, gets one
+    as a variable."""
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    secrets = compose["secrets"]
+    assert secrets == {
+        "db_password": {"environment": "ORCHESTRIX_DB_PASSWORD"},
+        "nats_password": {"environment": "ORCHESTRIX_NATS_PASSWORD"},
+    }
+    for name, service in compose["services"].items():
+        env = {key: str(value) for key, value in (service.get("environment") or {}).items()}
+        given = {
+            key for key, value in env.items() if "ORCHESTRIX_" in value and "PASSWORD" in value
+        }
+        if name == "nats":
+            assert given == {"ORCHESTRIX_NATS_PASSWORD"}, given
+            continue
+        assert not given, f"{name} gets {sorted(given)} as variables"
+        compose_environment(service, secrets)  # every *_FILE is one of its secrets
+    for name in ORCHESTRIX_SERVICES:
+        env = _process_env(name)
+        assert env["DB_PASSWORD"] == "<ORCHESTRIX_DB_PASSWORD>", name
+        assert env["NATS_PASSWORD"] == "<ORCHESTRIX_NATS_PASSWORD>", name
+    example = (ROOT / ".env.example").read_text()
+    for secret in secrets.values():
+        assert f"\n{secret['environment']}=\n" in example, f".env.example lacks {secret}"
+    postgres = compose_environment(compose["services"]["postgres"], secrets)
+    assert postgres["POSTGRES_PASSWORD"] == "<ORCHESTRIX_DB_PASSWORD>"

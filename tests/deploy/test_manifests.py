@@ -29,13 +29,14 @@ import kubernetes_validate.utils  # type: ignore[import-untyped]
 import pytest
 from orchestrix import ids, status
 from orchestrix.services.api import health
-from orchestrix.settings import Settings
+from orchestrix.settings import FILE_VARIABLES, Settings
 from orchestrix.states import JobState
 
 from tests.deploy.manifests import (
     DEPLOY,
     MIGRATE_ARGS,
     ROOT,
+    SECRETS_DIR,
     SERVICES,
     TARGETS,
     VARIABLE_NAMES,
@@ -54,7 +55,9 @@ from tests.deploy.manifests import (
     passed_names,
     pod_spec,
     port_number,
+    process_environment,
     render,
+    secret_files,
     selects,
     settings_of,
 )
@@ -396,7 +399,7 @@ def test_keda_connects_as_the_workers_do_but_as_the_read_only_role() -> None:
     resources = render("production")
     parameters = _keda_parameters(resources, _keda_trigger(resources))
     worker = component(resources, "worker")
-    env = environment(resources, only_container(worker))
+    env = process_environment(resources, worker)
     # The manifests give the DB_* parts (docs/deploy.md: a whole DATABASE_URL
     # would be KEDA's `connection` parameter instead).
     assert "DATABASE_URL" not in env
@@ -504,7 +507,7 @@ def test_nats_runs_with_authentication_in_kubernetes() -> None:
         resources = render(target)
         secret = data_of(generated(resources, "Secret", "orchestrix-nats"))
         for workload in ("api", "scheduler", "worker"):
-            env = environment(resources, only_container(component(resources, workload)))
+            env = process_environment(resources, component(resources, workload))
             assert env["NATS_USER"] == "orchestrix"
             assert env["NATS_PASSWORD"] == secret["NATS_PASSWORD"]
         servers = [s for s in of_kind(resources, "StatefulSet") if "nats" in s["metadata"]["name"]]
@@ -606,7 +609,7 @@ def test_keda_query_names_only_states_that_exist() -> None:
 def test_dependencies_are_the_services_the_settings_name(target: str) -> None:
     resources = render(target)
     settings = settings_of(resources, component(resources, "api"))
-    env = environment(resources, only_container(component(resources, "api")))
+    env = process_environment(resources, component(resources, "api"))
     postgres = named(resources, "Service", env["DB_HOST"])
     assert [p["port"] for p in postgres["spec"]["ports"]] == [int(env.get("DB_PORT", "5432"))]
     for server in settings.nats.servers:
@@ -659,10 +662,8 @@ def test_local_overlay_runs_its_own_servers() -> None:
         assert container["image"] == compose[alias]["image"], "the same server as compose"
 
     # The local PostgreSQL's user, database and password are the processes' ones.
-    api_env = environment(resources, only_container(component(resources, "api")))
-    postgres_env = environment(
-        resources, only_container(named(resources, "StatefulSet", "postgres-local"))
-    )
+    api_env = process_environment(resources, component(resources, "api"))
+    postgres_env = process_environment(resources, named(resources, "StatefulSet", "postgres-local"))
     assert postgres_env["POSTGRES_USER"] == api_env["DB_USER"]
     assert postgres_env["POSTGRES_DB"] == api_env["DB_NAME"]
     assert postgres_env["POSTGRES_PASSWORD"] == api_env["DB_PASSWORD"]
@@ -748,5 +749,71 @@ def test_secrets_hold_only_credentials() -> None:
     for target in TARGETS:
         secret = generated(render(target), "Secret", "orchestrix-db")
         assert set(secret["data"]) <= SECRET_VARIABLES
-    local = environment(render("local"), only_container(component(render("local"), "worker")))
+    local = process_environment(render("local"), component(render("local"), "worker"))
     assert local["DB_PASSWORD"] == "orchestrix-local"
+
+
+# nats-server reads a password from its configuration or its environment only,
+# never from a file: the one Secret value any container gets as a variable.
+SECRET_ENV_ALLOWED = frozenset({("nats", "ORCHESTRIX_NATS_PASSWORD")})
+
+
+@all_targets
+def test_secrets_reach_the_processes_as_mounted_files_only(target: str) -> None:
+    """No Secret value in a ConfigMap or in a variable: every Orchestrix process
+    reads its passwords from files of Secret volumes (DB_PASSWORD_FILE,
+    NATS_PASSWORD_FILE), readable by its group only; and every NAME_FILE of any
+    container names a file of a Secret it mounts (process_environment checks)."""
+    resources = render(target)
+    values = {
+        value
+        for secret in of_kind(resources, "Secret")
+        for value in data_of(secret).values()
+        if value
+    }
+    assert values, "the overlays carry placeholders or development values"
+    for config_map in of_kind(resources, "ConfigMap"):
+        for key, text in config_map["data"].items():
+            name = config_map["metadata"]["name"]
+            if key in FILE_VARIABLES:
+                # NATS_URL is a secret only when it holds credentials.
+                assert key == "NATS_URL", f"{name} holds {key}, a secret"
+                assert "@" not in text, f"{name}: NATS_URL holds credentials"
+            for value in values:
+                assert value not in text, f"ConfigMap {name} ({key}) holds a Secret value"
+    for workload in (
+        of_kind(resources, "Deployment")
+        + of_kind(resources, "StatefulSet")
+        + of_kind(resources, "Job")
+    ):
+        for container in pod_spec(workload)["containers"]:
+            where = f"{target}: {workload['metadata']['name']}/{container['name']}"
+            sources = container.get("envFrom", [])
+            assert not [s for s in sources if "secretRef" in s], f"{where}: a Secret as variables"
+            for variable in container.get("env", []):
+                if "secretKeyRef" in variable.get("valueFrom", {}):
+                    allowed = (container["name"], variable["name"]) in SECRET_ENV_ALLOWED
+                    assert allowed, f"{where}: {variable['name']} is a Secret value in a variable"
+                assert str(variable.get("value", "")) not in values, f"{where}: a literal secret"
+        if len(pod_spec(workload)["containers"]) == 1:
+            process_environment(resources, workload)  # each NAME_FILE is a Secret's file
+    for workload in orchestrix_workloads(resources):
+        name = workload["metadata"]["name"]
+        env = environment(resources, only_container(workload))
+        secrets_given = set(env) & set(FILE_VARIABLES) - {"NATS_URL"}
+        assert not secrets_given, f"{name}: {secrets_given} as variables"
+        files = secret_files(resources, workload)
+        for variable in ("DB_PASSWORD_FILE", "NATS_PASSWORD_FILE"):
+            assert env[variable].startswith(f"{SECRETS_DIR}/"), (name, variable)
+            assert env[variable] in files, (name, variable)
+        resolved = process_environment(resources, workload)
+        assert (
+            resolved["DB_PASSWORD"]
+            == data_of(generated(resources, "Secret", "orchestrix-db"))["DB_PASSWORD"]
+        )
+        context = pod_spec(workload)["securityContext"]
+        assert context["fsGroup"] == context["runAsGroup"], f"{name}: the files' group"
+        for volume in pod_spec(workload)["volumes"]:
+            if "secret" in volume:
+                mode = volume["secret"]["defaultMode"]
+                assert mode & 0o007 == 0, f"{name}: {volume['name']} is world-readable"

@@ -31,6 +31,7 @@ from tests.deploy.manifests import (
     SERVICES,
     VARIABLE_NAMES,
     component,
+    compose_environment,
     environment,
     generated,
     load_yaml,
@@ -160,7 +161,8 @@ def test_compose_cluster_gives_the_processes_every_node() -> None:
     nodes = _compose_nodes()
     override = load_yaml(COMPOSE_CLUSTER)["services"]
     for name in SERVICES:
-        env = {key: str(value) for key, value in services[name]["environment"].items()}
+        secrets = load_yaml(ROOT / "docker-compose.yml")["secrets"]
+        env = compose_environment(services[name], secrets)
         assert set(override[name]["environment"]) <= VARIABLE_NAMES
         settings = Settings.from_env(env)
         hosts = [urlsplit(server) for server in settings.nats.servers]

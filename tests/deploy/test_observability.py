@@ -26,6 +26,7 @@ from tests.deploy.manifests import (
     ROOT,
     SERVICES,
     component,
+    compose_environment,
     load_yaml,
     namespace,
     only_container,
@@ -142,12 +143,13 @@ def test_kubernetes_scrape_config_finds_the_pods(target: str) -> None:
 
 
 def test_compose_scrape_config_finds_the_containers() -> None:
-    services = load_yaml(ROOT / "docker-compose.yml")["services"]
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    services = compose["services"]
     for job_name, job in _scrape_configs("prometheus-compose.yml").items():
         (discovery,) = job["dns_sd_configs"]
         assert discovery["names"] == [JOBS[job_name]]
         service = services[JOBS[job_name]]
-        settings = Settings.from_env({k: str(v) for k, v in service["environment"].items()})
+        settings = Settings.from_env(compose_environment(service, compose["secrets"]))
         expected = settings.api.port if JOBS[job_name] == "api" else settings.metrics.port
         assert discovery["port"] == expected
         assert discovery["type"] == "A"
