@@ -14,7 +14,7 @@ from orchestrix.db.pool import init_connection
 from orchestrix.models import Job, NewJob
 
 from tests.conftest import Api
-from tests.integration.limited import holding
+from tests.integration.limited import waits_for_the_turn
 
 TYPES = ["t"]
 BOTH = ["t", "u"]
@@ -124,29 +124,24 @@ async def other_types(pool: asyncpg.Pool) -> list[Job]:
         )
 
 
-async def test_a_claim_for_other_types_waits_for_the_queues_turn(
+async def test_a_claim_for_other_types_of_a_limited_queue_waits_for_the_turn(
     pool: asyncpg.Pool, database: str
 ) -> None:
     await pool.execute("INSERT INTO queues (name, running_limit) VALUES ('narrow', 2)")
     for job_type in BOTH:
         await db.insert_many(pool, [NewJob(type=job_type, queue="narrow") for _ in range(2)])
-    async with holding(database, ["t"], 2) as first:
-        assert len(first) == 2
-        assert await other_types(pool) == []
-    assert await other_types(pool) == []
+    assert await waits_for_the_turn(database, ["t"], other_types(pool)) == []
     assert await running(pool, "narrow") == 2
 
 
-async def test_a_claim_for_other_types_waits_for_the_buckets_turn(
+async def test_a_claim_for_other_types_of_a_rate_limit_waits_for_the_turn(
     pool: asyncpg.Pool, database: str
 ) -> None:
     assert await rate_limits.create(pool, "slow", 0.001, 2) is not None
     for job_type in BOTH:
         await db.insert_many(pool, [NewJob(type=job_type, rate_limit="slow") for _ in range(2)])
-    async with holding(database, ["t"], 2) as first:
-        assert len(first) == 2  # the bucket's two tokens, not yet committed as spent
-        assert await other_types(pool) == []
-    assert await other_types(pool) == []
+    # The first takes the bucket's two tokens; the second sees them spent.
+    assert await waits_for_the_turn(database, ["t"], other_types(pool)) == []
 
 
 async def test_a_key_and_a_rate_limit_both_hold(pool: asyncpg.Pool) -> None:

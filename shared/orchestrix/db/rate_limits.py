@@ -5,8 +5,8 @@ A bucket is stored as the last start that took from it left it (``tokens`` at
 ``refilled_at``); what it holds at a moment t is
 ``least(burst, tokens + per_second * (t - refilled_at))``. A new bucket starts
 full. A change brings the bucket up to now with its old rate, then caps it at
-the new burst; it takes the bucket's turn (db.concurrency.take_bucket_turn) so
-that no claim spends tokens by the old figures after it.
+the new burst; it takes the limited claims' turn (``KEYED_LOCK``) so that no
+claim spends tokens by the old figures after it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from orchestrix.db.concurrency import take_bucket_turn
+from orchestrix.db.concurrency import KEYED_LOCK
 from orchestrix.models import rfc3339
 from orchestrix.states import TERMINAL, JobState
 
@@ -111,7 +111,7 @@ async def change(
     """New figures for ``name`` (None: unchanged), in the limited claims' turn;
     None when there is no such limit."""
     async with pool.acquire() as conn, conn.transaction():
-        await take_bucket_turn(conn, name)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", KEYED_LOCK)
         row = await conn.fetchrow(_CHANGE, name, per_second, burst)
     return None if row is None else RateLimit.from_row(row)
 
@@ -120,7 +120,7 @@ async def delete(pool: Any, name: str) -> int | None:
     """Delete ``name`` unless unfinished jobs name it: None when deleted (or there
     was none: see :func:`get`), else how many jobs name it."""
     async with pool.acquire() as conn, conn.transaction():
-        await take_bucket_turn(conn, name)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", KEYED_LOCK)
         in_use = await conn.fetchval(_IN_USE, name, UNFINISHED)
         if in_use:
             return int(in_use)
