@@ -55,11 +55,11 @@ FROM generate_series($1::bigint, $2::bigint) AS g,
          ELSE 'WAITING' END) AS s(state)
 """
 
-# Deltas that net to zero (+1 and -1 alternately), so the counts stay right.
+# Deltas that net to zero (+1 and -1 for each group in turn), so the counts stay right.
 _UNFOLDED = """
 INSERT INTO job_count_deltas (queue, type, state, n)
-SELECT 'q' || (g % 8), 't' || (g % 16), 'PENDING', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END
-FROM generate_series(1, $1) AS g
+SELECT 'q' || (g / 2 % 8), 't' || (g / 2 % 16), 'PENDING', CASE WHEN g % 2 = 0 THEN 1 ELSE -1 END
+FROM generate_series(0, $1 - 1) AS g
 """
 
 
@@ -124,6 +124,9 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                 await conn.execute(_UNFOLDED, STATS_PENDING)
                 pending_latencies, pending_body = await _calls(stats_url, o.stats_calls)
                 stack.check_alive()
+            for label, took in (("folded", latencies), ("unfolded", pending_latencies)):
+                ms = summary_ms(took)
+                print(f"  {label}: p50 {ms['p50']:.2f} ms, p99 {ms['p99']:.2f} ms")
             if body["total"] != o.stats_rows or pending_body != body:
                 raise BenchError(f"stats: the counts are wrong: {body} / {pending_body}")
             started = time.monotonic()
