@@ -69,6 +69,9 @@ async def test_counts_stay_exact_through_every_kind_of_change(pool: asyncpg.Pool
     )
     await jobs.insert(pool, NewJob(type="v", run_at=datetime.now(UTC) + timedelta(hours=1)))
     await backlog(pool, 30, prefix="7", queue="'c'", type="'w'")
+    # An idempotency key used again creates nothing, and counts nothing.
+    for _ in range(2):
+        await jobs.insert(pool, NewJob(type="v", queue="a", idempotency_key="once"))
     await step()
 
     # Claims, then each outcome a worker writes.
