@@ -37,6 +37,7 @@ from bench import (
     rates,
     report,
     retention,
+    stats,
     subscribers,
     sustained,
     workflows,
@@ -59,6 +60,7 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "workflows": workflows.run_phase,
     "sustained": sustained.run_phase,
     "ceiling": ceiling.run_phase,
+    "stats": stats.run_phase,
     "prune": prune.run_phase,
     "retention": retention.run_phase,
 }
@@ -154,6 +156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="jobs the prune phase drains, with and without pruning (default 100000)",
     )
     parser.add_argument(
+        "--stats-rows",
+        type=int,
+        metavar="M",
+        help="jobs in the table while the stats phase calls /api/v1/stats (default 10000000)",
+    )
+    parser.add_argument(
         "--retention-rate",
         type=float,
         metavar="R",
@@ -206,6 +214,7 @@ def options_from(args: argparse.Namespace) -> Options:
     sizes = {
         "prune_rows": args.prune_rows,
         "prune_jobs": args.prune_jobs,
+        "stats_rows": args.stats_rows,
         "retention_rate": args.retention_rate,
         "retention_duration_s": args.retention_duration,
         "retention_window_s": args.retention_window,

@@ -195,7 +195,7 @@ async def _copy_inserts(url: str, rows: int) -> float:
 async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE jobs, job_dependencies")
+        await conn.execute("TRUNCATE jobs, job_dependencies, job_counts, job_count_deltas")
     finally:
         await conn.close()
     await checkpoint(url)

@@ -150,7 +150,9 @@ async def _add_pending(url: str, jobs: int, *, truncate: bool) -> None:
     conn = await asyncpg.connect(url)
     try:
         if truncate:
-            await conn.execute("TRUNCATE jobs, job_events, job_dependencies")
+            await conn.execute(
+                "TRUNCATE jobs, job_events, job_dependencies, job_counts, job_count_deltas"
+            )
         await insert_noop_jobs(conn, jobs)
     finally:
         await conn.close()

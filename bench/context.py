@@ -29,6 +29,7 @@ PHASES = (
     "workflows",
     "claim",
     "ceiling",
+    "stats",
     "prune",
     "retention",
 )
@@ -82,6 +83,8 @@ class Options:
     bulk_drain_jobs: int = 150_000
     workflow_workers: int = 2  # bench/workflows.py
     workflow_rounds: int = 5
+    stats_rows: int = 10_000_000  # bench/stats.py
+    stats_calls: int = 200
     prune_rows: int = 1_000_000
     prune_jobs: int = 100_000
     prune_workers: int = 2
@@ -130,6 +133,8 @@ class Options:
             rate_duration_s=3.0,
             bulk_action_jobs=2_000,
             bulk_drain_jobs=5_000,
+            stats_rows=100_000,
+            stats_calls=50,
             prune_rows=10_000,
             prune_jobs=1_000,
             retention_rate=100.0,

@@ -220,6 +220,12 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
         )
         out["subscribers_idle_cpu_share"] = subs["idle_api_cpu_share"]
         out["subscribers_burst_s"] = subs["burst_delivered_s"]
+    stats = results.get("stats", {})
+    if "folded_ms" in stats:
+        out["stats_p50_ms"] = stats["folded_ms"]["p50"]
+        out["stats_p99_ms"] = stats["folded_ms"]["p99"]
+        out["stats_unfolded_p99_ms"] = stats["unfolded_ms"]["p99"]
+        out["stats_full_count_s"] = stats["full_count_s"]
     prune = results.get("prune", {})
     if "on" in prune:
         out["prune_off_drain_jobs_per_s"] = prune["off"]["jobs_per_s"]
@@ -524,6 +530,20 @@ def table(results: dict[str, Any]) -> str:
                 "-",
                 "-",
                 "-",
+            )
+        )
+    if "stats_p99_ms" in s:
+        stats = results.get("stats", {})
+        rows.append(
+            (
+                f"GET /api/v1/stats with {_rows(stats.get('rows', 0))} jobs (ms, p50 / p99 "
+                f"of {stats.get('calls')}; p99 with {_n(stats.get('unfolded_deltas'))} "
+                "deltas unfolded)",
+                f"{s['stats_p50_ms']:.2f} / {s['stats_p99_ms']:.2f}; "
+                f"{s['stats_unfolded_p99_ms']:.2f}",
+                f"< 50{_verdict(max(s['stats_p99_ms'], s['stats_unfolded_p99_ms']) < 50)}",
+                "-",
+                f"a full count: {s['stats_full_count_s']:.2f} s",
             )
         )
     if "prune_on_drain_jobs_per_s" in s:

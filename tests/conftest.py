@@ -146,7 +146,7 @@ async def pool(session_pool: asyncpg.Pool) -> asyncpg.Pool:
     """The run's database, emptied before each test that asks for it."""
     await session_pool.execute(
         "TRUNCATE jobs, job_events, job_dependencies, workflows, workers, queues, schedules,"
-        " rate_limits, api_keys"
+        " rate_limits, api_keys, job_counts, job_count_deltas"
     )
     return session_pool
 

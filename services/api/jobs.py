@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from orchestrix import broker, ids
+from orchestrix.db import counts as job_counts
 from orchestrix.db import jobs as db
 from orchestrix.db import workers, workflows
 from orchestrix.models import Job
@@ -220,17 +221,19 @@ def _cancelled(request: web.Request, job: Job) -> web.Response:
 
 @routes.get("/api/v1/stats")
 async def stats(request: web.Request) -> web.Response:
+    """Read from the job counts (orchestrix.db.counts), not the jobs: O(queues x
+    types x states), whatever the number of jobs."""
     pool = request.app[POOL]
-    counts = await db.count_by_state(pool)
+    counts = await job_counts.read(pool)
     served = await workers.served(pool)
     unserved: Counter[str] = Counter()
-    for queue, job_type, waiting in await db.waiting_pairs(pool):
+    for queue, job_type, waiting in counts.waiting:
         if not served.covers(queue, job_type):
             unserved[job_type] += waiting
     return json_response(
         {
-            "jobs": {state.value: n for state, n in counts.items()},
-            "total": sum(counts.values()),
+            "jobs": {state.value: n for state, n in counts.by_state.items()},
+            "total": sum(counts.by_state.values()),
             "workers": len(served.pairs),
             "waiting_for_executor": {
                 "total": sum(unserved.values()),

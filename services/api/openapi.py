@@ -444,8 +444,9 @@ def _schemas() -> dict[str, Schema]:
                 "workers": {**count, "description": "worker processes registered now"},
                 "waiting_for_executor": {
                     "type": "object",
-                    "description": "due jobs that no registered worker can run (their type "
-                    "or queue is served by none): they wait, they do not fail",
+                    "description": "waiting jobs (PENDING or RETRYING, due now or later) "
+                    "that no registered worker can run (their type or queue is served by "
+                    "none): they wait, they do not fail",
                     "properties": {
                         "total": count,
                         "types": {
@@ -1258,6 +1259,8 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "operationId": "stats",
                 "summary": "Count jobs by state (every state is listed), workers, and jobs "
                 "waiting for an executor",
+                "description": "Exact counts, read from counts kept per (queue, type, state), "
+                "not from the jobs: milliseconds whatever the number of jobs.",
                 "responses": {
                     "200": _json(_ref("Stats"), "the counts"),
                     "503": _UNAVAILABLE,

@@ -8,6 +8,7 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
 - the lifeline takes back the jobs of workers that died (seconds);
 - the rescuer takes back jobs whose lease ran out (a worker alive but stuck);
 - the pruner deletes finished jobs once their retention has passed;
+- the counter folds the job count deltas into the counts /api/v1/stats reads;
 - the depth reporter keeps the queue gauges current (for the known queues, the
   rest as ``other``: orchestrix.labels);
 - the cron firer creates the jobs of due cron schedules;
@@ -16,8 +17,8 @@ Workers claim their own jobs; the scheduler makes that fast and safe:
 Any number of schedulers may run. Every one wakes workers, fires schedules
 (each tick once: services/scheduler/cron.py) and settles workflows; the
 lifeline and the rescuer run in the one that holds the maintenance lock, and so
-does the pruner (as a task of its own, beside the maintenance round, which it
-must not slow). On SIGTERM or SIGINT the scheduler stops and exits.
+do the pruner and the counter (as tasks of their own, beside the maintenance
+round, which they must not slow). On SIGTERM or SIGINT the scheduler stops and exits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from orchestrix.labels import LabelFollower
 from orchestrix.lifecycle import connect_both, stop_on_signals
 from orchestrix.liveness import LOOK_EVERY_S
 from orchestrix.metrics import KnownLabels, SchedulerMetrics
+from orchestrix.services.scheduler.counter import CountFolder
 from orchestrix.services.scheduler.cron import CronFirer
 from orchestrix.services.scheduler.depth import DepthReporter
 from orchestrix.services.scheduler.handbacks import HandBackApplier
@@ -142,6 +144,7 @@ async def serve(settings: Settings) -> None:
     prune_task = asyncio.create_task(
         Pruner(pool, settings.retention, metrics).run(stop, lambda: leadership.leading)
     )
+    count_task = asyncio.create_task(CountFolder(pool).run(stop, lambda: leadership.leading))
     log.info("scheduler started", extra={"lease_timeout_s": settings.recovery.lease_timeout_s})
     try:
         while not stop.is_set():
@@ -149,7 +152,15 @@ async def serve(settings: Settings) -> None:
             await sleep_unless_stopped(stop, WAKER_RETRY_S)
     finally:
         log.info("scheduler stopping")
-        for task in (labels_task, depth_task, cron_task, settler_task, maintenance, prune_task):
+        for task in (
+            labels_task,
+            depth_task,
+            cron_task,
+            settler_task,
+            maintenance,
+            prune_task,
+            count_task,
+        ):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

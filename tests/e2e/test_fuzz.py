@@ -109,7 +109,9 @@ async def target(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Target]:
     """A real API process, on an empty jobs table so that every run sees the same data."""
-    await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies, workflows")
+    await session_pool.execute(
+        "TRUNCATE jobs, job_events, job_dependencies, workflows, job_counts, job_count_deltas"
+    )
     auth_on = request.param == "auth-on"
     env: dict[str, str] = {}
     headers: dict[str, str] = {}

@@ -187,6 +187,38 @@ async def test_a_job_no_worker_can_run_waits_and_is_counted(running: Running) ->
         assert (job["state"], job["attempt"]) == ("PENDING", 0)
 
 
+async def test_the_scheduler_folds_the_job_counts(running: Running, database: str) -> None:
+    """The counts /api/v1/stats reads: the leading scheduler folds the deltas the
+    jobs' changes appended (every second), and what it folded matches the jobs."""
+    created = [await running.create(type="demo_job") for _ in range(3)]
+    for job in created:
+        await running.settled(job["id"])
+    conn = await asyncpg.connect(database)
+    try:
+
+        async def folded() -> bool:
+            async with conn.transaction(isolation="repeatable_read"):
+                if await conn.fetchval("SELECT count(*) FROM job_count_deltas"):
+                    return False
+                counts = await conn.fetch(
+                    "SELECT queue, type, state, n FROM job_counts ORDER BY 1, 2, 3"
+                )
+                jobs = await conn.fetch(
+                    "SELECT queue, type, state, count(*) AS n FROM jobs GROUP BY 1, 2, 3"
+                    " ORDER BY 1, 2, 3"
+                )
+                return [tuple(r) for r in counts] == [tuple(r) for r in jobs]
+
+        await until(
+            folded, 15, "the deltas folded into job_counts", lambda: running.scheduler.log()[-3000:]
+        )
+    finally:
+        await conn.close()
+    async with running.http.get(f"{running.url}/api/v1/stats") as response:
+        stats = await response.json()
+    assert stats["jobs"]["SUCCEEDED"] >= 3
+
+
 async def test_a_timeout_is_a_retryable_failure(running: Running) -> None:
     created = await running.create(
         type="demo_job", payload={"sleep_ms": 5000}, timeout_seconds=1, max_attempts=2

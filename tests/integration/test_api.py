@@ -16,10 +16,10 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 from orchestrix import broker, ids
-from orchestrix.models import NewJob
+from orchestrix.models import NewJob, rfc3339
 from orchestrix.services.api.app import build_app
 from orchestrix.services.api.creator import Creator
-from orchestrix.services.api.keys import LIFECYCLE, METRICS
+from orchestrix.services.api.keys import LIFECYCLE, METRICS, POOL
 from orchestrix.settings import Settings
 
 from tests.conftest import Api, free_port, served
@@ -531,6 +531,38 @@ async def test_stats_counts_every_state(api: Api) -> None:
         "workers": 0,
         "waiting_for_executor": {"total": 2, "types": {"demo_job": 2}},
     }
+
+
+async def test_stats_reads_the_counts_not_the_jobs(api: Api, database: str) -> None:
+    from orchestrix.services.scheduler.counter import CountFolder
+
+    for job_type in ("a", "a", "b"):
+        await create(api, type=job_type)
+    await CountFolder(api.app[POOL]).run_once()
+    later = await create(api, type="b", run_at=rfc3339(datetime.now(UTC) + timedelta(hours=1)))
+    await api.request("DELETE", f"/api/v1/jobs/{later['id']}")
+    await create(api, type="c", queue="other")  # not folded yet
+    # With the jobs table locked against every reader, stats still answers: it
+    # never reads it, so its cost does not grow with the number of jobs.
+    locker = await asyncpg.connect(database)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            status, body, _ = await asyncio.wait_for(api.request("GET", "/api/v1/stats"), 5)
+    finally:
+        await locker.close()
+    assert status == 200
+    assert body["jobs"] == {
+        "PENDING": 4,
+        "WAITING": 0,
+        "RUNNING": 0,
+        "SUCCEEDED": 0,
+        "FAILED": 0,
+        "RETRYING": 0,
+        "CANCELLED": 1,
+    }
+    assert body["total"] == 5
+    assert body["waiting_for_executor"] == {"total": 4, "types": {"a": 2, "b": 1, "c": 1}}
 
 
 async def test_health_and_ready(api: Api) -> None:

@@ -642,15 +642,6 @@ async def test_waiting_by_queue(pool: asyncpg.Pool) -> None:
     assert depths["a"].oldest_due is not None
 
 
-async def test_waiting_pairs_count_due_jobs_only(pool: asyncpg.Pool) -> None:
-    await add(pool, queue="a", type="x")
-    await add(pool, queue="a", type="x")
-    await add(pool, queue="a", type="y", run_at=datetime.now(UTC) + timedelta(hours=1))
-    await add(pool, queue="b", type="y")
-    await running_job(pool, queue="b", type="t")
-    assert sorted(await db.waiting_pairs(pool)) == [("a", "x", 2), ("b", "y", 1)]
-
-
 # --- leases, rescue, cancelling running jobs ------------------------------------------
 
 

@@ -102,11 +102,15 @@ def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 async def filled(session_pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
     """One table for every case of this module (the ``pool`` fixture empties it
     before any other test that uses it)."""
-    await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies, workflows")
+    await session_pool.execute(
+        "TRUNCATE jobs, job_events, job_dependencies, workflows, job_counts, job_count_deltas"
+    )
     await session_pool.execute(_FILL, JOBS)
     await session_pool.execute("ANALYZE jobs")
     yield session_pool
-    await session_pool.execute("TRUNCATE jobs, job_events, job_dependencies, workflows")
+    await session_pool.execute(
+        "TRUNCATE jobs, job_events, job_dependencies, workflows, job_counts, job_count_deltas"
+    )
 
 
 async def explain(

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from orchestrix import migrate
-from orchestrix.db import jobs, retention, workers
+from orchestrix.db import counts, jobs, retention, workers
 from orchestrix.db.pool import init_connection
 from orchestrix.devstack import database_url
 from orchestrix.models import NewJob
@@ -49,6 +49,8 @@ TABLES = {
     "schedules",
     "rate_limits",
     "api_keys",
+    "job_counts",
+    "job_count_deltas",
     "alembic_version",
 }
 
@@ -150,6 +152,34 @@ async def test_check_constraints_mirror_the_state_machine(scratch: str) -> None:
         # A terminal state without a completion time is refused too.
         with pytest.raises(asyncpg.CheckViolationError):
             await conn.execute("UPDATE jobs SET state = 'SUCCEEDED' WHERE id = $1", job.id)
+    finally:
+        await conn.close()
+
+
+async def test_0015_counts_the_jobs_already_there(scratch: str) -> None:
+    migrate.up(scratch, "0014")
+    conn = await asyncpg.connect(scratch)
+    try:
+        await init_connection(conn)
+        await conn.execute(
+            """
+            INSERT INTO jobs (id, type, queue, state, attempt, started_at, lease_expires_at)
+            VALUES ('01AAAAAAAAAAAAAAAAAAAAAAA1', 't', 'a', 'PENDING', 0, NULL, NULL),
+                   ('01AAAAAAAAAAAAAAAAAAAAAAA2', 't', 'a', 'PENDING', 0, NULL, NULL),
+                   ('01AAAAAAAAAAAAAAAAAAAAAAA3', 'u', 'b', 'RUNNING', 1, now(),
+                    now() + interval '30 seconds')
+            """
+        )
+        migrate.up(scratch)
+        rows = await conn.fetch("SELECT queue, type, state, n FROM job_counts ORDER BY 1")
+        assert [tuple(row) for row in rows] == [("a", "t", "PENDING", 2), ("b", "u", "RUNNING", 1)]
+        await jobs.insert(conn, NewJob(type="t", queue="a"))
+        read = await counts.read(conn)
+        assert (read.by_state[JobState.PENDING], read.by_state[JobState.RUNNING]) == (3, 1)
+        assert read.waiting == [("a", "t", 3)]
+        migrate.down(scratch, "0014")
+        assert "job_counts" not in await _tables(scratch)
+        await jobs.insert(conn, NewJob(type="t", queue="a"))  # no trigger left behind
     finally:
         await conn.close()
 

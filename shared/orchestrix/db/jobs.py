@@ -87,8 +87,6 @@ moved AS (
 SELECT * FROM moved
 """
 
-_COUNT_BY_STATE = "SELECT state, count(*) AS n FROM jobs GROUP BY state"
-
 
 async def insert(conn: Conn, new: NewJob) -> tuple[Job, bool]:
     """Create a job; with an idempotency key already used, return that job instead.
@@ -316,13 +314,6 @@ async def cancel(conn: Conn, job_id: str) -> Job | None:
     """Cancel a job that has not started; None when it is gone or past that point."""
     row = await conn.fetchrow(_CANCEL, job_id, [s.value for s in CANCELLABLE_AT_ONCE])
     return None if row is None else Job.from_row(row)
-
-
-async def count_by_state(conn: Conn) -> dict[JobState, int]:
-    counts = dict.fromkeys(JobState, 0)
-    for row in await conn.fetch(_COUNT_BY_STATE):
-        counts[JobState(row["state"])] = row["n"]
-    return counts
 
 
 # --- the pipeline: a worker claims, runs and finishes ---------------------------
@@ -575,18 +566,6 @@ GROUP BY queue
 
 
 # Due jobs waiting, per (queue, type): one pass over the claim index.
-_WAITING_PAIRS = """
-SELECT queue, type, count(*) AS n FROM jobs
-WHERE state IN ('PENDING', 'RETRYING') AND run_at <= now()
-GROUP BY queue, type
-"""
-
-
-async def waiting_pairs(conn: Conn) -> list[tuple[str, str, int]]:
-    """How many due jobs wait in each (queue, type)."""
-    return [(row["queue"], row["type"], row["n"]) for row in await conn.fetch(_WAITING_PAIRS)]
-
-
 async def claim(
     conn: Conn,
     *,
