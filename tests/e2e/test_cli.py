@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -177,17 +178,29 @@ async def test_dev_runs_everything_and_ctrl_c_leaves_nothing_running(tmp_path: P
                     return state == "SUCCEEDED"
 
             await until(succeeded, 30, "the job to run", lambda: (tmp_path / "dev.log").read_text())
-        children = psutil.Process(dev.pid).children(recursive=True)
-        assert len(children) >= 5  # api, scheduler, worker, postgres, nats
+            children = psutil.Process(dev.pid).children(recursive=True)
+            assert len(children) >= 5  # api, scheduler, worker, postgres, nats
+
+            def listening() -> list[Any]:
+                return [
+                    conn.laddr
+                    for child in children
+                    for conn in child.net_connections(kind="inet")
+                    if conn.status == psutil.CONN_LISTEN
+                ]
+
+            # The job may run before the scheduler serves its status port (workers
+            # claim without it).
+            await until(
+                lambda: (
+                    {api_port, status_port, status_port + 1} <= {addr.port for addr in listening()}
+                ),
+                30,
+                "the API's and the status ports",
+                lambda: f"{listening()}\n{(tmp_path / 'dev.log').read_text()}",
+            )
         # Auth is off, so nothing may listen beyond this machine.
-        listening = [
-            conn.laddr
-            for child in children
-            for conn in child.net_connections(kind="inet")
-            if conn.status == psutil.CONN_LISTEN
-        ]
-        assert {api_port, status_port} <= {addr.port for addr in listening}
-        assert {addr.ip for addr in listening} <= {"127.0.0.1", "::1"}, listening
+        assert {addr.ip for addr in listening()} <= {"127.0.0.1", "::1"}, listening()
         dev.send_signal(signal.SIGINT)
         assert dev.wait(60) == 0
         _gone, alive = psutil.wait_procs(children, timeout=10)
