@@ -16,7 +16,6 @@ own, from the same wheels as the rest of the suite (orchestrix.devservers), on
 from __future__ import annotations
 
 import datetime
-import os
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from orchestrix.devservers import EmbeddedNats, EmbeddedPostgres
+
+from tests.nats_jwt import Identity
 
 APP_ROLE = "orx_app"  # logs in with a password, over TLS only
 CERT_ROLE = "orx_cert"  # logs in with its client certificate
@@ -234,12 +235,11 @@ class NkeyUser:
 
     @classmethod
     def make(cls, folder: Path) -> NkeyUser:
-        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-        public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        user = Identity.make(nkeys.PREFIX_BYTE_USER)
         path = folder / "user.nk"
-        path.write_bytes(seed + b"\n")
+        path.write_bytes(user.seed + b"\n")
         path.chmod(0o600)
-        return cls(path, public)
+        return cls(path, user.public_key)
 
 
 @contextmanager

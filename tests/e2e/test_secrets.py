@@ -75,11 +75,16 @@ async def _run(
         stderr=asyncio.subprocess.STDOUT,
         cwd=REPO,
     )
+    return await stopped(process, stop_after_s)
+
+
+async def stopped(process: asyncio.subprocess.Process, after_s: float) -> tuple[int | None, str]:
+    """Its exit code and output, SIGTERMed if it still runs after ``after_s``."""
     assert process.stdout is not None
     # Read apart from the wait: a cancelled communicate() would lose what it read.
     reading = asyncio.create_task(process.stdout.read())
     try:
-        await asyncio.wait_for(process.wait(), stop_after_s)
+        await asyncio.wait_for(process.wait(), after_s)
     except TimeoutError:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 40)

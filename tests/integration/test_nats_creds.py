@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from orchestrix.settings import NatsSettings, SettingsError
 from orchestrix.transport import Refused
 
 from tests.conftest import free_port
+from tests.e2e.test_secrets import stopped
+from tests.integration.test_transport import round_trip
 from tests.nats_jwt import Identity, Operator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,18 +71,9 @@ async def test_a_creds_file_logs_in_and_the_account_has_jetstream(jwt_nats: JwtN
     creds = jwt_nats.operator.user_creds(jwt_nats.folder, "orx-good")
     settings = NatsSettings.from_env(jwt_nats.env(creds))
     assert settings.auth.method == "creds"
+    await round_trip(settings)
     nc = await broker.connect(settings, "test-creds")
     try:
-        sub = await nc.subscribe("orx.creds.echo")
-
-        async def echo() -> None:
-            message = await sub.next_msg(timeout=5)
-            await message.respond(message.data)
-
-        responder = asyncio.create_task(echo())
-        reply = await nc.request("orx.creds.echo", b"ping", timeout=5)
-        await responder
-        assert reply.data == b"ping"
         # The hand-back ledger's stream, as the workers make it, in the user's account.
         js = nc.jetstream()
         await handbacks.ensure_stream(js, settings)
@@ -162,19 +154,6 @@ async def _start_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
     )
 
 
-async def _stop(process: asyncio.subprocess.Process, after_s: float) -> tuple[int | None, str]:
-    """Its exit code and output, SIGTERMed if it still runs after ``after_s``."""
-    assert process.stdout is not None
-    # Read apart from the wait: a cancelled communicate() would lose what it read.
-    reading = asyncio.create_task(process.stdout.read())
-    try:
-        await asyncio.wait_for(process.wait(), after_s)
-    except TimeoutError:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
-    return process.returncode, (await reading).decode(errors="replace")
-
-
 async def _ready(port: int, process: asyncio.subprocess.Process, deadline_s: float) -> bool:
     """Whether the worker's /ready (PostgreSQL and NATS connected) answers 200 in time."""
     deadline = time.monotonic() + deadline_s
@@ -201,12 +180,12 @@ async def test_a_worker_runs_with_a_creds_file_and_stops_on_a_refused_one(
     try:
         ready = await _ready(port, worker, 20)
     finally:
-        code, output = await _stop(worker, 0)
+        code, output = await stopped(worker, 0)
     assert ready, f"the worker never became ready:\n{output[-3000:]}"
     assert code == 0, output[-3000:]
     stranger = Identity.make(nkeys.PREFIX_BYTE_ACCOUNT)
     bad = jwt_nats.operator.user_creds(jwt_nats.folder, "orx-bad-worker", signer=stranger)
-    code, refused = await _stop(await _start_worker({**env, "NATS_CREDS": str(bad)}), 15)
+    code, refused = await stopped(await _start_worker({**env, "NATS_CREDS": str(bad)}), 15)
     # One clear line and exit 1, not a retry loop.
     assert code == 1, refused
     assert "refused the connection" in refused, refused

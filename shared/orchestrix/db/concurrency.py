@@ -56,15 +56,14 @@ KEYED_LOCK = 0x4F52_4358_4B45_5944  # "ORCXKEYD"
 
 _WAITING = "state IN ('PENDING', 'RETRYING')"
 
-# What a bucket holds by `clock` (the clock read in this statement: now() is the
-# transaction's start, which may precede the previous turn's spend).
-_AVAILABLE = """least(burst::float8, tokens + per_second
-                 * greatest(0, extract(epoch FROM clock.at - refilled_at)))"""
-
-# A key's room: its queue's key_limit (1 when none) less what runs with it
-# (jobs_running_key_idx). (OFFSET 0 keeps each subquery whole: inlined, `free`
-# would be counted once for each use.)
-_KEY_FREE = """
+# A key's room (`free`): its queue's key_limit (1 when none) less what runs with
+# it (jobs_running_key_idx). It is `open` when it has room, its queue is served
+# and not paused, and it has a due job of a type served (read in the index's
+# order, not as an EXISTS: the planner drops an EXISTS's ORDER BY, and by a
+# key's statistics may then scan the table for another key's one job: 30 ms a
+# key beside a backlog). OFFSET 0 keeps each subquery whole: inlined, `free`
+# would be counted once for each use.
+_KEY_OPEN = """
 CROSS JOIN LATERAL (
     SELECT COALESCE((SELECT key_limit FROM queues WHERE queues.name = k.queue), 1)
            - (SELECT count(*) FROM jobs AS running
@@ -72,13 +71,7 @@ CROSS JOIN LATERAL (
                 AND running.queue = k.queue
                 AND running.concurrency_key = k.concurrency_key) AS free
     OFFSET 0
-) AS r"""
-
-# A key is `open` when it has room, its queue is served and not paused, and it
-# has a due job of a type served (read in the index's order, not as an EXISTS:
-# the planner drops an EXISTS's ORDER BY, and by a key's statistics may then
-# scan the table for another key's one job: 30 ms a key beside a backlog).
-_KEY_OPEN = f"""{_KEY_FREE} CROSS JOIN LATERAL (
+) AS r CROSS JOIN LATERAL (
     SELECT r.free > 0
            AND ($1::text[] IS NULL OR k.queue = ANY($1::text[]))
            AND NOT EXISTS (
@@ -160,7 +153,9 @@ WITH RECURSIVE keys AS (
     WHERE queues.running_limit IS NOT NULL AND queues.paused_at IS NULL
       AND ($1::text[] IS NULL OR queues.name = ANY($1::text[]))
 ), buckets AS (
-    SELECT name, {_AVAILABLE} AS available
+    SELECT name,
+           least(burst::float8, tokens + per_second
+                 * greatest(0, extract(epoch FROM clock.at - refilled_at))) AS available
     FROM rate_limits CROSS JOIN clock
 ), keyed AS (
     SELECT due.* FROM room CROSS JOIN LATERAL (
