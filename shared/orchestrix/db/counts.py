@@ -60,6 +60,16 @@ WHERE state IN ({", ".join(f"'{state.value}'" for state in sorted(CLAIMABLE))})
 GROUP BY queue, type HAVING sum(n) > 0
 """
 
+# By queue and state, for every queue or only $1 (NULL: every one).
+_BY_QUEUE = """
+SELECT queue, state, sum(n)::bigint AS n FROM (
+    SELECT queue, state, n FROM job_counts WHERE $1::text IS NULL OR queue = $1
+    UNION ALL
+    SELECT queue, state, n FROM job_count_deltas WHERE $1::text IS NULL OR queue = $1
+) AS c
+GROUP BY queue, state HAVING sum(n) <> 0
+"""
+
 _PENDING = "SELECT count(*) FROM job_count_deltas"
 
 
@@ -80,6 +90,15 @@ async def read(conn: Conn) -> Counts:
         else:
             waiting.append((row["queue"], row["type"], row["n"]))
     return Counts(by_state, waiting)
+
+
+async def by_queue(conn: Conn, name: str | None = None) -> dict[str, dict[JobState, int]]:
+    """The jobs of every queue with jobs (or of ``name`` only) by state, every state named."""
+    counts: dict[str, dict[JobState, int]] = {}
+    for row in await conn.fetch(_BY_QUEUE, name):
+        by_state = counts.setdefault(row["queue"], dict.fromkeys(JobState, 0))
+        by_state[JobState(row["state"])] = row["n"]
+    return counts
 
 
 async def fold(conn: Conn, limit: int) -> int | None:

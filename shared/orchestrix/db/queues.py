@@ -5,8 +5,10 @@ a row with ``paused_at`` set; the claim (``db.jobs._CLAIM``) skips the queues
 whose row says so, so a pause holds from the next claim of every worker on.
 Resuming clears ``paused_at`` and notifies the workers in the same statement.
 
-The counts are read from ``jobs`` grouped by queue and state: one pass over the
-table, as ``/api/v1/stats`` makes.
+The counts come from ``job_counts`` and its deltas (``db.counts``), as
+``/api/v1/stats``'s do: what they cost does not grow with the jobs table. The
+oldest due job of each queue is read from the waiting jobs alone (their partial
+claim index), so finished jobs cost it nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orchestrix.db import counts as job_counts
 from orchestrix.models import rfc3339
 from orchestrix.states import JobState
 
@@ -35,12 +38,6 @@ WITH resumed AS (
     RETURNING name
 )
 SELECT name, pg_notify('orchestrix_jobs', '') FROM resumed
-"""
-
-_COUNTS = """
-SELECT queue, state, count(*) AS n FROM jobs
-WHERE $1::text IS NULL OR queue = $1
-GROUP BY queue, state
 """
 
 # Waiting and due: a paused queue's jobs keep ageing. A run_at of year 1 is stored
@@ -99,10 +96,7 @@ async def overview(pool: Any, name: str | None = None) -> list[Queue]:
     Read in one snapshot, so the counts add up."""
     async with pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
         rows = {row["name"]: row for row in await c.fetch(_ROWS, name)}
-        counts: dict[str, dict[JobState, int]] = {}
-        for row in await c.fetch(_COUNTS, name):
-            by_state = counts.setdefault(row["queue"], dict.fromkeys(JobState, 0))
-            by_state[JobState(row["state"])] = row["n"]
+        counts = await job_counts.by_queue(c, name)
         oldest = {row["queue"]: row for row in await c.fetch(_OLDEST_DUE, name)}
     return [
         Queue(
