@@ -4,6 +4,7 @@ in bounded batches, by the maintenance leader only; nothing unfinished ever."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -20,6 +21,7 @@ from orchestrix.states import JobState
 from prometheus_client import CollectorRegistry
 
 from tests.conftest import Api
+from tests.faults.proxy import Proxy
 
 HOUR = 3600.0
 
@@ -78,7 +80,7 @@ def pruned(metrics: SchedulerMetrics, state: str) -> float | None:
 
 
 def pruner(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | asyncpg.Connection,
     metrics: SchedulerMetrics | None = None,
     *,
     succeeded: float = HOUR,
@@ -180,6 +182,27 @@ async def test_a_run_deletes_at_most_its_cap_and_the_loop_goes_on_at_once(
     finally:
         stop.set()
         await loop
+
+
+async def test_a_slow_batch_is_followed_by_a_pause_pace_times_as_long(
+    pool: asyncpg.Pool, database: str
+) -> None:
+    await jobs_in(pool, "SUCCEEDED", 40, 4 * HOUR)
+    # Every round trip takes 100 ms: so does every batch, and the three pauses
+    # between the four batches 300 ms each (the floor, pause_s, is 0).
+    proxy = Proxy.to(database)
+    conn = await asyncpg.connect(proxy.url(database))
+    try:
+        proxy.latency(50)
+        paced = pruner(conn, batch_size=10, max_per_run=40, pause_s=0.0, pace=3.0)
+        started = time.monotonic()
+        assert sum((await paced.run_once()).values()) == 40
+        assert time.monotonic() - started >= 4 * 0.1 + 3 * 3 * 0.1
+        assert paced.pause_after(0.1) == pytest.approx(0.3)
+        assert pruner(conn, pause_s=0.05, pace=3.0).pause_after(0.001) == 0.05
+    finally:
+        await conn.close()
+        proxy.stop()
 
 
 async def test_a_batch_skips_rows_another_transaction_holds(
