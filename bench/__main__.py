@@ -128,8 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         metavar="R",
-        help="rounds of the drain, claim-cost and prune drains; the best counts "
-        "(default 2, quick 1; prune 1)",
+        help="rounds of the drain, claim-cost and prune drains, and of the API with auth "
+        "off and on; the best counts (default 2, quick 1; prune 1)",
     )
     parser.add_argument(
         "--worker-concurrency",
@@ -180,12 +180,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="RETENTION_SUCCEEDED in the retention phase, in seconds (default 30)",
     )
     parser.add_argument(
-        "--api-auth",
-        action="store_true",
-        help="run the API phase with API_AUTH=on, every request with an admin key "
-        "(compare with a run without it: the cost of authentication)",
-    )
-    parser.add_argument(
         "--note",
         metavar="TEXT",
         default="",
@@ -203,11 +197,13 @@ def options_from(args: argparse.Namespace) -> Options:
         options = replace(options, drain_workers=args.workers)
     if args.worker_concurrency:
         options = replace(options, worker_concurrency=args.worker_concurrency)
-    if args.api_auth:
-        options = replace(options, api_auth=True)
     if args.rounds:
         options = replace(
-            options, drain_rounds=args.rounds, claim_rounds=args.rounds, prune_rounds=args.rounds
+            options,
+            drain_rounds=args.rounds,
+            claim_rounds=args.rounds,
+            prune_rounds=args.rounds,
+            api_rounds=args.rounds,
         )
     if args.finished_rows is not None:
         options = replace(options, finished_rows=args.finished_rows)

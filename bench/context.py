@@ -50,8 +50,8 @@ class Options:
     latency_rate: float = 100.0
     latency_duration_s: float = 10.0
     api_clients: int = 50
-    # The API phase with API_AUTH=on, every request with one admin key (no limits).
-    api_auth: bool = False
+    # Rounds of each of the API with authentication off and on (bench/api.py).
+    api_rounds: int = 2
     api_duration_s: float = 10.0
     api_warmup_s: float = 1.0
     bulk_clients: int = 4
@@ -110,6 +110,7 @@ class Options:
             latency_rate=50.0,
             latency_duration_s=1.0,
             api_clients=20,
+            api_rounds=1,
             api_duration_s=1.0,
             api_warmup_s=0.2,
             bulk_clients=2,

@@ -352,7 +352,7 @@ class Stack:
             "LOG_LEVEL": "warning",
             "API_HOST": "127.0.0.1",
             "METRICS_HOST": "127.0.0.1",
-            # The API phase turns it on with --api-auth (bench/api.py).
+            # The API phase runs a second API with it on (bench/api.py).
             "API_AUTH": "off",
             "SHUTDOWN_TIMEOUT": "5s",
             # noop and demo_job are what the benchmark runs.
@@ -362,12 +362,17 @@ class Stack:
         self.services: list[Service] = []
         self.reports: list[ServiceReport] = []
 
-    def start(self, role: str) -> Service:
-        """Launch ``python -m orchestrix.cli <role>``; wait for it with :meth:`ready`."""
+    def start(self, role: str, env: Mapping[str, str] | None = None) -> Service:
+        """Launch ``python -m orchestrix.cli <role>`` (``env`` over the stack's own);
+        wait for it with :meth:`ready`."""
         port = free_port()
         number = sum(1 for s in self.services if s.role == role) + 1
         name = f"{role}-{number}"
-        env = {**self.env, ("API_PORT" if role == "api" else "METRICS_PORT"): str(port)}
+        env = {
+            **self.env,
+            **(env or {}),
+            ("API_PORT" if role == "api" else "METRICS_PORT"): str(port),
+        }
         log_path = self.workdir / f"{self.label}-{name}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(

@@ -43,6 +43,7 @@ TARGETS = {
     "api_single": 3_000.0,
     "api_bulk": 50_000.0,
     "claim_within": 0.20,
+    "auth_within": 0.05,
     "rss_worker_mib": 80.0,
     "dispatch_p99_ms": 1000.0,
 }
@@ -184,6 +185,9 @@ def summary(results: dict[str, Any]) -> dict[str, float | None]:
     if "single" in api:
         out["api_single_jobs_per_s"] = api["single"]["jobs_per_s"]
         out["api_bulk_jobs_per_s"] = api["bulk"]["jobs_per_s"]
+    if "auth_on" in api:
+        out["api_auth_single_jobs_per_s"] = api["auth_on"]["single"]["jobs_per_s"]
+        out["api_auth_bulk_jobs_per_s"] = api["auth_on"]["bulk"]["jobs_per_s"]
     claim = results.get("claim", {})
     if "full" in claim:
         out["claim_empty_drain_jobs_per_s"] = claim["empty"]["drain"]["jobs_per_s"]
@@ -488,6 +492,20 @@ def table(results: dict[str, Any]) -> str:
                 else "-",
             )
         )
+        ratio = results.get("api", {}).get("auth_ratio", {})
+        for kind, name in (("single", "POST /api/v1/jobs"), ("bulk", "POST /api/v1/jobs/batch")):
+            on, share = s.get(f"api_auth_{kind}_jobs_per_s"), ratio.get(kind)
+            if on is None or share is None:
+                continue
+            rows.append(
+                (
+                    f"API: {name} with auth on vs off (jobs/s)",
+                    f"{_n(on)} vs {_n(s[f'api_{kind}_jobs_per_s'])} ({share - 1:+.0%})",
+                    f"within 5%{_verdict(share >= 1 - TARGETS['auth_within'])}",
+                    "-",
+                    "-",
+                )
+            )
     if "claim_full_drain_jobs_per_s" in s:
         claim = results.get("claim", {})
         empty, full = s["claim_empty_drain_jobs_per_s"], s["claim_full_drain_jobs_per_s"]
