@@ -229,6 +229,15 @@ def scans_of_jobs(plan: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def primary_key_lookup(node: dict[str, Any]) -> bool:
+    """Whether ``node`` finds its rows of jobs through jobs_pkey alone."""
+    if node["Node Type"] == "Bitmap Heap Scan":
+        return [child.get("Index Name") for child in nodes(node) if child is not node] == [
+            "jobs_pkey"
+        ]
+    return node["Node Type"] == "Index Scan" and node.get("Index Name") == "jobs_pkey"
+
+
 def buffers(node: dict[str, Any]) -> int:
     return int(node["Shared Hit Blocks"]) + int(node["Shared Read Blocks"])
 
@@ -294,12 +303,14 @@ async def test_claim_walks_the_claim_index_even_before_the_table_is_analyzed(
         # No scan reads more jobs than the claim takes. Finding them reads a few
         # pages of the claim index (sorting the backlog instead reads all of it
         # and its rows, 550 buffers here); the update then looks each job up by
-        # primary key, a root-to-leaf walk and the row.
+        # primary key, a root-to-leaf walk and the row: an index scan, or (once
+        # in a CI run, after autovacuum had been at the table) a bitmap scan of
+        # one row a loop, 578 buffers for the 100.
         assert max(rows for _, rows, _ in read) <= 100, read
         assert sum(b for index, _, b in read if index == "jobs_claim_idx") <= 50, read
-        by_key = [(index, b) for index, _, b in read if index != "jobs_claim_idx"]
-        assert [index for index, _ in by_key] == ["jobs_pkey"], read
-        assert by_key[0][1] <= 5 * 100, read
+        by_key = [node for node in scans if node.get("Index Name") != "jobs_claim_idx"]
+        assert [primary_key_lookup(node) for node in by_key] == [True], read
+        assert buffers(by_key[0]) <= 8 * 100, read
 
         claimed = await claim(conn, 100)
     assert [job.id for job in claimed] == [backlog_id(n) for n in range(1, 101)]
