@@ -17,13 +17,20 @@ jobs pruned while the drain ran, and the pruning rate over the whole prune
 (from the first pruned job seen to the last, read from the scheduler's metric
 every 0.1 s). ``prune_rounds`` (1) rounds go through off and on in turn, in the
 order off, on, on, off, ...; each one's best round counts.
+
+What else ran beside each drain is kept with it, to tell the pruner's cost from
+the rest: ``pg_stat_activity`` every 50 ms (the share of samples in which an
+autovacuum of the database was at work, and in which the pruner's DELETE was)
+and the CPU each process group used (``cpu_s``, as in the drain phase).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -31,7 +38,7 @@ import asyncpg
 
 from bench.claim import vacuum
 from bench.context import Context
-from bench.infra import BenchError, Service, Stack, backlog, insert_noop_jobs
+from bench.infra import BenchError, CpuMeter, Service, Stack, backlog, insert_noop_jobs
 
 FILL_CHUNK = 200_000
 POLL_S = 0.1
@@ -45,6 +52,18 @@ FROM generate_series($1::bigint, $2::bigint) AS g,
      LATERAL (SELECT now() - interval '2 days' - make_interval(secs => ($2 - g) / 1000.0))
      AS ts(t)
 """
+# What the database's other sessions are doing: an autovacuum worker (its query
+# names the table), the pruner's DELETE (db.retention), or anything else active.
+_BESIDE = """
+SELECT CASE
+    WHEN backend_type = 'autovacuum worker' THEN 'autovacuum: ' || query
+    WHEN query LIKE '%DELETE FROM jobs WHERE id = ANY%' THEN 'prune'
+    ELSE 'other'
+END AS what
+FROM pg_stat_activity
+WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()
+"""
+SAMPLE_S = 0.05
 _PRUNED = re.compile(r'^orchestrix_jobs_pruned_total\{state="SUCCEEDED"\} ([0-9.e+]+)$', re.M)
 
 
@@ -81,6 +100,19 @@ async def _until_pruned(
         await asyncio.sleep(POLL_S)
 
 
+async def _sample_beside(url: str, seen: Counter[str], samples: list[int]) -> None:
+    """Every 50 ms: which of autovacuum and the pruner is at work (each counted once
+    per sample it appears in); ``samples[0]`` counts the samples."""
+    conn = await asyncpg.connect(url)
+    try:
+        while True:
+            seen.update({row["what"] for row in await conn.fetch(_BESIDE)} - {"other"})
+            samples[0] += 1
+            await asyncio.sleep(SAMPLE_S)
+    finally:
+        await conn.close()
+
+
 async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
     o = ctx.options
     pruning = label == "on"
@@ -108,12 +140,22 @@ async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
                     await conn.execute("ANALYZE jobs")
                 launched = time.monotonic()
                 deadline = launched + 60.0 + o.prune_jobs / 50.0
-                while await backlog(conn) > 0:
-                    stack.check_alive()
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"{stack.label}: the drain did not finish")
-                    await asyncio.sleep(POLL_S)
+                meter = CpuMeter(stack.roles(), ctx.servers.pids)
+                seen: Counter[str] = Counter()
+                samples = [0]
+                sampler = asyncio.create_task(_sample_beside(url, seen, samples))
+                try:
+                    while await backlog(conn) > 0:
+                        stack.check_alive()
+                        if time.monotonic() > deadline:
+                            raise BenchError(f"{stack.label}: the drain did not finish")
+                        await asyncio.sleep(POLL_S)
+                finally:
+                    sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sampler
                 wall_s = time.monotonic() - launched
+                cpu_s = meter.stop()
                 during = await pruned_so_far(http, scheduler) - before
                 result: dict[str, Any] = {"fill_s": round(fill_s, 1)}
                 if pruning:
@@ -145,6 +187,8 @@ async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
             "pruned_during_drain": during,
             "pruned_during_drain_per_s": round(during / wall_s, 1) if wall_s > 0 else None,
             "filler_left": left,
+            "cpu_s": cpu_s,
+            "beside": {what: round(n / max(samples[0], 1), 3) for what, n in seen.most_common()},
         }
     )
     return result
@@ -165,6 +209,14 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                 f"{run['prune_s']:.1f} s ({run['pruned_rows_per_s']:,.0f} rows/s)"
                 if label == "on"
                 else ""
+            )
+            beside = ", ".join(f"{what} {share:.0%}" for what, share in run["beside"].items())
+            cores = run["cpu_s"]
+            extra += (
+                f"; beside the drain: {beside or 'nothing'}; cores busy: postgres "
+                f"{cores.get('postgres', 0) / cores['wall']:.2f}, workers "
+                f"{cores.get('worker', 0) / cores['wall']:.2f}, scheduler "
+                f"{cores.get('scheduler', 0) / cores['wall']:.2f}"
             )
             print(
                 f"  prune {label}, round {round_}: drain {o.prune_jobs:,} jobs with "
