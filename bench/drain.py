@@ -21,7 +21,6 @@ PostgreSQL's side of a job goes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from bench.context import Context
-from bench.infra import CpuMeter, backlog, insert_noop_jobs
+from bench.infra import CpuMeter, backlog, insert_noop_jobs, sampling
 
 POLL_S = 0.1
 # Cheap on any table size (the (state, id) index): a claim has happened once a
@@ -67,18 +66,6 @@ FROM pg_stat_activity
 WHERE datname = current_database() AND backend_type = 'client backend'
   AND state = 'active' AND pid <> pg_backend_pid()
 """
-
-
-async def _sample_waits(url: str, counts: Counter[str]) -> None:
-    """Every 20 ms: what each busy backend of the database is doing (pg_stat_activity)."""
-    conn = await asyncpg.connect(url)
-    try:
-        while True:
-            for row in await conn.fetch(_WAITS):
-                counts[row["what"]] += 1
-            await asyncio.sleep(0.02)
-    finally:
-        await conn.close()
 
 
 async def drain(
@@ -118,21 +105,19 @@ async def drain(
                 stack.check_alive()
                 await asyncio.sleep(0.01)
             meter = CpuMeter(stack.roles(), ctx.servers.pids)
-            waits: Counter[str] = Counter()
-            sampler = asyncio.create_task(_sample_waits(db_url, waits))
-            while True:
-                stack.check_alive()
-                if await backlog(conn) == 0:
-                    run.finished = True
-                    break
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(POLL_S)
+            # Every 20 ms: what each busy backend of the database is doing.
+            async with sampling(db_url, _WAITS, 0.02) as samples:
+                while True:
+                    stack.check_alive()
+                    if await backlog(conn) == 0:
+                        run.finished = True
+                        break
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(POLL_S)
             run.wall_s = round(time.monotonic() - launched, 3)
             run.cpu_s = meter.stop()
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            waits = Counter(what for sample in samples for what in sample)
             total = sum(waits.values()) or 1
             run.pg_waits = {k: round(n / total, 3) for k, n in waits.most_common(8)}
         run.peak_rss_mib = {

@@ -8,6 +8,8 @@
   phase, with their own NATS stream, subject prefix and consumer, like the
   end-to-end tests' ``System``. Stopping a stack records each process's peak RSS
   and CPU time and deletes its stream.
+- :func:`sampling`: a query's rows, read every few milliseconds while a phase
+  measures (what PostgreSQL's sessions are doing, say).
 
 Every child process gets SIGTERM if the benchmark dies (``PR_SET_PDEATHSIG``),
 and :func:`kill_leftovers` ends whatever is still running at exit.
@@ -25,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -461,6 +463,33 @@ class Stack:
             _LIVE.pop(service.pid, None)
         self.services.clear()
         return self.reports
+
+
+# --- sampling ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def sampling(url: str, sql: str, every_s: float) -> AsyncIterator[list[list[str]]]:
+    """Run ``sql`` on a connection of its own every ``every_s`` until the block ends;
+    yields the list its samples go into: each the first column of its rows."""
+    samples: list[list[str]] = []
+
+    async def sample() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            while True:
+                samples.append([row[0] for row in await conn.fetch(sql)])
+                await asyncio.sleep(every_s)
+        finally:
+            await conn.close()
+
+    task = asyncio.create_task(sample())
+    try:
+        yield samples
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # --- the jobs table ----------------------------------------------------------

@@ -27,7 +27,6 @@ and the CPU each process group used (``cpu_s``, as in the drain phase).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections import Counter
@@ -38,7 +37,15 @@ import asyncpg
 
 from bench.claim import vacuum
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter, Service, Stack, backlog, insert_noop_jobs
+from bench.infra import (
+    BenchError,
+    CpuMeter,
+    Service,
+    Stack,
+    backlog,
+    insert_noop_jobs,
+    sampling,
+)
 
 FILL_CHUNK = 200_000
 POLL_S = 0.1
@@ -52,16 +59,13 @@ FROM generate_series($1::bigint, $2::bigint) AS g,
      LATERAL (SELECT now() - interval '2 days' - make_interval(secs => ($2 - g) / 1000.0))
      AS ts(t)
 """
-# What the database's other sessions are doing: an autovacuum worker (its query
-# names the table), the pruner's DELETE (db.retention), or anything else active.
+# Who beside the drain is at work on the database: an autovacuum worker (its
+# query names the table) or the pruner's DELETE (db.retention).
 _BESIDE = """
-SELECT CASE
-    WHEN backend_type = 'autovacuum worker' THEN 'autovacuum: ' || query
-    WHEN query LIKE '%DELETE FROM jobs WHERE id = ANY%' THEN 'prune'
-    ELSE 'other'
-END AS what
+SELECT CASE WHEN backend_type = 'autovacuum worker' THEN query ELSE 'prune' END
 FROM pg_stat_activity
 WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid()
+  AND (backend_type = 'autovacuum worker' OR query LIKE '%DELETE FROM jobs WHERE id = ANY%')
 """
 SAMPLE_S = 0.05
 _PRUNED = re.compile(r'^orchestrix_jobs_pruned_total\{state="SUCCEEDED"\} ([0-9.e+]+)$', re.M)
@@ -100,19 +104,6 @@ async def _until_pruned(
         await asyncio.sleep(POLL_S)
 
 
-async def _sample_beside(url: str, seen: Counter[str], samples: list[int]) -> None:
-    """Every 50 ms: which of autovacuum and the pruner is at work (each counted once
-    per sample it appears in); ``samples[0]`` counts the samples."""
-    conn = await asyncpg.connect(url)
-    try:
-        while True:
-            seen.update({row["what"] for row in await conn.fetch(_BESIDE)} - {"other"})
-            samples[0] += 1
-            await asyncio.sleep(SAMPLE_S)
-    finally:
-        await conn.close()
-
-
 async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
     o = ctx.options
     pruning = label == "on"
@@ -141,19 +132,14 @@ async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
                 launched = time.monotonic()
                 deadline = launched + 60.0 + o.prune_jobs / 50.0
                 meter = CpuMeter(stack.roles(), ctx.servers.pids)
-                seen: Counter[str] = Counter()
-                samples = [0]
-                sampler = asyncio.create_task(_sample_beside(url, seen, samples))
-                try:
+                async with sampling(url, _BESIDE, SAMPLE_S) as samples:
                     while await backlog(conn) > 0:
                         stack.check_alive()
                         if time.monotonic() > deadline:
                             raise BenchError(f"{stack.label}: the drain did not finish")
                         await asyncio.sleep(POLL_S)
-                finally:
-                    sampler.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await sampler
+                # Each kind of work counted once in each sample it was seen in.
+                seen = Counter(what for sample in samples for what in set(sample))
                 wall_s = time.monotonic() - launched
                 cpu_s = meter.stop()
                 during = await pruned_so_far(http, scheduler) - before
@@ -188,7 +174,7 @@ async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
             "pruned_during_drain_per_s": round(during / wall_s, 1) if wall_s > 0 else None,
             "filler_left": left,
             "cpu_s": cpu_s,
-            "beside": {what: round(n / max(samples[0], 1), 3) for what, n in seen.most_common()},
+            "beside": {what: round(n / max(len(samples), 1), 3) for what, n in seen.most_common()},
         }
     )
     return result
