@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from bench.context import Context
-from bench.infra import CpuMeter, backlog, insert_noop_jobs, sampling
+from bench.infra import CpuMeter, insert_noop_jobs, sampling, unfinished
 
 POLL_S = 0.1
 # Cheap on any table size (the (state, id) index): a claim has happened once a
@@ -109,7 +109,7 @@ async def drain(
             async with sampling(db_url, _WAITS, 0.02) as samples:
                 while True:
                     stack.check_alive()
-                    if await backlog(conn) == 0:
+                    if not await unfinished(conn):
                         run.finished = True
                         break
                     if time.monotonic() > deadline:

@@ -498,9 +498,22 @@ NON_TERMINAL = "('PENDING', 'WAITING', 'RUNNING', 'RETRYING')"
 
 
 async def backlog(conn: Any) -> int:
-    """Jobs not yet finished (waiting, announced or running)."""
+    """Jobs not yet finished (waiting or running): a count, for a phase that reports it.
+    It reads every unfinished row, so a loop that only waits for the end asks
+    :func:`unfinished` instead."""
     count: int = await conn.fetchval(f"SELECT count(*) FROM jobs WHERE state IN {NON_TERMINAL}")
     return count
+
+
+async def unfinished(conn: Any) -> bool:
+    """Whether any job is not yet finished: it stops at the first one, so polling it
+    beside a drain costs the database next to nothing. (Counting them every 0.1 s
+    took 38 ms a call beside a drain of 60,000 jobs: a quarter of a core taken
+    from the drain it watched.)"""
+    found: bool = await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN {NON_TERMINAL})"
+    )
+    return found
 
 
 async def insert_noop_jobs(conn: Any, count: int, chunk: int = 10_000) -> None:

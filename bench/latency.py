@@ -18,13 +18,13 @@ from typing import Any
 import asyncpg
 
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter, backlog
+from bench.infra import BenchError, CpuMeter, unfinished
 from bench.load import open_loop, session, summary_ms
 
 
 async def _wait_idle(conn: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while await backlog(conn) > 0:
+    while await unfinished(conn):
         if time.monotonic() > deadline:
             raise BenchError(f"latency: jobs still unfinished after {timeout_s:g}s")
         await asyncio.sleep(0.05)

@@ -42,9 +42,9 @@ from bench.infra import (
     CpuMeter,
     Service,
     Stack,
-    backlog,
     insert_noop_jobs,
     sampling,
+    unfinished,
 )
 
 FILL_CHUNK = 200_000
@@ -133,7 +133,7 @@ async def _run(ctx: Context, label: str, round_: int) -> dict[str, Any]:
                 deadline = launched + 60.0 + o.prune_jobs / 50.0
                 meter = CpuMeter(stack.roles(), ctx.servers.pids)
                 async with sampling(url, _BESIDE, SAMPLE_S) as samples:
-                    while await backlog(conn) > 0:
+                    while await unfinished(conn):
                         stack.check_alive()
                         if time.monotonic() > deadline:
                             raise BenchError(f"{stack.label}: the drain did not finish")

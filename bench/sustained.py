@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from bench.context import Context
-from bench.infra import CpuMeter, Stack, backlog
+from bench.infra import CpuMeter, Stack, backlog, unfinished
 from bench.load import open_loop, session, summary_ms
 
 SAMPLE_S = 0.5
@@ -36,7 +36,7 @@ CONNECTIONS = 1024
 async def _wait_empty(conn: Any, stack: Stack, timeout_s: float) -> float | None:
     """Seconds until the backlog is empty; None if it is not within ``timeout_s``."""
     started = time.monotonic()
-    while await backlog(conn) > 0:
+    while await unfinished(conn):
         stack.check_alive()
         if time.monotonic() - started > timeout_s:
             return None
