@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 from orchestrix import ids
-from orchestrix.db import events, retention
+from orchestrix.db import events, retention, workflows
 from orchestrix.db import jobs as db
 from orchestrix.metrics import SchedulerMetrics
 from orchestrix.models import NewJob
@@ -303,8 +303,14 @@ async def test_the_delete_walks_the_finished_index_and_the_claim_does_not(
         "INSERT INTO job_events (job_id, from_state, to_state, attempt, actor, queue, type)"
         " SELECT id, NULL, state, attempt, 'test', queue, type FROM jobs"
     )
-    await pool.execute("ANALYZE jobs")
-    await pool.execute("ANALYZE job_events")
+    # And edges, as a workflow's (the DELETE looks for a workflow job's edges both
+    # ways: by the primary key and by the parent's index).
+    await pool.execute(
+        "INSERT INTO job_dependencies (job_id, parent_id)"
+        " SELECT id, lag(id) OVER (ORDER BY id) FROM jobs OFFSET 1"
+    )
+    for table in ("jobs", "job_events", "job_dependencies"):
+        await pool.execute(f"ANALYZE {table}")
     async with pool.acquire() as conn:
         # A generic plan too: asyncpg prepares the statement, and PostgreSQL may
         # switch to the generic plan after five runs. The state is a literal, so
@@ -320,6 +326,8 @@ async def test_the_delete_walks_the_finished_index_and_the_claim_does_not(
                 ), plan
                 # The rows deleted are found by primary key, not by a table scan.
                 assert "Index Scan using jobs_pkey" in plan, plan
+                assert "job_dependencies_pkey" in plan, plan
+                assert "job_dependencies_parent_idx" in plan, plan
                 assert "Seq Scan" not in plan, plan
             claim = await _plan(conn, db._CLAIM, None, ["t"], 100, "w", 30.0)
             assert "jobs_finished_idx" not in claim, claim
@@ -341,3 +349,40 @@ async def test_a_pruned_jobs_events_go_with_it(pool: asyncpg.Pool) -> None:
         JobState.PENDING,
         JobState.CANCELLED,
     ]
+
+
+async def test_a_pruned_workflow_jobs_edges_go_with_it(pool: asyncpg.Pool) -> None:
+    """Edges have no foreign key to cascade from (migration 0016): the pruner deletes
+    a workflow job's edges, where it is the child and where it is the parent, with
+    the job; the edges of jobs it keeps stay."""
+    step = workflows.NewWorkflowJob
+    async with pool.acquire() as conn:
+        _, done = await workflows.create(
+            conn,
+            None,
+            [
+                step("a", NewJob(type="t")),
+                step("b", NewJob(type="t"), ("a",)),
+                step("c", NewJob(type="t"), ("b",)),
+            ],
+        )
+        _, other = await workflows.create(
+            conn, None, [step("d", NewJob(type="t")), step("e", NewJob(type="t"), ("d",))]
+        )
+    # b succeeded long ago, its parent a just now (for the test's sake); b's child
+    # c still waits (b's success would have released it).
+    for key, age_s in (("a", 0), ("b", 2 * HOUR)):
+        await pool.execute(
+            """
+            UPDATE jobs SET state = 'SUCCEEDED', waiting_for = 0, attempt = 1,
+                   started_at = now() - $2 * interval '1 second',
+                   completed_at = now() - $2 * interval '1 second'
+            WHERE id = $1
+            """,
+            done[key].id,
+            age_s,
+        )
+    assert await retention.prune(pool, JobState.SUCCEEDED, HOUR, 10) == 1
+    assert await left(pool, [done["a"].id, done["b"].id, done["c"].id]) == 2
+    edges = await pool.fetch("SELECT job_id, parent_id FROM job_dependencies")
+    assert [(r["job_id"], r["parent_id"]) for r in edges] == [(other["e"].id, other["d"].id)]

@@ -21,8 +21,10 @@ state changes as it can.
   locks and writes little WAL at a time.
 
 - The job's events (``job_events``) go in the same statement, found by their
-  primary key's first column: that table has no foreign key to cascade from
-  (migration 0008 says why).
+  primary key's first column, and so do a workflow job's edges
+  (``job_dependencies``, both ways, looked for only for a workflow's jobs):
+  neither table has a foreign key to cascade from, which would run a row
+  trigger for every job deleted (migrations 0008 and 0016 say why).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ Conn = Any
 # is the transaction's start, as ``completed_at`` was written with it.
 _PRUNE = """
 WITH doomed AS (
-    SELECT id FROM jobs
+    SELECT id, workflow_id FROM jobs
     WHERE state = '{state}' AND completed_at < now() - $1 * interval '1 second'
     ORDER BY completed_at
     LIMIT $2
@@ -49,6 +51,11 @@ gone AS (
 ),
 events_gone AS (
     DELETE FROM job_events WHERE job_id = ANY(ARRAY(SELECT id FROM doomed))
+),
+edges_gone AS (
+    DELETE FROM job_dependencies
+    WHERE job_id = ANY(ARRAY(SELECT id FROM doomed WHERE workflow_id IS NOT NULL))
+       OR parent_id = ANY(ARRAY(SELECT id FROM doomed WHERE workflow_id IS NOT NULL))
 )
 SELECT count(*) FROM gone
 """
