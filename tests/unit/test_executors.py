@@ -143,6 +143,31 @@ async def test_timeouts_are_retryable_and_flag_the_job(threads: Threads) -> None
         assert job.cancelled
 
 
+async def test_a_function_waiting_on_the_cancel_event_is_woken_by_the_timeout(
+    threads: Threads,
+) -> None:
+    """A plain function that waits on ``job.cancel_event`` returns as soon as the
+    attempt times out, and an attempt nobody stopped reads as not cancelled."""
+    local = Registry()
+
+    def waits(job: JobContext) -> bool:
+        return job.cancel_event.wait(10)
+
+    local.register("waits", waits)
+    job = context("waits", timeout_seconds=1)
+    started = time.monotonic()
+    outcome = await run(local.get("waits"), job, threads)
+    assert isinstance(outcome, Failure) and outcome.error.startswith("JobTimeout")
+    assert job.cancelled and job.cancel_event.is_set()
+    # The function itself returned as soon as the flag was set, not after 10 s.
+    while threads.abandoned:
+        assert time.monotonic() - started < 3
+        await asyncio.sleep(0.01)
+    untouched = context()
+    assert not untouched.cancelled
+    assert untouched.cancel_event is untouched.cancel_event
+
+
 async def test_demo_job(threads: Threads) -> None:
     from orchestrix import builtin  # noqa: F401  (registers demo_job)
 
