@@ -17,10 +17,21 @@ phase weighs on both alike; each one's best round counts. On each:
 
 The API figures are the ones with authentication off; ``auth_ratio`` is on / off
 for each (issue 11 allows 5 % less with it on).
+
+The rounds of one API spread by more than 5 % on a shared machine (and so does
+the API's CPU per job), so the phase also times the auth path itself
+(``auth_path``): in this process, on the phase's database, the API's
+``Authenticator`` checks a key from its cache, its scope and its request budget
+and charges one job, as for each single create, ``AUTH_PATH_CALLS`` times, with
+a key whose limits are on (they are by default) but never reached. Its CPU time
+per call, against the API's CPU per single create with auth off (the median of
+the rounds), is what authentication adds to a create.
 """
 
 from __future__ import annotations
 
+import time
+from statistics import median
 from typing import Any
 
 import orjson
@@ -30,6 +41,7 @@ from bench.infra import CpuMeter
 from bench.load import JSON, NOOP_BODY, ClosedLoopResult, closed_loop, session, summary_ms
 
 BULK_PATH = "/api/v1/jobs/batch"
+AUTH_PATH_CALLS = 20_000
 
 
 def _closed_json(result: ClosedLoopResult, cpu: dict[str, float]) -> dict[str, Any]:
@@ -59,6 +71,36 @@ async def _admin_key(db_url: str) -> dict[str, str]:
     finally:
         await conn.close()
     return {"Authorization": f"Bearer {token}"}
+
+
+async def _auth_path(db_url: str, calls: int) -> dict[str, Any]:
+    """CPU time of the API's auth path for one create, timed here (see the module)."""
+    import asyncpg
+    from aiohttp.test_utils import make_mocked_request
+    from orchestrix import apikeys
+    from orchestrix.db import api_keys
+    from orchestrix.services.api.auth import Authenticator
+    from orchestrix.settings import AuthSettings
+
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=1)
+    try:
+        never = api_keys.KeyLimits(requests_per_s=1e9, jobs_per_s=1e9)
+        _, token = await api_keys.create(pool, "bench-auth-path", ["admin"], limits=never)
+        authenticator = Authenticator(pool, AuthSettings())
+        request = make_mocked_request(
+            "POST", "/api/v1/jobs", headers={"Authorization": f"Bearer {token}"}
+        )
+        await authenticator.verify(request)  # the key's first load; cached from here on
+        started = time.process_time()
+        for _ in range(calls):
+            caller = await authenticator.verify(request)
+            assert apikeys.allows(caller.scopes, "jobs:write")
+            authenticator.charge_request(caller)
+            authenticator.charge_jobs(caller, 1)
+        per_call_us = (time.process_time() - started) / calls * 1e6
+    finally:
+        await pool.close()
+    return {"calls": calls, "cpu_us": round(per_call_us, 2)}
 
 
 def _order(rounds: int) -> list[str]:
@@ -149,6 +191,20 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
             api_url = f"http://127.0.0.1:{apis[label].port}"
             runs[label].append(await _round(ctx, stack, api_url, headers[label], label))
             stack.check_alive()
+        auth_path = await _auth_path(url, AUTH_PATH_CALLS)
+    # The API's CPU per single create with auth off, the median of its rounds.
+    api_us = median(
+        run["single"]["cpu_s"].get("api", 0.0) / max(1, run["single"]["jobs"]) * 1e6
+        for run in runs["off"]
+    )
+    auth_path["api_cpu_us_per_create"] = round(api_us, 1)
+    auth_path["share"] = round(auth_path["cpu_us"] / api_us, 4) if api_us else None
+    print(
+        f"  API auth path, timed in-process: {auth_path['cpu_us']:.1f} us of CPU a create,"
+        f" against {api_us:.0f} us of the API's CPU a create with auth off"
+        + (f" ({auth_path['share']:.1%})" if auth_path["share"] is not None else ""),
+        flush=True,
+    )
     best = {
         label: {kind: _best(done, kind) for kind in ("single", "bulk")}
         for label, done in runs.items()
@@ -162,5 +218,6 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         "rounds": o.api_rounds,
         "auth_on": best["on"],
         "auth_ratio": ratio,
+        "auth_path": auth_path,
         "each_round": runs,
     }

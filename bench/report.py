@@ -506,6 +506,18 @@ def table(results: dict[str, Any]) -> str:
                     "-",
                 )
             )
+        path = results.get("api", {}).get("auth_path", {})
+        if path.get("share") is not None:
+            rows.append(
+                (
+                    "API: auth path's CPU per create, vs the API's with auth off",
+                    f"{path['cpu_us']:.1f} of {path['api_cpu_us_per_create']:.0f} us"
+                    f" ({path['share']:.1%})",
+                    f"within 5%{_verdict(path['share'] <= TARGETS['auth_within'])}",
+                    "-",
+                    "-",
+                )
+            )
     if "claim_full_drain_jobs_per_s" in s:
         claim = results.get("claim", {})
         empty, full = s["claim_empty_drain_jobs_per_s"], s["claim_full_drain_jobs_per_s"]

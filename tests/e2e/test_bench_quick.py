@@ -106,6 +106,11 @@ async def test_quick_benchmark_reports_every_section(servers: Servers, tmp_path:
     else:
         assert bulk["jobs_per_s"] is None
 
+    # The auth path is timed in-process, beside the API's own CPU per create.
+    auth_path = results["api"]["auth_path"]
+    assert _positive(auth_path["cpu_us"])
+    assert _positive(auth_path["api_cpu_us_per_create"])
+
     assert [run["workers"] for run in results["drain"]["runs"]] == [1, 2, 4]
     assert all(run["finished"] for run in results["drain"]["runs"])
     machine = results["meta"]["machine"]
