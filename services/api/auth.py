@@ -403,23 +403,54 @@ _NAME_KEY = "SELECT set_config('orchestrix.key', $1, false)"
 @contextlib.asynccontextmanager
 async def connection(request: web.Request) -> AsyncIterator[Any]:
     """A pooled connection whose writes name the request's key: in the jobs'
-    ``cancelled_by_key`` / ``created_by_key`` and as ``key:<name>`` in their events.
+    ``cancelled_by_key`` / ``created_by_key`` and as ``key:<name>`` in their events."""
+    async with request.app[POOL].acquire() as conn, _named(conn, request):
+        yield conn
+
+
+# How long a request waits for a spare connection before it goes on without.
+SPARE_WAIT_S = 0.5
+
+
+@contextlib.asynccontextmanager
+async def spare_connection(request: web.Request) -> AsyncIterator[Any | None]:
+    """Another connection like ``connection``'s, when the pool has one to spare;
+    else None. A request that holds a connection never waits long for a second:
+    requests that each held one and waited for another could hold the whole pool
+    and wait for ever (a bulk action then writes on the one it has)."""
+    pool = request.app[POOL]
+    if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
+        yield None
+        return
+    try:
+        conn = await pool.acquire(timeout=SPARE_WAIT_S)
+    except TimeoutError:
+        yield None
+        return
+    try:
+        async with _named(conn, request):
+            yield conn
+    finally:
+        await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def _named(conn: Any, request: web.Request) -> AsyncIterator[None]:
+    """Names the request's key on ``conn`` for as long as it is used.
 
     The pool does not reset sessions (db.pool), so the name is cleared before the
     connection goes back; a connection that cannot be cleared is closed instead.
     """
-    pool = request.app[POOL]
     caller = request.get(CALLER)
-    async with pool.acquire() as conn:
-        if caller is None:
-            yield conn
-            return
-        await conn.execute(_NAME_KEY, caller.name)
+    if caller is None:
+        yield
+        return
+    await conn.execute(_NAME_KEY, caller.name)
+    try:
+        yield
+    finally:
         try:
-            yield conn
-        finally:
-            try:
-                await conn.execute(_NAME_KEY, "")
-            except BaseException:
-                conn.terminate()
-                raise
+            await conn.execute(_NAME_KEY, "")
+        except BaseException:
+            conn.terminate()
+            raise

@@ -50,7 +50,7 @@ async def cancel_selected(request: web.Request, selection: db.Selection) -> dict
     through their workers; the counts, as the API answers them."""
     # The connection names the request's key: the jobs' cancelled_by_key, their events.
     async with auth.connection(request) as conn:
-        cancelled, asked = await db.cancel(conn, selection)
+        cancelled, asked = await db.cancel(conn, selection, lambda: auth.spare_connection(request))
     nc = request.app[LIFECYCLE].nats
     if asked and nc is not None and nc.is_connected:
         # Fire and forget, as for one job: a worker that misses it sees the request
@@ -68,7 +68,7 @@ async def retry_jobs(request: web.Request) -> web.Response:
     """FAILED and CANCELLED jobs become PENDING with a new budget of attempts."""
     selection = parse_selection(await read_json_object(request), RETRY_STATES)
     async with auth.connection(request) as conn:
-        retried = await db.retry(conn, selection)
+        retried = await db.retry(conn, selection, lambda: auth.spare_connection(request))
     log.info("jobs retried in bulk", extra={"retried": retried})
     return json_response({"retried": retried})
 

@@ -4,6 +4,8 @@ also while claims race them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -150,3 +152,80 @@ async def test_a_bulk_cancel_racing_claims_never_cancels_a_claimed_job(
     assert await states(pool, rest) == {"CANCELLED": len(rest)}
     assert body["cancelled"] == len(rest)
     assert body["cancel_requested"] <= len(claimed)
+
+
+async def test_a_bulk_retry_shares_its_chunks_with_a_spare_connection(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a spare connection, chunks are written on both at once; every selected
+    job is moved once (one event each), and the rest is left alone."""
+    from orchestrix.db import bulk
+
+    monkeypatch.setattr(bulk, "CHUNK", 10)
+    failed = await insert(pool, 95, state="FAILED", attempt=1, **FINISHED)
+    other = await insert(pool, 7, "u", state="FAILED", attempt=1, **FINISHED)
+    chunks_on: dict[str, int] = {"given": 0, "spare": 0}
+
+    class Counted:
+        """A connection that counts the chunks written on it."""
+
+        def __init__(self, conn: Any, name: str) -> None:
+            self._conn, self._name = conn, name
+
+        async def fetchrow(self, sql: str, *args: Any) -> Any:
+            row = await self._conn.fetchrow(sql, *args)
+            chunks_on[self._name] += 1
+            await asyncio.sleep(0.02)  # so that one writer cannot take every range
+            return row
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+    @contextlib.asynccontextmanager
+    async def spare() -> AsyncIterator[Any]:
+        async with pool.acquire() as conn:
+            yield Counted(conn, "spare")
+
+    async with pool.acquire() as conn:
+        retried = await bulk.retry(Counted(conn, "given"), bulk.Selection(type="t"), spare)
+    assert retried == 95
+    assert chunks_on["given"] > 0, chunks_on
+    assert chunks_on["spare"] > 0, chunks_on
+    assert sum(chunks_on.values()) == 10  # nine full ranges and the rest
+    assert await states(pool, failed) == {"PENDING": 95}
+    assert await states(pool, other) == {"FAILED": 7}
+    moves = await pool.fetch(
+        "SELECT job_id, count(*) AS n FROM job_events WHERE to_state = 'PENDING'"
+        " AND from_state = 'FAILED' GROUP BY job_id"
+    )
+    assert sorted(row["job_id"] for row in moves) == sorted(failed)
+    assert {row["n"] for row in moves} == {1}
+
+
+async def test_a_request_never_waits_on_a_full_pool_for_a_spare_connection(
+    settings: Any,
+) -> None:
+    """A request that holds the pool's last connection gets no spare (at once): two
+    requests each holding one and waiting for another would wait for ever."""
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web import Application
+    from orchestrix.db.pool import create_pool
+    from orchestrix.services.api import auth
+    from orchestrix.services.api.keys import POOL
+
+    small = await create_pool(settings.database, min_size=1, max_size=2)
+    try:
+        app = Application()
+        app[POOL] = small
+        request = make_mocked_request("POST", "/api/v1/jobs/retry", app=app)
+        async with auth.connection(request) as first:
+            async with auth.spare_connection(request) as second:
+                assert second is not None  # the pool had one more
+                assert await second.fetchval("SELECT 1") == 1
+                async with asyncio.timeout(auth.SPARE_WAIT_S / 5):  # at once, no wait
+                    async with auth.spare_connection(request) as third:
+                        assert third is None
+            assert await first.fetchval("SELECT 1") == 1
+        assert small.get_idle_size() == 2  # both went back
+    finally:
+        await small.close()
