@@ -19,7 +19,13 @@ The API figures are the ones with authentication off; ``auth_ratio`` is on / off
 for each (issue 11 allows 5 % less with it on).
 
 The rounds of one API spread by more than 5 % on a shared machine (and so does
-the API's CPU per job), so the phase also times the auth path itself
+the API's CPU per job under them: the more creates arrive together, the more
+share one INSERT), so the phase also measures the API's CPU per job at a fixed
+load (``fixed_rate``): ``api_fixed_rate`` (1,000) single creates a second, then
+``api_fixed_batches`` (5) batch requests of ``bulk_size`` jobs a second, each
+for ``api_fixed_s`` (6) seconds after a second's warm-up, ``api_fixed_rounds``
+(3) on each API in the same off, on, on, off order; the medians of each, on
+against off, are what authentication costs a job. And it times the auth path itself
 (``auth_path``): in this process, on the phase's database, the API's
 ``Authenticator`` checks a key from its cache, its scope and its request budget
 and charges one job, as for each single create, ``AUTH_PATH_CALLS`` times, with
@@ -35,10 +41,19 @@ from statistics import median
 from typing import Any
 
 import orjson
+import psutil
 
 from bench.context import Context
-from bench.infra import CpuMeter
-from bench.load import JSON, NOOP_BODY, ClosedLoopResult, closed_loop, session, summary_ms
+from bench.infra import BenchError, CpuMeter
+from bench.load import (
+    JSON,
+    NOOP_BODY,
+    ClosedLoopResult,
+    closed_loop,
+    open_loop,
+    session,
+    summary_ms,
+)
 
 BULK_PATH = "/api/v1/jobs/batch"
 AUTH_PATH_CALLS = 20_000
@@ -172,6 +187,48 @@ async def _round(
     return {"single": single_json, "bulk": bulk}
 
 
+async def _fixed_rate(
+    ctx: Context, apis: dict[str, Any], headers: dict[str, dict[str, str] | None]
+) -> dict[str, Any]:
+    """The API's CPU per job at a fixed load, auth off and on (see the module)."""
+    o = ctx.options
+    batch = orjson.dumps({"jobs": [{"type": "noop"}] * o.bulk_size})
+    loads = (
+        ("single", "/api/v1/jobs", NOOP_BODY, o.api_fixed_rate, 1),
+        ("bulk", BULK_PATH, batch, o.api_fixed_batches, o.bulk_size),
+    )
+    out: dict[str, Any] = {}
+    for kind, path, body, rate, jobs_per_request in loads:
+        cpu_us: dict[str, list[float]] = {"off": [], "on": []}
+        for label in _order(o.api_fixed_rounds):
+            url = f"http://127.0.0.1:{apis[label].port}{path}"
+            process = psutil.Process(apis[label].pid)
+            async with session(200, headers[label]) as http:
+                await open_loop(http, url, rate, 1.0, body=body)  # warm-up
+                before = process.cpu_times()
+                result = await open_loop(http, url, rate, o.api_fixed_s, body=body)
+                after = process.cpu_times()
+            if result.errors:
+                raise BenchError(f"api fixed rate, auth {label}: {result.error_samples[:3]}")
+            used = (after.user + after.system) - (before.user + before.system)
+            cpu_us[label].append(round(used / (result.created * jobs_per_request) * 1e6, 1))
+        off, on = median(cpu_us["off"]), median(cpu_us["on"])
+        out[kind] = {
+            "rate": rate,
+            "jobs_per_request": jobs_per_request,
+            "cpu_us_off": off,
+            "cpu_us_on": on,
+            "ratio": round(on / off, 3) if off else None,
+            "each": cpu_us,
+        }
+        print(
+            f"  API at a fixed {rate:g} requests/s of {jobs_per_request} job(s): CPU per job"
+            f" {on:.1f} us with auth on vs {off:.1f} off (medians of {cpu_us})",
+            flush=True,
+        )
+    return out
+
+
 def _best(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return max((run[kind] for run in runs), key=lambda r: float(r["jobs_per_s"] or 0.0))
 
@@ -191,6 +248,8 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
             api_url = f"http://127.0.0.1:{apis[label].port}"
             runs[label].append(await _round(ctx, stack, api_url, headers[label], label))
             stack.check_alive()
+        fixed_rate = await _fixed_rate(ctx, apis, headers)
+        stack.check_alive()
         auth_path = await _auth_path(url, AUTH_PATH_CALLS)
     # The API's CPU per single create with auth off, the median of its rounds.
     api_us = median(
@@ -219,5 +278,6 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         "auth_on": best["on"],
         "auth_ratio": ratio,
         "auth_path": auth_path,
+        "fixed_rate": fixed_rate,
         "each_round": runs,
     }

@@ -54,6 +54,12 @@ class Options:
     api_rounds: int = 2
     api_duration_s: float = 10.0
     api_warmup_s: float = 1.0
+    # The API's CPU per job at a fixed load, auth off and on (bench/api.py): single
+    # creates per second, batch requests per second, seconds of each round.
+    api_fixed_rate: float = 1000.0
+    api_fixed_batches: float = 5.0
+    api_fixed_s: float = 6.0
+    api_fixed_rounds: int = 3
     bulk_clients: int = 4
     bulk_size: int = 1000
     sustained_workers: int = 2
@@ -113,6 +119,10 @@ class Options:
             api_rounds=1,
             api_duration_s=1.0,
             api_warmup_s=0.2,
+            api_fixed_rate=100.0,
+            api_fixed_batches=5.0,
+            api_fixed_s=2.0,
+            api_fixed_rounds=1,
             bulk_clients=2,
             bulk_size=100,
             sustained_rates=(25, 50),

@@ -506,6 +506,22 @@ def table(results: dict[str, Any]) -> str:
                     "-",
                 )
             )
+        fixed = results.get("api", {}).get("fixed_rate", {})
+        for kind, unit in (("single", "single create"), ("bulk", "job of a batch")):
+            load = fixed.get(kind)
+            if not load or load.get("ratio") is None:
+                continue
+            per_s = load["rate"] * load["jobs_per_request"]
+            rows.append(
+                (
+                    f"API: CPU per {unit} at a fixed {_n(per_s)} jobs/s, auth on vs off (us)",
+                    f"{load['cpu_us_on']:.1f} vs {load['cpu_us_off']:.1f}"
+                    f" ({load['ratio'] - 1:+.1%})",
+                    f"within 5%{_verdict(load['ratio'] <= 1 + TARGETS['auth_within'])}",
+                    "-",
+                    "-",
+                )
+            )
         path = results.get("api", {}).get("auth_path", {})
         if path.get("share") is not None:
             rows.append(

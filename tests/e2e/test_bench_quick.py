@@ -110,6 +110,11 @@ async def test_quick_benchmark_reports_every_section(servers: Servers, tmp_path:
     auth_path = results["api"]["auth_path"]
     assert _positive(auth_path["cpu_us"])
     assert _positive(auth_path["api_cpu_us_per_create"])
+    # And the API's CPU per job at a fixed load, with auth off and on.
+    for kind in ("single", "bulk"):
+        fixed = results["api"]["fixed_rate"][kind]
+        assert _positive(fixed["cpu_us_off"]), fixed
+        assert _positive(fixed["cpu_us_on"]), fixed
 
     assert [run["workers"] for run in results["drain"]["runs"]] == [1, 2, 4]
     assert all(run["finished"] for run in results["drain"]["runs"])

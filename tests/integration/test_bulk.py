@@ -162,7 +162,7 @@ async def test_a_bulk_retry_shares_its_chunks_with_a_spare_connection(
     from orchestrix.db import bulk
 
     monkeypatch.setattr(bulk, "CHUNK", 10)
-    failed = await insert(pool, 95, state="FAILED", attempt=1, **FINISHED)
+    failed = await insert(pool, 95, "t", state="FAILED", attempt=1, **FINISHED)
     other = await insert(pool, 7, "u", state="FAILED", attempt=1, **FINISHED)
     chunks_on: dict[str, int] = {"given": 0, "spare": 0}
 
