@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -76,7 +77,16 @@ _STATUS = ("METRICS_HOST", "METRICS_PORT", "METRICS_QUEUES")
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service on uvloop (a faster event loop) where it is installed."""
+    """Run a service on uvloop (a faster event loop) where it is installed, with
+    what its imports made frozen out of the cycle collector's way.
+
+    Those 50,000 objects live as long as the process, and each full collection
+    walked them all: 49 ms each here, every few large requests. One POST of a
+    1,000-job workflow took 110-200 ms, and 260-290 ms with a collection in it;
+    with them frozen the slowest of 12 was 209 ms (the first one).
+    """
+    gc.collect()
+    gc.freeze()
     try:
         import uvloop
     except ImportError:
