@@ -121,7 +121,7 @@ class Options:
             api_warmup_s=0.2,
             api_fixed_rate=100.0,
             api_fixed_batches=5.0,
-            api_fixed_s=1.0,
+            api_fixed_s=2.0,
             api_fixed_rounds=1,
             bulk_clients=2,
             bulk_size=100,
