@@ -83,7 +83,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     Those 50,000 objects live as long as the process, and each full collection
     walked them all: 49 ms each here, every few large requests. One POST of a
     1,000-job workflow took 110-200 ms, and 260-290 ms with a collection in it;
-    with them frozen the slowest of 12 was 209 ms (the first one).
+    with them frozen the slowest of 12 was 206 ms, and 192 in a second run.
     """
     gc.collect()
     gc.freeze()

@@ -11,8 +11,8 @@ The walk hands out ranges of ids of about ``CHUNK`` selected jobs each, in
 order, and up to ``WRITERS`` connections write them at once. A chunk's cost is
 its rows' writes, half of it the five index entries each moved row gets (perf, on
 PostgreSQL 15), all on one backend's core: one connection retried 100,000 jobs in
-13.3 s beside a 2-worker drain, two in 8.5 s, and the drain started as many jobs
-meanwhile (2,989 and 2,797 a second). The second connection is only borrowed when
+12.2-13.3 s beside a 2-worker drain, two in 8.7-9.9 s, while the drain started
+about a fifth fewer jobs a second. The second connection is only borrowed when
 the pool has one to spare (``Spare``); without it the first does all the chunks.
 """
 
@@ -82,21 +82,36 @@ ORDER BY id
 """
 
 
-def _chunk(
+@dataclass(frozen=True)
+class _Action:
+    """A bulk action's two statements: ``chunk`` moves the jobs of one range,
+    ``bound`` finds where the next range ends."""
+
+    chunk: str
+    bound: str
+
+
+def _action(
     sources: frozenset[JobState],
     set_clause: str,
     moved: str,
     *,
     changes_state: bool = True,
     also: str = "",
-) -> str:
-    """One chunk of a bulk action: pick the next jobs in ``sources`` the selection
-    matches, move them with ``set_clause``; the last id picked, and ``moved``.
+) -> _Action:
+    """A bulk action over the selected jobs in ``sources``.
 
-    A chunk that changes the jobs' state locks what it picks (FOR UPDATE), so that
-    the state it read is the one each event names as the move's start.
+    Its chunk picks the next jobs the selection matches and moves them with
+    ``set_clause``; it returns the last id picked, how many, and ``moved``. A chunk
+    that changes the jobs' state locks what it picks (FOR UPDATE), so that the
+    state it read is the one each event names as the move's start. Its bound is
+    the ``$8``-th selected job after the cursor; none when fewer are left (the
+    range then runs to the end).
     """
     states = ", ".join(f"'{state.value}'" for state in sorted(sources))
+    bound = _MATCH.format(
+        columns="id", sources=f"ARRAY[{states}]", also=also, limit="OFFSET $8 - 1 LIMIT 1"
+    )
     match = _MATCH.format(
         columns="id, state AS from_state, attempt AS from_attempt",
         sources=f"ARRAY[{states}]",
@@ -110,7 +125,7 @@ def _chunk(
         events = ", " + recorded(
             source, from_state="from_state", attempt="from_attempt", actor=SESSION_ACTOR
         )
-    return f"""
+    chunk = f"""
 WITH picked AS ({match}),
 moved AS (
     UPDATE jobs SET {set_clause}
@@ -120,15 +135,14 @@ moved AS (
 SELECT (SELECT max(id) FROM picked) AS last, (SELECT count(*) FROM picked) AS picked,
        {moved} AS moved
 """
+    return _Action(chunk, bound)
 
 
 _COUNT = "(SELECT count(*) FROM moved)"
-_CANCEL_CHUNK = _chunk(CANCELLABLE_AT_ONCE, jobs.CANCEL_SET, _COUNT)
+_CANCEL = _action(CANCELLABLE_AT_ONCE, jobs.CANCEL_SET, _COUNT)
 # A workflow's jobs are retried one by one (db.workflows.retry): each decides
 # its state by its parents, and brings back what its end had cancelled.
-_RETRY_CHUNK = _chunk(
-    RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT, also="AND workflow_id IS NULL"
-)
+_RETRY = _action(RETRYABLE_BY_HAND, jobs.RETRY_BY_HAND_SET, _COUNT, also="AND workflow_id IS NULL")
 _WORKFLOW_JOBS_CHUNK = _MATCH.format(
     columns="id",
     sources="ARRAY['CANCELLED', 'FAILED']",
@@ -136,26 +150,12 @@ _WORKFLOW_JOBS_CHUNK = _MATCH.format(
     limit="LIMIT $8",
 )
 # Running jobs cannot be cancelled by the API itself: their workers are asked.
-_REQUEST_CANCEL_CHUNK = _chunk(
+_REQUEST_CANCEL = _action(
     frozenset({JobState.RUNNING}),
     jobs.REQUEST_CANCEL_SET,
     "ARRAY(SELECT id FROM moved)",
     changes_state=False,
 )
-
-
-def _bound(sources: frozenset[JobState], also: str = "") -> str:
-    """The last id of the next range: the ``$8``-th selected job in ``sources`` after
-    the cursor; none when fewer are left (the range then runs to the end)."""
-    states = ", ".join(f"'{state.value}'" for state in sorted(sources))
-    return _MATCH.format(
-        columns="id", sources=f"ARRAY[{states}]", also=also, limit="OFFSET $8 - 1 LIMIT 1"
-    )
-
-
-_CANCEL_BOUND = _bound(CANCELLABLE_AT_ONCE)
-_RETRY_BOUND = _bound(RETRYABLE_BY_HAND, also="AND workflow_id IS NULL")
-_REQUEST_CANCEL_BOUND = _bound(frozenset({JobState.RUNNING}))
 
 
 class _Walk:
@@ -183,12 +183,12 @@ class _Walk:
 
 
 async def _chunks(
-    conn: Conn, sql: str, bound: str, selection: Selection, spare: Spare | None
+    conn: Conn, action: _Action, selection: Selection, spare: Spare | None
 ) -> list[Any]:
-    """Run ``sql`` over the selection, chunk after chunk, on ``conn`` and, when there
+    """Run ``action`` over the selection, chunk after chunk, on ``conn`` and, when there
     is more than one range, on up to ``WRITERS - 1`` spare connections at once; each
     chunk's ``moved``."""
-    walk = _Walk(bound, selection)
+    walk = _Walk(action.bound, selection)
     params = selection.params()
     results: list[Any] = []
 
@@ -196,7 +196,7 @@ async def _chunks(
         while span is not None:
             cursor, last = span
             while True:  # more than CHUNK jobs may have entered the range since
-                row = await on.fetchrow(sql, cursor, *params, CHUNK, last)
+                row = await on.fetchrow(action.chunk, cursor, *params, CHUNK, last)
                 if row["picked"]:
                     results.append(row["moved"])
                 if row["picked"] < CHUNK or row["last"] == last:
@@ -230,15 +230,15 @@ async def cancel(
 ) -> tuple[int, list[str]]:
     """Cancel the waiting jobs selected, at once; ask for the running ones' cancel.
     How many were cancelled, and the ids of the running jobs asked."""
-    cancelled = int(sum(await _chunks(conn, _CANCEL_CHUNK, _CANCEL_BOUND, selection, spare)))
-    asked = await _chunks(conn, _REQUEST_CANCEL_CHUNK, _REQUEST_CANCEL_BOUND, selection, spare)
+    cancelled = int(sum(await _chunks(conn, _CANCEL, selection, spare)))
+    asked = await _chunks(conn, _REQUEST_CANCEL, selection, spare)
     return cancelled, [job_id for ids in asked for job_id in ids]
 
 
 async def retry(conn: Conn, selection: Selection, spare: Spare | None = None) -> int:
     """Retry the FAILED and CANCELLED jobs selected, as ``db.jobs.retry_by_hand``
     does one; wakes the workers once. How many."""
-    retried = int(sum(await _chunks(conn, _RETRY_CHUNK, _RETRY_BOUND, selection, spare)))
+    retried = int(sum(await _chunks(conn, _RETRY, selection, spare)))
     retried += await _retry_workflow_jobs(conn, selection)
     if retried:
         await conn.execute("SELECT pg_notify('orchestrix_jobs', '')")
