@@ -1466,7 +1466,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "summary": "A workflow: every job with its state, and the edges",
                 "responses": {
                     "200": _json(_ref("Workflow"), "the workflow"),
-                    "404": _error("no workflow has that id"),
+                    "404": _error("no workflow has that id (or retention deleted all its jobs)"),
                     "503": _UNAVAILABLE,
                 },
             },
@@ -1477,7 +1477,7 @@ def _paths(max_body_bytes: int, list_max_bytes: int) -> dict[str, Schema]:
                 "once; for running ones their workers are asked.",
                 "responses": {
                     "200": _json(_ref("BulkCancelled"), "how many jobs were changed"),
-                    "404": _error("no workflow has that id"),
+                    "404": _error("no workflow has that id (or retention deleted all its jobs)"),
                     "503": _UNAVAILABLE,
                 },
             },

@@ -184,6 +184,31 @@ async def test_0015_counts_the_jobs_already_there(scratch: str) -> None:
         await conn.close()
 
 
+async def test_0017_deletes_the_workflows_retention_had_emptied(scratch: str) -> None:
+    migrate.up(scratch, "0016")
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute(
+            """
+            INSERT INTO workflows (id) VALUES ('01AAAAAAAAAAAAAAAAAAAAAAW1'),
+                                              ('01AAAAAAAAAAAAAAAAAAAAAAW2');
+            INSERT INTO jobs (id, type, workflow_id, workflow_key)
+            VALUES ('01AAAAAAAAAAAAAAAAAAAAAAA1', 't', '01AAAAAAAAAAAAAAAAAAAAAAW2', 'a');
+            """
+        )
+        migrate.up(scratch)
+        kept = await conn.fetch("SELECT id FROM workflows")
+        assert [row["id"] for row in kept] == ["01AAAAAAAAAAAAAAAAAAAAAAW2"]
+        migrate.down(scratch, "0016")
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO jobs (id, type, workflow_id, workflow_key)"
+                " VALUES ('01AAAAAAAAAAAAAAAAAAAAAAA2', 't', '01AAAAAAAAAAAAAAAAAAAAAAW9', 'a')"
+            )
+    finally:
+        await conn.close()
+
+
 def test_create_numbers_revisions_after_the_newest(tmp_path: Path) -> None:
     # A copy, so a concurrent run never sees the new revision.
     directory = tmp_path / "migrations"

@@ -386,3 +386,53 @@ async def test_a_pruned_workflow_jobs_edges_go_with_it(pool: asyncpg.Pool) -> No
     assert await left(pool, [done["a"].id, done["b"].id, done["c"].id]) == 2
     edges = await pool.fetch("SELECT job_id, parent_id FROM job_dependencies")
     assert [(r["job_id"], r["parent_id"]) for r in edges] == [(other["e"].id, other["d"].id)]
+
+
+async def test_a_workflow_goes_with_its_last_job(pool: asyncpg.Pool) -> None:
+    """``jobs.workflow_id`` has no foreign key (migration 0017): the statement that
+    deletes a workflow's last job deletes its row too; a workflow with a job left
+    (here one whose state is kept longer, or younger) stays, and so do the others."""
+    step = workflows.NewWorkflowJob
+    made: dict[str, dict[str, str]] = {}
+    async with pool.acquire() as conn:
+        for name, keys in (("whole", "ab"), ("split", "cd"), ("young", "ef"), ("old", "g")):
+            workflow, by_key = await workflows.create(
+                conn, name, [step(key, NewJob(type="t")) for key in keys]
+            )
+            made[name] = {"id": workflow.id, **{key: job.id for key, job in by_key.items()}}
+
+    async def finish(key: str, state: str, age_s: float) -> None:
+        workflow = next(w for w in made.values() if key in w)
+        await pool.execute(
+            """
+            UPDATE jobs SET state = $2, attempt = 1, started_at = now() - $3 * interval '1 s',
+                   completed_at = now() - $3 * interval '1 s'
+            WHERE id = $1
+            """,
+            workflow[key],
+            state,
+            age_s,
+        )
+
+    for key in "abcg":
+        await finish(key, "SUCCEEDED", 2 * HOUR)
+    await finish("d", "FAILED", 2 * HOUR)  # FAILED is kept three hours here
+    await finish("e", "SUCCEEDED", 2 * HOUR)
+    await finish("f", "SUCCEEDED", 0)
+
+    async def workflows_left() -> set[str]:
+        rows = await pool.fetch("SELECT name FROM workflows")
+        return {row["name"] for row in rows}
+
+    # Oldest first: one batch holds a, b (the whole workflow) and c, the next g and e.
+    assert await retention.prune(pool, JobState.SUCCEEDED, HOUR, 3) == 3
+    assert await retention.prune(pool, JobState.SUCCEEDED, HOUR, 10) == 2
+    assert await workflows_left() == {"split", "young"}
+    async with pool.acquire() as conn:
+        split = await workflows.get(conn, made["split"]["id"])
+    assert split is not None
+    assert [job.workflow_key for job in split.jobs] == ["d"]
+    await finish("f", "SUCCEEDED", 2 * HOUR)
+    assert await retention.prune(pool, JobState.SUCCEEDED, HOUR, 10) == 1
+    assert await retention.prune(pool, JobState.FAILED, HOUR, 10) == 1
+    assert await workflows_left() == set()

@@ -25,6 +25,12 @@ state changes as it can.
   (``job_dependencies``, both ways, looked for only for a workflow's jobs):
   neither table has a foreign key to cascade from, which would run a row
   trigger for every job deleted (migrations 0008 and 0016 say why).
+- So does the ``workflows`` row of a workflow whose last jobs the batch holds
+  (``jobs.workflow_id`` has no foreign key either: migration 0017). The
+  statement sees the table as it was before it, the batch's own jobs too: a
+  workflow goes when none of its jobs is left outside the batch. Only the
+  maintenance leader prunes, one batch at a time, so no other batch deletes a
+  workflow's other jobs meanwhile.
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ edges_gone AS (
     DELETE FROM job_dependencies
     WHERE job_id = ANY(ARRAY(SELECT id FROM doomed WHERE workflow_id IS NOT NULL))
        OR parent_id = ANY(ARRAY(SELECT id FROM doomed WHERE workflow_id IS NOT NULL))
+),
+workflows_gone AS (
+    DELETE FROM workflows AS w
+    WHERE id = ANY(ARRAY(SELECT DISTINCT workflow_id FROM doomed WHERE workflow_id IS NOT NULL))
+      AND NOT EXISTS (
+          SELECT 1 FROM jobs
+          WHERE jobs.workflow_id = w.id AND jobs.id NOT IN (SELECT id FROM doomed)
+      )
 )
 SELECT count(*) FROM gone
 """
