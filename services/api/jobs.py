@@ -73,15 +73,10 @@ async def create_jobs(request: web.Request) -> web.Response:
     auth.charge_jobs(request, len(batch))
     await check_known(request.app[POOL], batch)
     results = await db.insert_many(request.app[POOL], batch)
-    # One counter update per type and queue, not per job: labels() takes a lock.
-    metrics = request.app[METRICS]
-    created = Counter(metrics.known.job(job.type, job.queue) for job, new in results if new)
-    for labels, n in created.items():
-        metrics.jobs_created.labels(*labels).inc(n)
-    log.info("jobs created in a batch", extra={"jobs": created.total()})
+    created = request.app[METRICS].count_created(job for job, new in results if new)
+    log.info("jobs created in a batch", extra={"jobs": created})
     return json_response(
-        {"jobs": [job.to_json() for job, _ in results], "created": created.total()},
-        status=201,
+        {"jobs": [job.to_json() for job, _ in results], "created": created}, status=201
     )
 
 

@@ -47,9 +47,7 @@ async def create_workflow(request: web.Request) -> web.Response:
     # The connection names the request's key: the jobs' created_by_key, their events.
     async with auth.connection(request) as conn:
         workflow, _ = await db.create(conn, name, jobs)
-    metrics = request.app[METRICS]
-    for job in workflow.jobs:
-        metrics.jobs_created.labels(*metrics.known.job(job.type, job.queue)).inc()
+    request.app[METRICS].count_created(workflow.jobs)
     log.info("workflow created", extra={"workflow_id": workflow.id, "jobs": len(jobs)})
     return json_response(workflow.to_json(), status=201)
 

@@ -14,6 +14,7 @@ presets its counters at 0 for the types and queues it knows of at start.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterable
 from itertools import product
@@ -21,7 +22,7 @@ from itertools import product
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from orchestrix.models import DEFAULT_QUEUE
+from orchestrix.models import DEFAULT_QUEUE, Job
 from orchestrix.states import TERMINAL, JobState
 
 __all__ = [
@@ -168,6 +169,14 @@ class ApiMetrics:
             ["type", "queue"],
             registry=self.registry,
         )
+
+    def count_created(self, jobs: Iterable[Job]) -> int:
+        """Count ``jobs`` as created: one counter update per type and queue, not per
+        job (each ``labels()`` takes a lock). Returns how many there were."""
+        created = collections.Counter(self.known.job(job.type, job.queue) for job in jobs)
+        for labels, n in created.items():
+            self.jobs_created.labels(*labels).inc(n)
+        return created.total()
 
 
 # Jobs run from milliseconds to hours: the buckets span both.
