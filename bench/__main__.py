@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         metavar="R",
         help="rounds of the drain, claim-cost and prune drains, and of the API with auth "
-        "off and on; the best counts (default 2, quick 1; prune 1)",
+        "off and on; the best counts (default 2, quick 1)",
     )
     parser.add_argument(
         "--worker-concurrency",

@@ -94,7 +94,7 @@ class Options:
     prune_rows: int = 1_000_000
     prune_jobs: int = 100_000
     prune_workers: int = 2
-    prune_rounds: int = 1
+    prune_rounds: int = 2
     retention_rate: float = 1000.0
     retention_duration_s: float = 300.0
     retention_window_s: float = 30.0
@@ -113,6 +113,7 @@ class Options:
             drain_rounds=1,
             finished_rows=10_000,
             claim_rounds=1,
+            prune_rounds=1,
             latency_rate=50.0,
             latency_duration_s=1.0,
             api_clients=20,

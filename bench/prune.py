@@ -15,8 +15,8 @@ The drain rate is taken from the jobs' own timestamps, as in the drain phase:
 no-op jobs SUCCEEDED / (max(completed_at) - min(started_at)). Beside it: the
 jobs pruned while the drain ran, and the pruning rate over the whole prune
 (from the first pruned job seen to the last, read from the scheduler's metric
-every 0.1 s). ``prune_rounds`` (1) rounds go through off and on in turn, in the
-order off, on, on, off, ...; each one's best round counts.
+every 0.1 s). ``prune_rounds`` (2; 1 in --quick) rounds go through off and on in
+turn, in the order off, on, on, off, ...; each one's best round counts.
 
 What else ran beside each drain is kept with it, to tell the pruner's cost from
 the rest: ``pg_stat_activity`` every 50 ms (the share of samples in which an
