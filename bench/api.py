@@ -6,7 +6,10 @@ Two API processes share the phase's database: one with API_AUTH=off, one with
 API_AUTH=on, whose clients send one admin key without limits (made in the
 phase's database). Each round loads one of them alone, in the order off, on,
 on, off, ... (``api_rounds`` (2) of each), so a machine that drifts over the
-phase weighs on both alike; each one's best round counts. On each:
+phase weighs on both alike; each one's best round counts. Each closed-loop round
+begins on an empty, checkpointed jobs table, so every round meets the same table
+(one adds about 550,000 jobs, most from the batches, and autovacuum then works on
+them during the next). On each:
 
 - single: ``api_clients`` (50) closed-loop clients POST ``{"type": "noop"}`` to
   ``/api/v1/jobs`` for ``api_duration_s`` (10 s) after a warm-up.
@@ -44,7 +47,7 @@ import orjson
 import psutil
 
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter
+from bench.infra import BenchError, CpuMeter, checkpoint, empty_jobs
 from bench.load import (
     JSON,
     NOOP_BODY,
@@ -116,6 +119,18 @@ async def _auth_path(db_url: str, calls: int) -> dict[str, Any]:
     finally:
         await pool.close()
     return {"calls": calls, "cpu_us": round(per_call_us, 2)}
+
+
+async def _fresh(db_url: str) -> None:
+    """An empty jobs table for the next round, checkpointed (see the module)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        await empty_jobs(conn)
+    finally:
+        await conn.close()
+    await checkpoint(db_url)
 
 
 def _order(rounds: int) -> list[str]:
@@ -245,6 +260,7 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         await stack.ready(*apis.values())
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for label in _order(o.api_rounds):
+            await _fresh(url)
             api_url = f"http://127.0.0.1:{apis[label].port}"
             runs[label].append(await _round(ctx, stack, api_url, headers[label], label))
             stack.check_alive()

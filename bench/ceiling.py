@@ -27,7 +27,7 @@ import asyncpg
 from orchestrix import ids
 
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter, checkpoint, insert_noop_jobs
+from bench.infra import BenchError, CpuMeter, checkpoint, empty_jobs, insert_noop_jobs
 
 CLAIM = """
 WITH due AS (
@@ -195,7 +195,7 @@ async def _copy_inserts(url: str, rows: int) -> float:
 async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE jobs, job_dependencies, job_counts, job_count_deltas")
+        await empty_jobs(conn)
     finally:
         await conn.close()
     await checkpoint(url)

@@ -35,7 +35,7 @@ from orchestrix.db import jobs as db
 
 from bench.context import Context
 from bench.drain import drain
-from bench.infra import checkpoint, insert_noop_jobs
+from bench.infra import checkpoint, empty_jobs, insert_noop_jobs
 
 FILL_CHUNK = 200_000
 CLAIM_BATCH = 500
@@ -150,9 +150,7 @@ async def _add_pending(url: str, jobs: int, *, truncate: bool) -> None:
     conn = await asyncpg.connect(url)
     try:
         if truncate:
-            await conn.execute(
-                "TRUNCATE jobs, job_events, job_dependencies, job_counts, job_count_deltas"
-            )
+            await empty_jobs(conn)
         await insert_noop_jobs(conn, jobs)
     finally:
         await conn.close()

@@ -516,6 +516,12 @@ async def unfinished(conn: Any) -> bool:
     return found
 
 
+async def empty_jobs(conn: Any) -> None:
+    """Delete every job with what hangs off it (events, edges) and the kept counts
+    (TRUNCATE fires no row trigger, so the counts go by hand)."""
+    await conn.execute("TRUNCATE jobs, job_events, job_dependencies, job_counts, job_count_deltas")
+
+
 async def insert_noop_jobs(conn: Any, count: int, chunk: int = 10_000) -> None:
     """Insert ``count`` PENDING ``noop`` jobs with unnest, ``chunk`` rows a statement."""
     from orchestrix import ids
