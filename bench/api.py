@@ -47,7 +47,7 @@ import orjson
 import psutil
 
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter, checkpoint, empty_jobs
+from bench.infra import BenchError, CpuMeter, fresh_jobs
 from bench.load import (
     JSON,
     NOOP_BODY,
@@ -119,18 +119,6 @@ async def _auth_path(db_url: str, calls: int) -> dict[str, Any]:
     finally:
         await pool.close()
     return {"calls": calls, "cpu_us": round(per_call_us, 2)}
-
-
-async def _fresh(db_url: str) -> None:
-    """An empty jobs table for the next round, checkpointed (see the module)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(db_url)
-    try:
-        await empty_jobs(conn)
-    finally:
-        await conn.close()
-    await checkpoint(db_url)
 
 
 def _order(rounds: int) -> list[str]:
@@ -260,7 +248,7 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
         await stack.ready(*apis.values())
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for label in _order(o.api_rounds):
-            await _fresh(url)
+            await fresh_jobs(url)
             api_url = f"http://127.0.0.1:{apis[label].port}"
             runs[label].append(await _round(ctx, stack, api_url, headers[label], label))
             stack.check_alive()

@@ -27,7 +27,7 @@ import asyncpg
 from orchestrix import ids
 
 from bench.context import Context
-from bench.infra import BenchError, CpuMeter, checkpoint, empty_jobs, insert_noop_jobs
+from bench.infra import BenchError, CpuMeter, checkpoint, fresh_jobs, insert_noop_jobs
 
 CLAIM = """
 WITH due AS (
@@ -192,21 +192,12 @@ async def _copy_inserts(url: str, rows: int) -> float:
         await conn.close()
 
 
-async def _truncate(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await empty_jobs(conn)
-    finally:
-        await conn.close()
-    await checkpoint(url)
-
-
 async def run_phase(ctx: Context) -> dict[str, Any]:
     o = ctx.options
     claim_runs = []
     async with ctx.database("ceiling") as url:
         for processes in (1, 2):
-            await _truncate(url)
+            await fresh_jobs(url)
             conn = await asyncpg.connect(url)
             try:
                 await insert_noop_jobs(conn, o.ceiling_jobs)
@@ -226,14 +217,14 @@ async def run_phase(ctx: Context) -> dict[str, Any]:
                 flush=True,
             )
 
-        await _truncate(url)
+        await fresh_jobs(url)
         # One connection, one row per transaction: one WAL flush after another.
         serial = await _single_inserts(url, max(100, o.insert_single // 4), 1)
-        await _truncate(url)
+        await fresh_jobs(url)
         single = await _single_inserts(url, o.insert_single, o.insert_single_connections)
-        await _truncate(url)
+        await fresh_jobs(url)
         unnest = await _unnest_inserts(url, o.insert_bulk, o.bulk_size, o.bulk_clients)
-        await _truncate(url)
+        await fresh_jobs(url)
         copy = await _copy_inserts(url, o.insert_bulk)
     inserts = {
         "serial_commits": {

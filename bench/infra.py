@@ -522,6 +522,17 @@ async def empty_jobs(conn: Any) -> None:
     await conn.execute("TRUNCATE jobs, job_events, job_dependencies, job_counts, job_count_deltas")
 
 
+async def fresh_jobs(url: str) -> None:
+    """:func:`empty_jobs` on the database at ``url``, then a checkpoint, so the
+    measurement that follows meets an empty table and no checkpoint of its own."""
+    conn = await asyncpg.connect(url)
+    try:
+        await empty_jobs(conn)
+    finally:
+        await conn.close()
+    await checkpoint(url)
+
+
 async def insert_noop_jobs(conn: Any, count: int, chunk: int = 10_000) -> None:
     """Insert ``count`` PENDING ``noop`` jobs with unnest, ``chunk`` rows a statement."""
     from orchestrix import ids

@@ -4,9 +4,8 @@ with its last job.
 The key was checked by a row trigger: each of a workflow's jobs ran a lookup
 of ``workflows`` through SPI at insert. Writing a 1,000-job workflow (jobs,
 events and edges, PostgreSQL 15, 16 runs each) took 33.6-35.9 ms with it and
-30.0-32.5 without. And nothing
-deleted a ``workflows`` row: the table grew by one row per workflow forever,
-after retention had deleted every job.
+30.0-32.5 without. And nothing deleted a ``workflows`` row: the table grew by
+one row per workflow forever, after retention had deleted every job.
 
 A workflow's jobs are created with its row in one transaction
 (orchestrix.db.workflows) and never added to later; nothing but the pruner
